@@ -1,0 +1,180 @@
+"""``vitpcm`` command line: a thin layer over the Python API.
+
+Every sub-command parses its arguments, calls one API function and prints what it returned.
+User errors (:class:`vitpcm.errors.VitpcmError`) become one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from vitpcm.errors import VitpcmError
+
+log = logging.getLogger("vitpcm")
+
+OVERRIDES_HELP = "config overrides as dotted key=value, e.g. train.epochs=3 data.root=/data/VOC2012"
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from vitpcm.data.synthetic import generate
+
+    root = generate(args.out, n_train=args.train, n_val=args.val, seed=args.seed, workers=args.workers,
+                    overwrite=args.overwrite, progress=not args.quiet)  # fmt: skip
+    print(f"wrote {args.train} train + {args.val} val images to {root} (VOC layout, classes in {root / 'classes.txt'})")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from vitpcm.config import load_config
+    from vitpcm.engine.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    out = args.out or str(Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    result = train(cfg, out, resume=args.resume, progress=not args.quiet)
+    best = result["best_miou"]
+    print(f"run: {result['run']}" + (f"  best val mIoU: {100 * best:.2f}" if best is not None else ""))
+    return 0
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    from vitpcm.engine.infer import run_inference
+
+    summary = run_inference(args.run, args.split, out=args.out, scale=args.scale, overrides=args.overrides,
+                            device=args.device, save_probs=not args.no_probs, progress=not args.quiet)  # fmt: skip
+    out = Path(args.out) if args.out else Path(summary["run"]) / "pseudo" / args.split
+    line = f"wrote {summary['images']} masks to {out / 'masks'}"
+    if "miou" in summary:
+        line += f"  mIoU {100 * summary['miou']:.2f}"
+    print(line)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from vitpcm.io import class_list, write_json_atomic
+    from vitpcm.metrics import evaluate_folder, format_table, names_from_split_file
+
+    classes = class_list(args.classes)
+    names = names_from_split_file(args.split_file) if args.split_file else None
+    cm = evaluate_folder(args.pred, args.gt, classes, names=names, progress=not args.quiet)
+    summary = cm.summary(classes)
+    print(format_table(summary, classes))
+    if args.json:
+        write_json_atomic(args.json, summary)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from vitpcm.demo import run_demo
+
+    run_demo(args.out, n_train=args.train, n_val=args.val, seed=args.seed, overrides=args.overrides, progress=not args.quiet)
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from vitpcm.config import load_config, to_yaml
+
+    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vitpcm",
+        description="ViT-PCM weakly supervised semantic segmentation: image tags in, pixel masks out.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        return p
+
+    p = add("synth", "write the built-in synthetic dataset (VOC layout)")
+    p.add_argument("--out", required=True, help="output folder (must be empty or absent)")
+    p.add_argument("--train", type=int, default=300, help="train images (default 300)")
+    p.add_argument("--val", type=int, default=100, help="val images (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="fixes every image (default 0)")
+    p.add_argument("--workers", type=int, default=0, help="processes (default: one per CPU)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
+    p.set_defaults(func=_cmd_synth)
+
+    p = add("train", "train ViT-PCM from a config preset or YAML file")
+    p.add_argument("config", help="preset name (synthetic, voc12, coco14) or YAML path")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    p.add_argument("--out", help="run folder (default runs/<config>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
+    p.set_defaults(func=_cmd_train)
+
+    p = add("infer", "write pseudo-masks and class probabilities for one split of a trained run")
+    p.add_argument("run", help="run folder of `vitpcm train` (or a checkpoint .pt)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP + " (e.g. data.root=...)")
+    p.add_argument("--split", default="val", help="split name (default val)")
+    p.add_argument("--out", help="output folder (default RUN/pseudo/SPLIT)")
+    p.add_argument("--scale", type=int, help="input side, a multiple of the patch size (default infer.scale)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--no-probs", action="store_true", help="write masks only, no probs/*.npz")
+    p.set_defaults(func=_cmd_infer)
+
+    p = add("evaluate", "per-class IoU and mIoU of predicted masks against ground truth")
+    p.add_argument("--pred", required=True, help="folder of predicted PNG masks (NAME.png)")
+    p.add_argument("--gt", required=True, help="folder of ground-truth PNG masks (255 = ignore)")
+    p.add_argument("--classes", required=True, help="class list file (background first), or voc12 / coco14")
+    p.add_argument("--split-file", help="evaluate only the names in this list (default: every prediction)")
+    p.add_argument("--json", help="also write the result as JSON here")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = add("demo", "the whole pipeline on the built-in synthetic set, on a CPU, in minutes")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    p.add_argument("--out", default="vitpcm-demo", help="output folder (default ./vitpcm-demo; replaced on rerun)")
+    p.add_argument("--train", type=int, default=300, help="synthetic train images (default 300)")
+    p.add_argument("--val", type=int, default=100, help="synthetic val images (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = add("config", "print a resolved config (preset + overrides) as YAML")
+    p.add_argument("config", help="preset name or YAML path")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    p.set_defaults(func=_cmd_config)
+    return parser
+
+
+def _version() -> str:
+    from vitpcm import __version__
+
+    return __version__
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    # key=value overrides may stand anywhere (also after options such as --out), which a
+    # nargs='*' positional alone does not allow: collect the stragglers here.
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        stray = [e for e in extras if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+        if stray:
+            parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        args.overrides = list(args.overrides) + extras
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except VitpcmError as exc:
+        print(f"vitpcm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vitpcm {args.command}: interrupted (finished files are complete; rerun to continue)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

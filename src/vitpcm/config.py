@@ -1,0 +1,214 @@
+"""Typed configuration: one dataclass tree, YAML presets on top, dotted overrides last.
+
+Every key has a default here, so a preset only says what differs. Unknown keys are an
+error (a typo must not silently fall back to a default). Load with :func:`load_config`::
+
+    cfg = load_config("synthetic", ["train.epochs=3", "data.root=/data/shapes"])
+
+A preset is a YAML path or the name of a file in ``vitpcm/configs/`` (``voc12``,
+``coco14``, ``synthetic``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from vitpcm.errors import VitpcmError
+
+PRESET_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass
+class DataConfig:
+    root: Optional[str] = None  # folder that holds JPEGImages/ (VOC layout)
+    classes: Optional[str] = None  # one class name per line, background first; default ROOT/classes.txt
+    train_split: str = "train"
+    val_split: str = "val"
+    num_workers: int = 2
+
+
+@dataclass
+class InputConfig:
+    train_size: int = 384  # n: square side fed to the ViT in training and validation
+    test_size: int = 960  # side used by `vitpcm infer` (60 x 60 patches for d=16)
+    et_crop: int = 128  # ET view: side of the patch-aligned crop (pixels)
+    et_scale: int = 192  # ET view: side after resizing; 4 views are tiled 2 x 2 into one n x n input
+
+
+@dataclass
+class AugmentConfig:
+    flip_lr: float = 0.5
+    flip_ud: float = 0.5
+    transpose: float = 0.5  # rot90-like: swap H and W
+    crop: float = 0.3  # probability that the ET view is a crop rather than the whole image
+    brightness: float = 0.2  # additive, on [0, 1] images
+    contrast: List[float] = field(default_factory=lambda: [0.5, 2.0])
+    saturation: List[float] = field(default_factory=lambda: [0.5, 1.5])
+    hue: float = 0.1
+    grayscale: float = 0.1  # probability
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "vit_base_patch16_384"  # any timm ViT name
+    pretrained: Any = True  # True: timm weights (needs a hub); False: random; "path": local checkpoint
+    backbone_kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
+    hv_lstm: bool = True  # False: the patch classifier reads the ViT tokens directly
+    lstm_hidden: int = 192  # per direction; 4 x hidden features per patch
+    dropout: float = 0.2
+    classifier_init_std: float = 0.05
+    init_from: Optional[str] = None  # a vitpcm checkpoint to start from (same classes)
+
+
+@dataclass
+class LossConfig:
+    mce: bool = True  # Eq. 1, BCE on the max-pooled predictions
+    et: bool = True  # equivariant-transformation consistency on the tiled view
+    reg: bool = True  # L2 on the patch classifier
+    et_weight: float = 1.0
+    reg_weight: float = 0.01  # the authors' keras L2(0.01): 0.01 * sum(W ** 2)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 80  # total, warm-up included
+    warmup_epochs: int = 1  # backbone frozen, only HV-BiLSTM + classifier train
+    warmup_lr: float = 1.0e-3
+    lr: float = 1.0e-4
+    unfreeze_blocks: int = 5  # after warm-up: last N blocks + final norm; -1 = whole backbone
+    schedule: str = "constant"  # constant (the authors) | cosine: phase-2 lr decays to 1% by the last epoch
+    batch_size: int = 16  # per process (global = batch_size x world size)
+    val_batch_size: int = 16
+    val_every: int = 1  # epochs between validations (0 = never)
+    amp: bool = True  # autocast on CUDA (bf16 where supported); ignored on CPU
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 1234
+    threads: int = 0  # torch CPU threads (0 = torch default)
+    log_every: int = 20  # iterations between TensorBoard scalars
+
+
+@dataclass
+class InferConfig:
+    scale: int = 960  # square side fed to the model; multiple of the patch size
+    merge_labels: bool = True  # use the image tags where they are known
+    present_threshold: float = 0.5  # with no tags: a class is present if its pooled score >= this
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+
+
+def preset_names() -> List[str]:
+    """Names of the presets shipped with the package (``vitpcm/configs/*.yaml``)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def resolve_preset(preset: Union[str, Path]) -> Path:
+    """Path of a YAML preset given as a file path or a shipped preset name."""
+    path = Path(preset)
+    if path.is_file():
+        return path
+    named = PRESET_DIR / f"{preset}.yaml"
+    if named.is_file() and path.suffix == "":
+        return named
+    raise VitpcmError(
+        f"config '{preset}' not found: give a YAML file or one of the presets {preset_names()}"
+    )
+
+
+def _bad_key_message(exc: OmegaConfBaseException, where: str) -> str:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
+    parent = str(key).rsplit(".", 1)[0] if "." in str(key) else ""
+    node = OmegaConf.structured(Config)
+    valid: Sequence[str] = []
+    try:
+        sub = OmegaConf.select(node, parent) if parent else node
+        if isinstance(sub, DictConfig):
+            valid = list(sub.keys())
+    except OmegaConfBaseException:
+        pass
+    hint = f"; valid keys{' under ' + repr(parent) if parent else ''}: {', '.join(valid)}" if valid else ""
+    return f"unknown config key '{key}' in {where}{hint}"
+
+
+def _bad_value_message(exc: OmegaConfBaseException, where: str) -> str:
+    key = getattr(exc, "full_key", None) or "?"
+    return f"bad value for '{key}' in {where}: {str(exc).splitlines()[0]}"
+
+
+def load_config(
+    preset: Union[str, Path, None] = None, overrides: Sequence[str] = ()
+) -> DictConfig:
+    """Build the config: defaults <- preset YAML <- ``key=value`` overrides.
+
+    Raises :class:`VitpcmError` for a missing preset, an unknown key or a badly typed value.
+    """
+    cfg = OmegaConf.structured(Config)
+    if preset is not None:
+        path = resolve_preset(preset)
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as exc:  # YAML syntax errors come in many types
+            raise VitpcmError(f"cannot parse config {path}: {exc}") from None
+        try:
+            cfg = OmegaConf.merge(cfg, loaded)
+        except (ConfigKeyError, ConfigAttributeError) as exc:
+            raise VitpcmError(_bad_key_message(exc, str(path))) from None
+        except OmegaConfBaseException as exc:
+            raise VitpcmError(_bad_value_message(exc, str(path))) from None
+    overrides = list(overrides)
+    for item in overrides:
+        if "=" not in item:
+            raise VitpcmError(f"override '{item}' is not of the form key=value (e.g. train.epochs=3)")
+    if overrides:
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+        except (ConfigKeyError, ConfigAttributeError) as exc:
+            raise VitpcmError(_bad_key_message(exc, "the overrides")) from None
+        except OmegaConfBaseException as exc:
+            raise VitpcmError(_bad_value_message(exc, "the overrides")) from None
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check cross-field constraints that types alone cannot express."""
+    inp = cfg.input
+    for name in ("train_size", "test_size", "et_crop", "et_scale"):
+        if int(inp[name]) <= 0:
+            raise VitpcmError(f"input.{name} must be positive, got {inp[name]}")
+    if 2 * inp.et_scale != inp.train_size:
+        raise VitpcmError(
+            f"input.et_scale ({inp.et_scale}) must be half of input.train_size ({inp.train_size}):"
+            " four ET views are tiled 2 x 2 into one training input"
+        )
+    if inp.et_crop > inp.train_size:
+        raise VitpcmError(f"input.et_crop ({inp.et_crop}) must not exceed input.train_size ({inp.train_size})")
+    if cfg.train.epochs < 1 or cfg.train.warmup_epochs < 0 or cfg.train.warmup_epochs > cfg.train.epochs:
+        raise VitpcmError(
+            f"need 1 <= train.epochs and 0 <= train.warmup_epochs <= train.epochs,"
+            f" got epochs={cfg.train.epochs} warmup_epochs={cfg.train.warmup_epochs}"
+        )
+    if cfg.train.schedule not in ("constant", "cosine"):
+        raise VitpcmError(f"train.schedule must be constant or cosine, got {cfg.train.schedule!r}")
+    if cfg.train.batch_size < 1:
+        raise VitpcmError(f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
+    if not (cfg.loss.mce or cfg.loss.et):
+        raise VitpcmError("at least one of loss.mce and loss.et must be true")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML text (saved in every run folder)."""
+    return OmegaConf.to_yaml(cfg, resolve=True)

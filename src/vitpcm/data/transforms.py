@@ -1,0 +1,223 @@
+"""Resize / normalise, the authors' training augmentation, and the ET view with its record.
+
+Training makes two views of each image (the authors' ``affine_transform``):
+
+* view 1 (``image``, n x n): colour jitter, then flip left-right, flip up-down and
+  transpose, each with its own probability;
+* view 2 (``image_et``, s x s with s = n / 2): its own colour jitter; with probability
+  ``augment.crop`` a crop of side c at patch-aligned offsets (else the whole image); resize
+  to s; its own flips. Four such views are later tiled 2 x 2 into one n x n input.
+
+Both records travel with the sample, so the loss can map view 1's patch predictions onto
+view 2's patch grid (:func:`map_to_et_grid`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+
+Sample = Dict[str, Any]
+
+
+def to_model_input(image: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[3, H, W]`` (0..255) or float (0..1) -> float ``[3, H, W]`` in [-1, 1]."""
+    if image.dtype == torch.uint8:
+        image = image.float() / 255.0
+    return image * 2.0 - 1.0
+
+
+def resize_image(image: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of ``[3, H, W]`` (any dtype) to ``size``; float [0, 1] out."""
+    if image.dtype == torch.uint8:
+        image = image.float() / 255.0
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    down = size[0] < image.shape[-2] or size[1] < image.shape[-1]
+    out = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=down)[0]
+    return out.clamp_(0.0, 1.0)
+
+
+def color_jitter(image: torch.Tensor, aug: Any, gen: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The authors' colour transform on float [0, 1] ``[3, H, W]``.
+
+    Brightness is an additive delta (TensorFlow's ``random_brightness``); contrast,
+    saturation and hue are factors; greyscale with probability ``aug.grayscale``.
+    """
+
+    def uniform(lo: float, hi: float) -> float:
+        return float(lo + (hi - lo) * torch.rand((), generator=gen))
+
+    if aug.brightness > 0:
+        image = (image + uniform(-aug.brightness, aug.brightness)).clamp(0, 1)
+    lo, hi = aug.contrast
+    if (lo, hi) != (1.0, 1.0):
+        image = TF.adjust_contrast(image, uniform(lo, hi))
+    lo, hi = aug.saturation
+    if (lo, hi) != (1.0, 1.0):
+        image = TF.adjust_saturation(image, uniform(lo, hi))
+    if aug.hue > 0:
+        image = TF.adjust_hue(image, uniform(-aug.hue, aug.hue))
+    if aug.grayscale > 0 and uniform(0, 1) < aug.grayscale:
+        image = TF.rgb_to_grayscale(image, num_output_channels=3)
+    return image.clamp(0, 1)
+
+
+def apply_flips(x: torch.Tensor, flips: Sequence[bool] | torch.Tensor) -> torch.Tensor:
+    """Flip left-right, flip up-down, then transpose (in that order) the last two dims."""
+    lr, ud, tr = (bool(f) for f in flips)
+    if lr:
+        x = x.flip(-1)
+    if ud:
+        x = x.flip(-2)
+    if tr:
+        x = x.transpose(-1, -2)
+    return x
+
+
+def invert_flips(x: torch.Tensor, flips: Sequence[bool] | torch.Tensor) -> torch.Tensor:
+    """Undo :func:`apply_flips` (each step is its own inverse; reverse order)."""
+    lr, ud, tr = (bool(f) for f in flips)
+    if tr:
+        x = x.transpose(-1, -2)
+    if ud:
+        x = x.flip(-2)
+    if lr:
+        x = x.flip(-1)
+    return x
+
+
+def _random_flips(aug: Any, gen: Optional[torch.Generator] = None) -> torch.Tensor:
+    probs = torch.tensor([aug.flip_lr, aug.flip_ud, aug.transpose])
+    return torch.rand(3, generator=gen) < probs
+
+
+class EvalTransform:
+    """Resize to ``size`` x ``size`` and normalise; the mask stays at the original size."""
+
+    def __init__(self, size: int) -> None:
+        self.size = int(size)
+
+    def __call__(self, sample: Sample) -> Sample:
+        out = dict(sample)
+        out["image"] = to_model_input(resize_image(sample["image"], (self.size, self.size)))
+        return out
+
+
+class TrainTransform:
+    """Two augmented views per image plus the records that relate them (module docstring).
+
+    Output keys: ``image`` [3, n, n], ``flips`` bool [3], ``image_et`` [3, s, s],
+    ``et_box`` long [4] = (top, left, bottom, right) in view-1-free pixel coordinates of
+    the n x n image, ``et_flips`` bool [3], plus ``labels``, ``name``, ``size``.
+    """
+
+    def __init__(self, size: int, et_crop: int, et_scale: int, patch_size: int, aug: Any) -> None:
+        if size % patch_size or et_crop % patch_size or et_scale % patch_size:
+            raise ValueError("size, et_crop and et_scale must be multiples of the patch size")
+        self.size, self.et_crop, self.et_scale, self.patch = size, et_crop, et_scale, patch_size
+        self.aug = aug
+
+    def __call__(self, sample: Sample) -> Sample:
+        gen = None  # torch's global RNG: seeded by the trainer, and per worker by DataLoader
+        n, s = self.size, self.et_scale
+        base = resize_image(sample["image"], (n, n))
+
+        flips = _random_flips(self.aug, gen)
+        view = apply_flips(color_jitter(base, self.aug, gen), flips)
+
+        et = color_jitter(base, self.aug, gen)
+        if torch.rand((), generator=gen) < self.aug.crop:
+            starts = torch.arange(0, n - self.et_crop + 1, self.patch)
+            top = int(starts[torch.randint(len(starts), (), generator=gen)])
+            left = int(starts[torch.randint(len(starts), (), generator=gen)])
+            box = (top, left, top + self.et_crop, left + self.et_crop)
+        else:
+            box = (0, 0, n, n)
+        et = et[:, box[0] : box[2], box[1] : box[3]]
+        et = F.interpolate(et[None], size=(s, s), mode="bilinear", align_corners=False,
+                           antialias=et.shape[-1] > s)[0].clamp(0, 1)  # fmt: skip
+        et_flips = _random_flips(self.aug, gen)
+        et = apply_flips(et, et_flips)
+
+        return {
+            "image": to_model_input(view),
+            "flips": flips,
+            "image_et": to_model_input(et),
+            "et_box": torch.tensor(box, dtype=torch.long),
+            "et_flips": et_flips,
+            "labels": sample["labels"],
+            "name": sample["name"],
+            "size": sample["size"],
+        }
+
+
+def map_to_et_grid(
+    grid: torch.Tensor,
+    flips: torch.Tensor,
+    et_box: torch.Tensor,
+    et_flips: torch.Tensor,
+    patch_size: int,
+    et_grid: int,
+) -> torch.Tensor:
+    """Carry view-1 patch maps onto the ET views' patch grids.
+
+    Args:
+        grid: ``[B, C, G, G]`` maps predicted on view 1 (G = n / patch_size).
+        flips, et_flips: ``[B, 3]`` bool records of the two views.
+        et_box: ``[B, 4]`` (top, left, bottom, right) pixel box of the ET crop.
+        et_grid: side of an ET view's patch grid (s / patch_size).
+
+    Returns ``[B, C, et_grid, et_grid]``: undo view 1's flips, crop the box at patch level,
+    resize bilinearly to the ET grid, apply the ET flips.
+    """
+    out: List[torch.Tensor] = []
+    for b in range(grid.shape[0]):
+        g = invert_flips(grid[b], flips[b])
+        top, left, bottom, right = (int(v) // patch_size for v in et_box[b])
+        g = g[:, top:bottom, left:right]
+        if g.shape[-1] != et_grid or g.shape[-2] != et_grid:
+            g = F.interpolate(g[None], size=(et_grid, et_grid), mode="bilinear", align_corners=False)[0]
+        out.append(apply_flips(g, et_flips[b]))
+    return torch.stack(out)
+
+
+def tile_views(views: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """Tile ET views ``[B, 3, s, s]`` 2 x 2 into ``[ceil(B / 4), 3, 2s, 2s]``.
+
+    View 4t + 0 goes top-left, + 1 top-right, + 2 bottom-left, + 3 bottom-right. When B is
+    not a multiple of 4 the last input is padded by repeating views; the padded tiles are
+    dropped again by :func:`untile_grid`. Returns the tiled batch and B.
+    """
+    b = views.shape[0]
+    t = -(-b // 4)
+    if t * 4 != b:
+        views = torch.cat([views, views[torch.arange(t * 4 - b) % b]], dim=0)
+    c, s = views.shape[1], views.shape[-1]
+    tiled = views.reshape(t, 2, 2, c, s, s).permute(0, 3, 1, 4, 2, 5).reshape(t, c, 2 * s, 2 * s)
+    return tiled, b
+
+
+def untile_grid(grid: torch.Tensor, count: int) -> torch.Tensor:
+    """Inverse of :func:`tile_views` on prediction maps: ``[T, C, 2g, 2g]`` -> ``[count, C, g, g]``."""
+    t, c, h, w = grid.shape
+    g = h // 2
+    views = grid.reshape(t, c, 2, g, 2, g).permute(0, 2, 4, 1, 3, 5).reshape(t * 4, c, g, g)
+    return views[:count]
+
+
+def collate(samples: List[Sample]) -> Sample:
+    """Stack what has one shape across the batch; keep names, sizes and masks as lists."""
+    out: Sample = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        if key in ("name", "size", "mask"):
+            out[key] = values
+        elif isinstance(values[0], torch.Tensor):
+            out[key] = torch.stack(values)
+        else:
+            out[key] = values
+    return out

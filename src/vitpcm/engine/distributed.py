@@ -1,0 +1,72 @@
+"""Device choice and ``torchrun`` process groups (nothing home-made: env:// rendezvous)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from vitpcm.errors import VitpcmError
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """``auto`` picks ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
+    if spec == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise VitpcmError(f"train.device={spec} but CUDA is not available here: use train.device=cpu or auto")
+        if spec == "cuda":
+            return torch.device(f"cuda:{local_rank}")
+    try:
+        return torch.device(spec)
+    except RuntimeError:
+        raise VitpcmError(f"train.device={spec} is not a device: use auto, cpu, cuda or cuda:N") from None
+
+
+def init_distributed(device_spec: str) -> tuple[Dist, torch.device]:
+    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(), resolve_device(device_spec)
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_spec, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank=rank, world=world, local_rank=local_rank), device
+
+
+def all_reduce_sum(tensor: torch.Tensor, info: Dist) -> torch.Tensor:
+    if info.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier(info: Dist) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def cleanup(info: Dist) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()

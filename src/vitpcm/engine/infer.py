@@ -1,0 +1,174 @@
+"""Pseudo-masks: predict at any scale, merge with the tags, upsample, argmax, write files.
+
+``vitpcm infer RUN --split val`` writes, for every image NAME of the split::
+
+    OUT/masks/NAME.png   palette PNG at the original image size (class indices)
+    OUT/probs/NAME.npz   probs [P, H, W] float32 of the P present classes, classes [P] int64
+    OUT/summary.json     what was run, and the mIoU when the split has masks
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from vitpcm.data import EvalTransform, build_dataset, collate
+from vitpcm.engine.checkpoint import find_run_checkpoint, load_model
+from vitpcm.engine.distributed import resolve_device
+from vitpcm.errors import VitpcmError
+from vitpcm.io import save_mask_png, save_npz_atomic, write_json_atomic
+from vitpcm.losses import merge_class_labels
+from vitpcm.metrics import ConfusionMatrix, format_table
+from vitpcm.models.vitpcm import ViTPCM
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def predict_grid(model: ViTPCM, images: torch.Tensor, labels: Optional[torch.Tensor], merge: bool = True) -> torch.Tensor:
+    """Patch-level class distributions ``[B, C, h, w]``, merged with ``labels`` when given."""
+    probs = model(images)["probs"].float()
+    if merge and labels is not None:
+        probs = merge_class_labels(probs, labels.to(probs.device))
+    return probs
+
+
+def upsample(probs: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of ``[C, h, w]`` patch maps to an image size ``(H, W)``."""
+    return F.interpolate(probs[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+
+
+def present_classes(probs_full: torch.Tensor, labels: Optional[torch.Tensor], pooled: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Indices of the channels to keep in ``probs/NAME.npz``.
+
+    With tags: the tagged classes. Without: background, classes whose pooled score reaches
+    ``threshold``, and any class that wins a pixel (so the argmax of the kept channels
+    equals the mask).
+    """
+    if labels is not None:
+        return torch.nonzero(labels > 0).flatten()
+    keep = pooled >= threshold
+    keep[0] = True
+    keep[probs_full.argmax(0).unique()] = True
+    return torch.nonzero(keep).flatten()
+
+
+def check_scale(scale: int, patch_size: int) -> None:
+    if scale <= 0 or scale % patch_size:
+        lower = max(patch_size, scale // patch_size * patch_size)
+        raise VitpcmError(
+            f"--scale {scale} is not a multiple of the patch size {patch_size}: use {lower} or {lower + patch_size}"
+        )
+
+
+def run_inference(
+    run: str | Path,
+    split: str,
+    out: Optional[str | Path] = None,
+    scale: Optional[int] = None,
+    overrides: Sequence[str] = (),
+    device: str = "auto",
+    save_probs: bool = True,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """Write pseudo-masks (and present-class probabilities) for one split of a trained run.
+
+    Args:
+        run: the training run folder (or a checkpoint file inside one).
+        split: split name of the run's dataset (``data.*`` of the run's config, which
+            ``overrides`` may change, e.g. ``data.root=...``).
+        out: output folder; default ``RUN/pseudo/SPLIT``.
+        scale: input side; default ``infer.scale`` of the config. Multiple of the patch size.
+
+    Returns the summary dict (also written to ``OUT/summary.json``); it holds ``miou``
+    when the split has masks.
+    """
+    from vitpcm.config import load_config
+
+    ckpt_path = find_run_checkpoint(run, "best")
+    run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+    cfg_path = run_dir / "config.yaml"
+    cfg = load_config(cfg_path if cfg_path.is_file() else None, overrides)
+    scale = int(scale or cfg.infer.scale)
+
+    dataset = build_dataset(cfg.data, split, require_masks=False)
+    model, state = load_model(ckpt_path, expected_classes=dataset.classes)
+    check_scale(scale, model.patch_size)
+    dev = resolve_device(device)
+    model.to(dev).eval()
+
+    out_dir = Path(out) if out is not None else run_dir / "pseudo" / split
+    (out_dir / "masks").mkdir(parents=True, exist_ok=True)
+    if save_probs:
+        (out_dir / "probs").mkdir(parents=True, exist_ok=True)
+    dataset.transform = EvalTransform(scale)
+    loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=min(int(cfg.data.num_workers), 4), collate_fn=collate)
+    cm = ConfusionMatrix(dataset.num_classes) if dataset.has_masks else None
+    merge = bool(cfg.infer.merge_labels)
+    start = time.time()
+
+    from tqdm import tqdm
+
+    threshold = float(cfg.infer.present_threshold)
+    bar = tqdm(loader, desc=f"infer {split}@{scale}", unit="img", disable=not progress)
+    for batch in bar:
+        _infer_batch(model, batch, dev, merge, threshold, out_dir, save_probs, cm)
+    bar.close()
+
+    summary: Dict[str, Any] = {
+        "run": str(run_dir),
+        "checkpoint": str(ckpt_path),
+        "split": split,
+        "scale": scale,
+        "images": len(dataset),
+        "merged_with_tags": merge and dataset.has_masks,
+        "seconds": round(time.time() - start, 2),
+        "classes": dataset.classes,
+    }
+    if cm is not None:
+        result = cm.summary(dataset.classes)
+        summary.update(miou=result["miou"], iou=result["iou"])
+        np.save(out_dir / "confusion.npy", cm.matrix)
+    write_json_atomic(out_dir / "summary.json", summary)
+    return summary
+
+
+@torch.inference_mode()
+def _infer_batch(
+    model: ViTPCM,
+    batch: Dict[str, Any],
+    dev: torch.device,
+    merge: bool,
+    threshold: float,
+    out_dir: Path,
+    save_probs: bool,
+    cm: Optional[ConfusionMatrix],
+) -> None:
+    """Predict one batch; write each image's mask (and probabilities); update ``cm``."""
+    labels = batch.get("labels")
+    outputs = model(batch["image"].to(dev))
+    grid = outputs["probs"].float()
+    if merge and labels is not None:
+        grid = merge_class_labels(grid, labels.to(dev))
+    for i, name in enumerate(batch["name"]):
+        full = upsample(grid[i], batch["size"][i])
+        mask = full.argmax(0).to(torch.uint8).cpu().numpy()
+        save_mask_png(out_dir / "masks" / f"{name}.png", mask)
+        if save_probs:
+            tags = labels[i] if (merge and labels is not None) else None
+            keep = present_classes(full, tags, outputs["pooled"][i].float(), threshold)
+            save_npz_atomic(
+                out_dir / "probs" / f"{name}.npz",
+                probs=full[keep].cpu().numpy().astype(np.float32),
+                classes=keep.cpu().numpy().astype(np.int64),
+            )
+        if cm is not None:
+            cm.update(mask, batch["mask"][i].numpy())

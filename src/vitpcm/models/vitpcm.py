@@ -1,0 +1,166 @@
+"""ViT-PCM: image -> ViT -> HV-BiLSTM -> patch classifier -> softmax -> global max pooling.
+
+Read :class:`ViTPCM.forward` top to bottom for the whole data flow. Shapes use
+B = batch, e = ViT width, h x w = patch grid (H / d x W / d for patch side d),
+C = classes including background (index 0).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from vitpcm.models.backbone import create_backbone, patch_size_of, set_trainable
+
+
+class HVBiLSTM(nn.Module):
+    """Patch conditioning: a BiLSTM along every row and one along every column of the grid.
+
+    ``[B, h, w, e]`` -> ``[B, h, w, 4 * hidden]`` (row forward/backward, column
+    forward/backward states concatenated per patch).
+    """
+
+    def __init__(self, in_dim: int, hidden: int = 192, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.rows = nn.LSTM(in_dim, hidden, batch_first=True, bidirectional=True)
+        self.cols = nn.LSTM(in_dim, hidden, batch_first=True, bidirectional=True)
+        self.out_dim = 4 * hidden
+        for lstm in (self.rows, self.cols):
+            _keras_lstm_init(lstm)
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        b, h, w, e = grid.shape
+        x = self.dropout(grid)
+        rows, _ = self.rows(x.reshape(b * h, w, e))  # each row is a sequence over w
+        cols, _ = self.cols(x.transpose(1, 2).reshape(b * w, h, e))  # each column, over h
+        rows = rows.reshape(b, h, w, -1)
+        cols = cols.reshape(b, w, h, -1).transpose(1, 2)
+        return torch.cat([rows, cols], dim=-1)
+
+
+def _keras_lstm_init(lstm: nn.LSTM) -> None:
+    """The authors' Keras LSTM init: Glorot input weights, orthogonal recurrent weights,
+    zero biases with the forget gate at 1 (helps gradients through long rows)."""
+    hidden = lstm.hidden_size
+    for name, param in lstm.named_parameters():
+        if name.startswith("weight_ih"):
+            for gate in param.data.chunk(4, 0):
+                nn.init.xavier_uniform_(gate)
+        elif name.startswith("weight_hh"):
+            for gate in param.data.chunk(4, 0):
+                nn.init.orthogonal_(gate)
+        elif name.startswith("bias_ih"):
+            param.data.zero_()
+            param.data[hidden : 2 * hidden] = 1.0  # PyTorch gate order: input, forget, cell, output
+        elif name.startswith("bias_hh"):
+            param.data.zero_()
+
+
+class PatchClassifier(nn.Module):
+    """Dropout then a bias-free linear map W: ``[..., D]`` -> class scores ``[..., C]``."""
+
+    def __init__(self, in_dim: int, num_classes: int, dropout: float = 0.2, init_std: float = 0.05) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(in_dim, num_classes, bias=False)
+        nn.init.normal_(self.linear.weight, mean=0.0, std=init_std)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """W as ``[C, D]`` (PyTorch layout; the paper's W is its transpose)."""
+        return self.linear.weight
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.dropout(features))
+
+
+class ViTPCM(nn.Module):
+    """ViT-PCM for weakly supervised semantic segmentation.
+
+    Args:
+        backbone: timm ViT name, e.g. ``vit_base_patch16_384``.
+        num_classes: classes including background (21 for VOC, 81 for COCO).
+        pretrained: ``True`` (timm weights), ``False``, or a local checkpoint path.
+        img_size: nominal input side for the position embeddings (any multiple of the
+            patch size works at run time).
+        hv_lstm: use the HV-BiLSTM patch conditioning (the paper); ``False`` feeds the ViT
+            tokens straight to the classifier (ablation).
+        lstm_hidden: hidden units per direction.
+        dropout: before the HV-BiLSTM and before the classifier.
+        classifier_init_std: std of the normal init of W.
+        backbone_kwargs: passed to ``timm.create_model``.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        num_classes: int,
+        pretrained: Union[bool, str, Path] = False,
+        img_size: Optional[int] = None,
+        hv_lstm: bool = True,
+        lstm_hidden: int = 192,
+        dropout: float = 0.2,
+        classifier_init_std: float = 0.05,
+        backbone_kwargs: Optional[Dict[str, Any]] = None,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError("num_classes counts background and must be >= 2")
+        self.arch = dict(
+            backbone=backbone, num_classes=num_classes, img_size=img_size, hv_lstm=hv_lstm,
+            lstm_hidden=lstm_hidden, dropout=dropout, classifier_init_std=classifier_init_std,
+            backbone_kwargs=dict(backbone_kwargs or {}),
+        )  # fmt: skip
+        self.num_classes = num_classes
+        self.backbone = create_backbone(backbone, pretrained, img_size=img_size, **(backbone_kwargs or {}))
+        self.patch_size = patch_size_of(self.backbone)
+        width = self.backbone.embed_dim
+        self.conditioning = HVBiLSTM(width, lstm_hidden, dropout) if hv_lstm else None
+        feat_dim = self.conditioning.out_dim if self.conditioning is not None else width
+        self.classifier = PatchClassifier(feat_dim, num_classes, dropout, classifier_init_std)
+
+    def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` -> patch tokens on their grid ``[B, h, w, e]`` (CLS dropped, final norm applied)."""
+        b, _, height, width = images.shape
+        d = self.patch_size
+        if height % d or width % d:
+            raise ValueError(f"input {height}x{width} is not a multiple of the patch size {d}")
+        tokens = self.backbone.forward_features(images)  # [B, prefix + h*w, e], normed
+        tokens = tokens[:, self.backbone.num_prefix_tokens :]
+        return tokens.reshape(b, height // d, width // d, -1)
+
+    def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Predict per-patch class distributions and their max-pooled image scores.
+
+        Args:
+            images: ``[B, 3, H, W]`` normalised to [-1, 1], H and W multiples of the patch size.
+
+        Returns:
+            ``logits`` ``[B, C, h, w]``: A = F W per patch;
+            ``probs`` ``[B, C, h, w]``: Z, softmax over classes per patch;
+            ``pooled`` ``[B, C]``: y_k = max over patches of Z^k (Eq. 2).
+        """
+        features = self.patch_tokens(images)  # [B, h, w, e]
+        if self.conditioning is not None:
+            features = self.conditioning(features)  # [B, h, w, 768]
+        logits = self.classifier(features)  # [B, h, w, C]
+        probs = logits.softmax(dim=-1)
+        pooled = probs.amax(dim=(1, 2))  # global max pooling over patches
+        return {
+            "logits": logits.permute(0, 3, 1, 2),
+            "probs": probs.permute(0, 3, 1, 2),
+            "pooled": pooled,
+        }
+
+    def set_backbone_trainable(self, last_blocks: int) -> None:
+        """0: backbone frozen (warm-up); N: last N blocks + final norm; -1: all."""
+        set_trainable(self.backbone, last_blocks)
+
+    @classmethod
+    def from_arch(cls, arch: Dict[str, Any]) -> "ViTPCM":
+        """Rebuild an (untrained) model from the ``arch`` dict stored in checkpoints."""
+        return cls(pretrained=False, **arch)

@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny synthetic dataset and a tiny model config (fast on a CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from vitpcm.data.synthetic import generate
+
+torch.set_num_threads(2)
+
+# A ViT small enough to train for an epoch in about a second; 32 px inputs, 8 px patches.
+TINY = [
+    "model.backbone=vit_tiny_patch16_224",
+    "model.pretrained=false",
+    "model.backbone_kwargs={patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}",
+    "model.lstm_hidden=8",
+    "input.train_size=32",
+    "input.test_size=32",
+    "input.et_crop=16",
+    "input.et_scale=16",
+    "infer.scale=32",
+    "train.epochs=2",
+    "train.warmup_epochs=1",
+    "train.unfreeze_blocks=1",
+    "train.batch_size=4",
+    "train.val_batch_size=4",
+    "data.num_workers=0",
+]
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """12 train + 6 val synthetic images in the VOC layout (read-only for tests)."""
+    root = tmp_path_factory.mktemp("synth") / "data"
+    generate(root, n_train=12, n_val=6, seed=3, workers=1, progress=False)
+    return root
+
+
+@pytest.fixture()
+def tiny_overrides(synth_root) -> list[str]:
+    return [*TINY, f"data.root={synth_root}"]

@@ -1,0 +1,50 @@
+"""Config presets, overrides and their errors."""
+
+import pytest
+
+from vitpcm.config import load_config, preset_names
+from vitpcm.errors import VitpcmError
+
+
+def test_presets_exist_and_load():
+    assert {"synthetic", "voc12", "coco14"} <= set(preset_names())
+    for name in preset_names():
+        cfg = load_config(name)
+        assert cfg.input.et_scale * 2 == cfg.input.train_size
+
+
+def test_voc12_preset_carries_the_authors_recipe():
+    cfg = load_config("voc12")
+    assert cfg.model.backbone.startswith("vit_base_patch16_384")
+    assert (cfg.input.train_size, cfg.input.test_size, cfg.input.et_crop, cfg.input.et_scale) == (384, 960, 128, 192)
+    assert (cfg.train.epochs, cfg.train.warmup_epochs, cfg.train.unfreeze_blocks) == (80, 1, 5)
+    assert (cfg.train.warmup_lr, cfg.train.lr, cfg.train.batch_size) == (1e-3, 1e-4, 16)
+    assert (cfg.model.lstm_hidden, cfg.model.dropout, cfg.loss.reg_weight) == (192, 0.2, 0.01)
+    assert cfg.augment.crop == 0.3 and list(cfg.augment.contrast) == [0.5, 2.0]
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config("synthetic", ["train.epochs=3", "model.backbone=vit_small_patch16_384", "loss.et=false"])
+    assert cfg.train.epochs == 3 and cfg.model.backbone == "vit_small_patch16_384" and cfg.loss.et is False
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epoch=3", "unknown config key 'train.epoch'.*epochs"),
+        ("nosuch.key=1", "unknown config key 'nosuch'"),
+        ("train.epochs=abc", "bad value for 'train.epochs'"),
+        ("train.epochs", "not of the form key=value"),
+        ("input.et_scale=100", "half of input.train_size"),
+    ],
+)
+def test_bad_overrides(override, message):
+    with pytest.raises(VitpcmError, match=message):
+        load_config("synthetic", [override])
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epohcs: 3\n")
+    with pytest.raises(VitpcmError, match=f"unknown config key 'train.epohcs' in {path}"):
+        load_config(path)
