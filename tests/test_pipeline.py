@@ -153,3 +153,23 @@ def test_cli_empty_split(tmp_path, synth_root, capsys):
     (root / "ImageSets/Segmentation/train.txt").write_text("")
     assert main(["train", "synthetic", f"data.root={root}", "--out", str(tmp_path / "r")]) == 2
     assert "split 'train' is empty" in capsys.readouterr().err
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path, synth_root):
+    """DDP through torchrun (gloo on the CPU): both ranks train, rank 0 writes the run."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import TINY
+
+    run = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "vitpcm", "train", "synthetic", f"data.root={synth_root}", "--out", str(run), "-q", *TINY]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("run: ") == 1
+    rows = [json.loads(l) for l in (run / "logs/metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert read_checkpoint(run / "checkpoints/last.pt")["epoch"] == 2

@@ -339,6 +339,11 @@ class Trainer:
                         self.writer.add_scalar(f"train/{k}", v, global_step)
             bar.close()
             train_time = time.time() - t0
+            if self.dist.enabled:  # epoch means over every rank's batches
+                keys = sorted(sums)
+                packed = all_reduce_sum(torch.tensor([sums[k] for k in keys] + [n], dtype=torch.float64, device=self.device), self.dist)
+                sums = dict(zip(keys, packed[:-1].tolist()))
+                n = int(packed[-1].item())
             val_miou = None
             if cfg.val_every > 0 and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
                 val_miou = self.validate()
