@@ -70,6 +70,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from vitpcm.data.coco import prepare_coco
+
+    result = prepare_coco(args.root, out=args.out, splits=args.split or ("train", "val"), classes=args.classes,
+                          workers=args.workers, progress=not args.quiet)  # fmt: skip
+    for split, r in result.items():
+        print(f"{split}: {r['written']} masks written, {r['kept']} already there, {r['failed']} failed,"
+              f" {r['problems']} items with problems not prepared")  # fmt: skip
+    return 0 if all(r["failed"] == 0 for r in result.values()) else 1
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from vitpcm.demo import run_demo
 
@@ -112,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default runs/<config>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
     p.set_defaults(func=_cmd_train)
+
+    p = add("prepare", "convert a dataset once so training reads it fast (coco: rasterise the masks to PNG)")
+    p.add_argument("format", choices=["coco"], help="dataset format (coco)")
+    p.add_argument("--root", required=True, help="COCO folder that holds annotations/ and train2014/, val2014/")
+    p.add_argument("--out", help="mask folder (default ROOT/masks; then set data.masks=OUT if elsewhere)")
+    p.add_argument("--split", action="append", help="split to prepare (repeatable; default train and val)")
+    p.add_argument("--classes", help="class list (default: the annotation file's categories, = coco14)")
+    p.add_argument("--workers", type=int, default=0, help="processes (default: one per CPU)")
+    p.set_defaults(func=_cmd_prepare)
 
     p = add("infer", "write pseudo-masks and class probabilities for one split of a trained run")
     p.add_argument("run", help="run folder of `vitpcm train` (or a checkpoint .pt)")
