@@ -36,7 +36,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     out = args.out or str(Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-    result = train(cfg, out, resume=args.resume, progress=not args.quiet)
+    result = train(cfg, out, resume=args.resume, progress=not args.quiet, skip_bad=args.skip_bad)
     best = result["best_miou"]
     print(f"run: {result['run']}" + (f"  best val mIoU: {100 * best:.2f}" if best is not None else ""))
     return 0
@@ -68,6 +68,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         write_json_atomic(args.json, summary)
         print(f"wrote {args.json}")
     return 0
+
+
+def _cmd_check_data(args: argparse.Namespace) -> int:
+    from vitpcm.config import load_config
+    from vitpcm.data.check import check_config
+    from vitpcm.io import write_json_atomic
+
+    cfg = load_config(args.config, args.overrides)
+    report = check_config(cfg, splits=args.split, workers=args.workers, progress=not args.quiet)
+    print(report.format())
+    if args.json:
+        write_json_atomic(args.json, report.to_dict())
+        print(f"wrote {args.json}")
+    return 0 if report.ok else 1
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -122,7 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     p.add_argument("--out", help="run folder (default runs/<config>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave broken data items out (listed in RUN/skipped.txt) instead of refusing to start")  # fmt: skip
     p.set_defaults(func=_cmd_train)
+
+    p = add("check-data", "read every item of a config's dataset once; report counts, sizes and every problem")
+    p.add_argument("config", help="preset name (synthetic, voc12, coco14) or YAML path")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    p.add_argument("--split", action="append",
+                   help="check this split too (repeatable; always: data.train_split and data.val_split)")  # fmt: skip
+    p.add_argument("--workers", type=int, default=0, help="reader threads (default: one per CPU)")
+    p.add_argument("--json", help="also write the full report as JSON here")
+    p.set_defaults(func=_cmd_check_data)
 
     p = add("prepare", "convert a dataset once so training reads it fast (coco: rasterise the masks to PNG)")
     p.add_argument("format", choices=["coco"], help="dataset format (coco)")
