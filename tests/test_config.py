@@ -21,6 +21,13 @@ def test_voc12_preset_carries_the_authors_recipe():
     assert (cfg.train.warmup_lr, cfg.train.lr, cfg.train.batch_size) == (1e-3, 1e-4, 16)
     assert (cfg.model.lstm_hidden, cfg.model.dropout, cfg.loss.reg_weight) == (192, 0.2, 0.01)
     assert cfg.augment.crop == 0.3 and list(cfg.augment.contrast) == [0.5, 2.0]
+    assert (cfg.data.format, cfg.data.train_split, cfg.data.val_split) == ("voc", "trainaug", "val")
+
+
+def test_coco14_preset_reads_coco():
+    cfg = load_config("coco14")
+    assert (cfg.data.format, cfg.data.classes, cfg.data.train_split, cfg.data.val_split) == ("coco", "coco14", "train", "val")
+    assert cfg.augment.crop == 0.0
 
 
 def test_overrides_apply_with_types():

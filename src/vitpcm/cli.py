@@ -37,7 +37,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     out = args.out or str(Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-    result = train(cfg, out, resume=args.resume, progress=not args.quiet)
+    result = train(cfg, out, resume=args.resume, progress=not args.quiet, skip_bad=args.skip_bad)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
         return 0
     best = result["best_miou"]
@@ -71,6 +71,31 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         write_json_atomic(args.json, summary)
         print(f"wrote {args.json}")
     return 0
+
+
+def _cmd_check_data(args: argparse.Namespace) -> int:
+    from vitpcm.config import load_config
+    from vitpcm.data.check import check_config
+    from vitpcm.io import write_json_atomic
+
+    cfg = load_config(args.config, args.overrides)
+    report = check_config(cfg, splits=args.split, workers=args.workers, progress=not args.quiet)
+    print(report.format())
+    if args.json:
+        write_json_atomic(args.json, report.to_dict())
+        print(f"wrote {args.json}")
+    return 0 if report.ok else 1
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from vitpcm.data.coco import prepare_coco
+
+    result = prepare_coco(args.root, out=args.out, splits=args.split or ("train", "val"), classes=args.classes,
+                          workers=args.workers, progress=not args.quiet)  # fmt: skip
+    for split, r in result.items():
+        print(f"{split}: {r['written']} masks written, {r['kept']} already there, {r['failed']} failed,"
+              f" {r['problems']} items with problems not prepared")  # fmt: skip
+    return 0 if all(r["failed"] == 0 for r in result.values()) else 1
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -114,7 +139,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     p.add_argument("--out", help="run folder (default runs/<config>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave broken data items out (listed in RUN/skipped.txt) instead of refusing to start")  # fmt: skip
     p.set_defaults(func=_cmd_train)
+
+    p = add("check-data", "read every item of a config's dataset once; report counts, sizes and every problem")
+    p.add_argument("config", help="preset name (synthetic, voc12, coco14) or YAML path")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    p.add_argument("--split", action="append",
+                   help="check this split too (repeatable; always: data.train_split and data.val_split)")  # fmt: skip
+    p.add_argument("--workers", type=int, default=0, help="reader threads (default: one per CPU)")
+    p.add_argument("--json", help="also write the full report as JSON here")
+    p.set_defaults(func=_cmd_check_data)
+
+    p = add("prepare", "convert a dataset once so training reads it fast (coco: rasterise the masks to PNG)")
+    p.add_argument("format", choices=["coco"], help="dataset format (coco)")
+    p.add_argument("--root", required=True, help="COCO folder that holds annotations/ and train2014/, val2014/")
+    p.add_argument("--out", help="mask folder (default ROOT/masks; then set data.masks=OUT if elsewhere)")
+    p.add_argument("--split", action="append", help="split to prepare (repeatable; default train and val)")
+    p.add_argument("--classes", help="class list (default: the annotation file's categories, = coco14)")
+    p.add_argument("--workers", type=int, default=0, help="processes (default: one per CPU)")
+    p.set_defaults(func=_cmd_prepare)
 
     p = add("infer", "write pseudo-masks and class probabilities for one split of a trained run")
     p.add_argument("run", help="run folder of `vitpcm train` (or a checkpoint .pt)")

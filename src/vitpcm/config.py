@@ -25,10 +25,19 @@ PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
 @dataclass
 class DataConfig:
-    root: Optional[str] = None  # folder that holds JPEGImages/ (VOC layout)
-    classes: Optional[str] = None  # one class name per line, background first; default ROOT/classes.txt
-    train_split: str = "train"
-    val_split: str = "val"
+    # Dataset layouts, with their folder trees: docs/datasets.md.
+    # voc: VOC 2012 layout (+ SBD trainaug; also the synthetic set) | coco: COCO 2014 | folder: own images + tags
+    format: str = "voc"
+    root: Optional[str] = None  # voc: holds JPEGImages/; coco: annotations/ + train2014/; folder: images/ + tags.csv
+    # file (one name per line, background first) or voc12 / coco14; default ROOT/classes.txt, else
+    # voc: the 21 VOC names, coco: the annotation file's categories, folder: inferred from the tags
+    classes: Optional[str] = None
+    train_split: str = "train"  # voc: train | trainval | trainaug; coco: train | val; folder: all | ROOT/splits/NAME.txt
+    val_split: Optional[str] = "val"  # empty (data.val_split=) = no validation
+    # voc trainaug: SBD release (benchmark_RELEASE) or a SegmentationClassAug folder; default ROOT/SegmentationClassAug
+    sbd: Optional[str] = None
+    tags: Optional[str] = None  # tag file (CSV / JSON); folder: default ROOT/tags.csv|json; voc: splits without masks
+    masks: Optional[str] = None  # coco: output of `vitpcm prepare coco`, default ROOT/masks; folder: default ROOT/masks
     num_workers: int = 2
 
 
@@ -205,6 +214,8 @@ def validate_config(cfg: DictConfig) -> None:
         raise VitpcmError(f"train.schedule must be constant or cosine, got {cfg.train.schedule!r}")
     if cfg.train.batch_size < 1:
         raise VitpcmError(f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
+    if cfg.data.format not in ("voc", "coco", "folder"):
+        raise VitpcmError(f"data.format must be voc, coco or folder, got {cfg.data.format!r}")
     if not (cfg.loss.mce or cfg.loss.et):
         raise VitpcmError("at least one of loss.mce and loss.et must be true")
 

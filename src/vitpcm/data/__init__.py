@@ -1,20 +1,60 @@
-"""Datasets and transforms. Every dataset yields the same sample dict (see ``voc.py``)."""
+"""Datasets and transforms. Every dataset yields the same sample dict (see ``base.py``).
+
+Formats (``data.format``): ``voc`` (VOC 2012 layout incl. SBD trainaug, and the synthetic
+set), ``coco`` (COCO 2014 instances), ``folder`` (own images + tag file).
+"""
 
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+from vitpcm.data.base import SegmentationDataset
+from vitpcm.data.coco import COCODataset  # pycocotools is imported only when a mask is drawn
+from vitpcm.data.folder import FolderDataset
 from vitpcm.data.transforms import EvalTransform, TrainTransform, collate
 from vitpcm.data.voc import VOCDataset
 from vitpcm.errors import VitpcmError
 
-__all__ = ["VOCDataset", "TrainTransform", "EvalTransform", "collate", "build_dataset"]
+__all__ = [
+    "VOCDataset",
+    "COCODataset",
+    "FolderDataset",
+    "SegmentationDataset",
+    "TrainTransform",
+    "EvalTransform",
+    "collate",
+    "build_dataset",
+    "FORMATS",
+]
+
+FORMATS = ("voc", "coco", "folder")
+_ROOT_HINT = {"voc": "the folder that holds JPEGImages/", "coco": "the folder that holds annotations/ and train2014/",
+              "folder": "the folder that holds images/ and tags.csv"}  # fmt: skip
 
 
 def build_dataset(
-    data_cfg: Any, split: str, transform: Optional[Callable] = None, require_masks: bool = True
-) -> VOCDataset:
-    """The dataset selected by the ``data`` config section for one split."""
+    data_cfg: Any,
+    split: str,
+    transform: Optional[Callable] = None,
+    require_masks: bool = True,
+    strict: bool = True,
+) -> SegmentationDataset:
+    """The dataset selected by the ``data`` config section for one split.
+
+    ``require_masks``: the split must carry tags (training); for VOC they come from the
+    masks or ``data.tags``, for COCO and folder they always exist. ``strict=False`` keeps
+    listing problems (missing files, duplicates) for the check instead of raising.
+    """
+    fmt = str(data_cfg.get("format", "voc") or "voc")
+    if fmt not in FORMATS:
+        raise VitpcmError(f"data.format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if not data_cfg.root:
-        raise VitpcmError("no dataset given: set data.root=PATH (the folder that holds JPEGImages/)")
-    return VOCDataset(data_cfg.root, split, classes=data_cfg.classes, transform=transform, require_masks=require_masks)
+        raise VitpcmError(f"no dataset given: set data.root=PATH ({_ROOT_HINT[fmt]})")
+    if fmt == "coco":
+        return COCODataset(data_cfg.root, split, classes=data_cfg.classes, transform=transform,
+                           masks=data_cfg.get("masks"), strict=strict)  # fmt: skip
+    if fmt == "folder":
+        return FolderDataset(data_cfg.root, split, classes=data_cfg.classes, transform=transform,
+                             tags=data_cfg.get("tags"), masks=data_cfg.get("masks"), strict=strict)  # fmt: skip
+    return VOCDataset(data_cfg.root, split, classes=data_cfg.classes, transform=transform, require_masks=require_masks,
+                      sbd=data_cfg.get("sbd"), tags=data_cfg.get("tags"), strict=strict)  # fmt: skip

@@ -1,11 +1,21 @@
-"""Datasets in the PASCAL VOC layout (the built-in synthetic set uses it too).
+"""PASCAL VOC 2012 and folders in its layout (the built-in synthetic set uses it too).
 
 ::
 
     ROOT/JPEGImages/NAME.jpg
-    ROOT/SegmentationClass/NAME.png          optional (needed for tags and for evaluation)
-    ROOT/ImageSets/Segmentation/SPLIT.txt    one NAME per line
+    ROOT/SegmentationClass/NAME.png          optional (tags and evaluation come from it)
+    ROOT/ImageSets/Segmentation/SPLIT.txt    one NAME per line: train, val, trainval, test
     ROOT/classes.txt                         optional; default: the 21 VOC names
+
+Split ``trainaug`` (also ``train_aug``) adds the SBD masks (``data.sbd``, see ``sbd.py``):
+its names come from ``ImageSets/Segmentation/trainaug.txt`` when present, else from the
+converted form's ``train_aug.txt``, else VOC train + SBD train + SBD val; VOC val is
+always taken out (10,582 images on the real data). Each image's mask is VOC's own
+``SegmentationClass/NAME.png`` when it exists (finer, with the 255 border), else SBD's.
+Images come from ``JPEGImages/``, else from SBD's ``img/``.
+
+Tags come from the masks (255 ignored); a split without masks (``test``) takes them from
+a tag file (``data.tags``, CSV or JSON, see ``tags.py``) or has none.
 
 Every dataset yields the same sample dict (see ``docs/architecture.md``)::
 
@@ -18,44 +28,38 @@ A ``transform`` callable turns it into what a stage needs (resized, normalised, 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
-from PIL import Image, ImageOps
-from torch.utils.data import Dataset
 
+from vitpcm.data.base import MISSING_IMAGE, MISSING_MASK, Sample, SegmentationDataset
+from vitpcm.data.images import load_rgb  # noqa: F401  (public: vitpcm.data.voc.load_rgb)
+from vitpcm.data.sbd import AugSource, find_aug_source, read_sbd_mat
+from vitpcm.data.tags import read_list, read_tag_file
 from vitpcm.errors import VitpcmError
-from vitpcm.io import VOC_CLASSES, class_list, format_names, labels_from_mask, read_classes, read_mask_png, read_names
+from vitpcm.io import VOC_CLASSES, class_list, read_classes, read_mask_png
 
-Sample = Dict[str, Any]
-
-
-def load_rgb(path: Path) -> np.ndarray:
-    """Read an image as ``[H, W, 3]`` uint8 RGB as displayed (EXIF orientation applied)."""
-    try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(img).astype(np.float64)
-                arr = (arr / max(arr.max(), 1.0) * 255.0).astype(np.uint8)
-                img = Image.fromarray(arr)
-            return np.array(img.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise VitpcmError(f"cannot read image {path}: {exc}") from None
+AUG_SPLITS = ("trainaug", "train_aug")
 
 
-class VOCDataset(Dataset):
+class VOCDataset(SegmentationDataset):
     """A split of a VOC-layout folder.
 
     Args:
         root: the folder that holds ``JPEGImages/``.
-        split: name of a list in ``ImageSets/Segmentation/`` (``train``, ``val``, ...).
+        split: name of a list in ``ImageSets/Segmentation/`` (``train``, ``val``, ...), or
+            ``trainaug``.
         classes: class names (background first) or a class-list file; default
             ``ROOT/classes.txt`` if present, else the 21 VOC names.
         transform: applied to each raw sample dict.
-        require_masks: raise if a listed image has no mask (tags come from masks).
+        require_masks: the split must have tags (from masks, or from ``tags``): training.
+        sbd: where the SBD masks are (split ``trainaug`` only; see ``sbd.py``).
+        tags: tag file for a split without masks.
+        strict: raise on listing problems (missing files, duplicates); ``False`` keeps
+            them in ``listing_problems`` for ``vitpcm check-data``.
     """
+
+    format = "voc"
 
     def __init__(
         self,
@@ -64,72 +68,126 @@ class VOCDataset(Dataset):
         classes: Optional[Sequence[str] | str | Path] = None,
         transform: Optional[Callable[[Sample], Sample]] = None,
         require_masks: bool = True,
+        sbd: Optional[str | Path] = None,
+        tags: Optional[str | Path] = None,
+        strict: bool = True,
     ) -> None:
-        self.root = Path(root)
-        self.split = split
-        if not self.root.is_dir():
-            raise VitpcmError(f"dataset folder {self.root} not found: set data.root to the folder that holds JPEGImages/")
-        if not (self.root / "JPEGImages").is_dir():
+        root = Path(root)
+        if not root.is_dir():
+            raise VitpcmError(f"dataset folder {root} not found: set data.root to the folder that holds JPEGImages/")
+        if not (root / "JPEGImages").is_dir():
             hint = ""
-            if (self.root / "VOC2012" / "JPEGImages").is_dir():
-                hint = f" (did you mean {self.root / 'VOC2012'}?)"
-            raise VitpcmError(f"{self.root} has no JPEGImages/ folder{hint}: data.root must be the folder that holds it")
-        self.classes = resolve_classes(self.root, classes)
-        list_file = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
-        if not list_file.is_file():
-            available = sorted(p.stem for p in (self.root / "ImageSets" / "Segmentation").glob("*.txt"))
-            raise VitpcmError(f"split '{split}' not found: {list_file} is missing (available splits: {available or 'none'})")
-        self.names: List[str] = read_names(list_file)
-        if not self.names:
-            raise VitpcmError(f"split '{split}' is empty: {list_file} lists no images")
-        self.transform = transform
-        self.image_dir = self.root / "JPEGImages"
-        self.mask_dir = self.root / "SegmentationClass"
-        missing = [n for n in self.names if not self._image_path(n).is_file()]
-        if missing:
+            if (root / "VOC2012" / "JPEGImages").is_dir():
+                hint = f" (did you mean {root / 'VOC2012'}?)"
+            raise VitpcmError(f"{root} has no JPEGImages/ folder{hint}: data.root must be the folder that holds it")
+        super().__init__(root, split, resolve_classes(root, classes), transform)
+        self.image_dir = root / "JPEGImages"
+        self.mask_dir = root / "SegmentationClass"
+        self._aug: Optional[AugSource] = find_aug_source(root, sbd) if split in AUG_SPLITS else None
+
+        names, source = self._split_names(split)
+        self.add_names(names, source)
+        self._masks: Dict[str, Optional[Path]] = {n: self._find_mask(n) for n in self.names}
+        for n in self.names:
+            if not self.image_path(n).is_file():
+                self.add_problem(n, MISSING_IMAGE, self.image_path(n),
+                                 f"image listed in {source.name} is missing: restore it or remove '{n}'"
+                                 " from the list")  # fmt: skip
+        with_mask = sum(p is not None for p in self._masks.values())
+        self.has_masks = with_mask > 0
+        if 0 < with_mask < len(self.names):
+            # Some masks but not all: a split with masks needs every one (VOC: tags come from them).
+            for n, p in self._masks.items():
+                if p is None:
+                    self.add_problem(n, MISSING_MASK, self.mask_dir / f"{n}.png",
+                                     "mask missing (its split has masks, and tags come from them): restore it or"
+                                     f" remove '{n}' from {source.name}")  # fmt: skip
+
+        self._tags: Dict[str, np.ndarray] = {}
+        if self.has_masks and tags:
+            self.info.append(f"tags come from the masks; data.tags ({tags}) is used only for splits without masks")
+        if not self.has_masks and tags:
+            table = read_tag_file(tags)
+            for n in self.names:
+                vec, why = table.lookup(n, self.classes)
+                if vec is None:
+                    self.add_problem(n, why[0], table.path, why[1])
+                else:
+                    self._tags[n] = vec
+        elif not self.has_masks and require_masks:
             raise VitpcmError(
-                f"{len(missing)} image(s) of split '{split}' missing from {self.image_dir}: {format_names(missing)}"
+                f"split '{split}' has no masks in {self.mask_dir} and no tag file: training needs image tags;"
+                " give data.tags=FILE (CSV or JSON) or use a split with masks"
             )
-        self.has_masks = all((self.mask_dir / f"{n}.png").is_file() for n in self.names)
-        if require_masks and not self.has_masks:
-            lacking = [n for n in self.names if not (self.mask_dir / f"{n}.png").is_file()]
+        if strict:
+            self.raise_listing_problems()
+
+    def _split_names(self, split: str) -> Tuple[List[str], Path]:
+        seg = self.root / "ImageSets" / "Segmentation"
+        list_file = seg / f"{split}.txt"
+        if list_file.is_file():
+            names, source = read_list(list_file), list_file
+        elif self._aug is not None:
+            names, source = self._derive_trainaug(seg)
+        else:
+            available = sorted(p.stem for p in seg.glob("*.txt")) if seg.is_dir() else []
             raise VitpcmError(
-                f"{len(lacking)} image(s) of split '{split}' have no mask in {self.mask_dir} ({format_names(lacking)}):"
-                " image tags are read from the masks"
+                f"split '{split}' not found: {list_file} is missing (available splits: {available or 'none'};"
+                " trainaug is built from the SBD masks)"
             )
+        if not names:
+            raise VitpcmError(f"split '{split}' is empty: {source} lists no images")
+        if self._aug is not None and (seg / "val.txt").is_file():
+            # trainaug = VOC train + SBD minus VOC val: val images must never be trained on.
+            val = set(read_list(seg / "val.txt"))
+            kept = [n for n in names if n not in val]
+            if len(kept) < len(names):
+                self.info.append(f"{len(names) - len(kept)} names from {source} are in VOC val:"
+                                 " left out (val is never trained on)")  # fmt: skip
+            names = kept
+        return names, source
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
+    def _derive_trainaug(self, seg: Path) -> Tuple[List[str], Path]:
+        aug = self._aug
+        assert aug is not None
+        if aug.list_file is not None:
+            return read_list(aug.list_file), aug.list_file
+        train = read_list(seg / "train.txt") if (seg / "train.txt").is_file() else []
+        names = sorted(set(train) | set(aug.names))
+        self.info.append(
+            f"trainaug = VOC train ({len(train)}) + {aug.describe()} ({len(aug.names)}) - VOC val, without repeats"
+        )
+        return names, aug.mask_dir
 
-    def _image_path(self, name: str) -> Path:
-        return self.image_dir / f"{name}.jpg"
+    def _find_mask(self, name: str) -> Optional[Path]:
+        own = self.mask_dir / f"{name}.png"
+        if own.is_file():
+            return own
+        if self._aug is not None and self._aug.mask_path(name).is_file():
+            return self._aug.mask_path(name)
+        return None
 
-    def __len__(self) -> int:
-        return len(self.names)
+    def image_path(self, name: str) -> Path:
+        path = self.image_dir / f"{name}.jpg"
+        if not path.is_file() and self._aug is not None and self._aug.image_dir is not None:
+            fallback = self._aug.image_dir / f"{name}.jpg"
+            if fallback.is_file():
+                return fallback
+        return path
 
-    def raw(self, index: int) -> Sample:
-        """The untransformed sample: image as uint8 tensor ``[3, H, W]``."""
-        name = self.names[index]
-        image = load_rgb(self._image_path(name))
-        h, w = image.shape[:2]
-        sample: Sample = {"name": name, "size": (h, w)}
-        mask_path = self.mask_dir / f"{name}.png"
-        if mask_path.is_file():
-            mask = read_mask_png(mask_path)
-            if mask.shape != (h, w):
-                raise VitpcmError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image is {w}x{h}")
-            try:
-                sample["labels"] = torch.from_numpy(labels_from_mask(mask, self.num_classes))
-            except ValueError as exc:
-                raise VitpcmError(f"mask {mask_path}: {exc}; check data.classes") from None
-            sample["mask"] = torch.from_numpy(mask.astype(np.int64))
-        sample["image"] = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-        return sample
+    def mask_path(self, name: str) -> Optional[Path]:
+        return self._masks.get(name)
 
-    def __getitem__(self, index: int) -> Sample:
-        sample = self.raw(index)
-        return self.transform(sample) if self.transform is not None else sample
+    def read_mask(self, name: str, size: Tuple[int, int]) -> np.ndarray:
+        path = self._masks.get(name)
+        if path is None:
+            raise VitpcmError(f"no mask for '{name}'")
+        if path.suffix == ".mat":
+            return read_sbd_mat(path)
+        return read_mask_png(path)
+
+    def file_tags(self, name: str) -> Optional[np.ndarray]:
+        return self._tags.get(name)
 
 
 def resolve_classes(root: Path, classes: Optional[Sequence[str] | str | Path]) -> List[str]:

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from vitpcm.config import to_yaml
 from vitpcm.data import EvalTransform, TrainTransform, build_dataset, collate
+from vitpcm.data.check import screen_for_training
 from vitpcm.data.transforms import tile_views, untile_grid
 from vitpcm.engine.checkpoint import init_from, read_checkpoint, save_checkpoint
 from vitpcm.engine.distributed import Dist, all_reduce_sum, barrier, cleanup, init_distributed
@@ -100,7 +101,9 @@ def _autocast(device: torch.device, enabled: bool):
 class Trainer:
     """Owns the run folder, the model, the optimizer and the loop. Use :func:`train`."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> None:
+    def __init__(
+        self, cfg: DictConfig, run_dir: Path, resume: bool = False, progress: bool = True, skip_bad: bool = False
+    ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.progress = progress
@@ -119,16 +122,20 @@ class Trainer:
         if resume and not last.is_file():
             raise VitpcmError(f"--resume: {last} not found, nothing to resume")
 
-        # Data first: a bad dataset should fail before a large model is built.
-        probe = build_dataset(cfg.data, cfg.data.train_split)
+        # Data first: a bad dataset should fail before a large model is built. Every item
+        # is read once up front (data/check.py): broken ones stop the run, or with
+        # --skip-bad are dropped and listed in RUN/skipped.txt.
+        probe = build_dataset(cfg.data, cfg.data.train_split, strict=False)
         self.classes: List[str] = probe.classes
+        self.val_set = self._build_val_set()
+        screen_for_training([probe, self.val_set], self.run_dir, skip_bad, progress=progress and self.dist.main,
+                            write=self.dist.main)  # fmt: skip
         self.model = build_model(cfg, len(self.classes)).to(self.device)
         d = self.model.patch_size
         self.train_set = probe
         self.train_set.transform = TrainTransform(
             cfg.input.train_size, cfg.input.et_crop, cfg.input.et_scale, d, cfg.augment
         )
-        self.val_set = self._build_val_set()
         self.et_grid = cfg.input.et_scale // d
         self.use_amp = bool(cfg.train.amp) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and not torch.cuda.is_bf16_supported()) if self.use_amp else None
@@ -159,7 +166,7 @@ class Trainer:
         if not cfg.data.val_split or cfg.train.val_every <= 0:
             return None
         try:
-            val = build_dataset(cfg.data, cfg.data.val_split, require_masks=False)
+            val = build_dataset(cfg.data, cfg.data.val_split, require_masks=False, strict=False)
         except VitpcmError as exc:
             if self.dist.main:
                 log.warning("no validation: %s", exc)
@@ -417,7 +424,12 @@ def _truncate_metrics(path: Path, epochs_done: int) -> None:
     write_text_atomic(path, "".join(k + "\n" for k in keep))
 
 
-def train(cfg: DictConfig, out: str | Path, resume: bool = False, progress: bool = True) -> Dict[str, Any]:
-    """Train ViT-PCM as ``cfg`` says, writing the run to ``out``. Returns a summary dict."""
-    trainer = Trainer(cfg, Path(out), resume=resume, progress=progress)
+def train(
+    cfg: DictConfig, out: str | Path, resume: bool = False, progress: bool = True, skip_bad: bool = False
+) -> Dict[str, Any]:
+    """Train ViT-PCM as ``cfg`` says, writing the run to ``out``. Returns a summary dict.
+
+    Broken data items stop training before it starts, unless ``skip_bad`` (then they are
+    left out and listed in ``OUT/skipped.txt``)."""
+    trainer = Trainer(cfg, Path(out), resume=resume, progress=progress, skip_bad=skip_bad)
     return trainer.fit()
