@@ -60,15 +60,22 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from vitpcm.io import class_list, write_json_atomic
-    from vitpcm.metrics import evaluate_folder, format_table, names_from_split_file
+    from vitpcm.metrics import (evaluate_folders, folder_labels, format_comparison, names_from_split_file,
+                                published_row, write_evaluation)  # fmt: skip
 
     classes = class_list(args.classes)
     names = names_from_split_file(args.split_file) if args.split_file else None
-    cm = evaluate_folder(args.pred, args.gt, classes, names=names, progress=not args.quiet)
-    summary = cm.summary(classes)
-    print(format_table(summary, classes))
+    preds = folder_labels(args.pred)
+    published = published_row(classes, args.compare)  # checked before the (long) evaluation
+    cms = evaluate_folders(preds, args.gt, classes, names=names, progress=not args.quiet)
+    summaries = {label: cm.summary(classes) for label, cm in cms.items()}
+    print(format_comparison(summaries, classes, published, layout=args.layout))
+    if args.out:
+        write_evaluation(cms, classes, args.out, published=published)
+        print(f"wrote {args.out}/ (metrics.json, per_class.csv, per_class.md, confusion_*.npy/.png, iou_bars.png)")
     if args.json:
-        write_json_atomic(args.json, summary)
+        # one folder: its summary (as before); several: {label: summary}
+        write_json_atomic(args.json, next(iter(summaries.values())) if len(summaries) == 1 else summaries)
         print(f"wrote {args.json}")
     return 0
 
@@ -171,12 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-probs", action="store_true", help="write masks only, no probs/*.npz")
     p.set_defaults(func=_cmd_infer)
 
-    p = add("evaluate", "per-class IoU and mIoU of predicted masks against ground truth")
-    p.add_argument("--pred", required=True, help="folder of predicted PNG masks (NAME.png)")
+    p = add("evaluate", "per-class IoU, mIoU, accuracies and confusion of one or more folders of masks")
+    p.add_argument("--pred", required=True, action="append", metavar="[LABEL=]DIR",
+                   help="folder of predicted PNG masks (NAME.png); repeat to compare folders in one table,"
+                        " e.g. --pred bpm=RUN/pseudo/val/masks --pred crf=RUN/pseudo/val/crf")  # fmt: skip
     p.add_argument("--gt", required=True, help="folder of ground-truth PNG masks (255 = ignore)")
     p.add_argument("--classes", required=True, help="class list file (background first), or voc12 / coco14")
     p.add_argument("--split-file", help="evaluate only the names in this list (default: every prediction)")
+    p.add_argument("--out", help="write metrics.json, per_class.csv/.md, confusion_*.npy/.png, iou_bars.png here")
     p.add_argument("--json", help="also write the result as JSON here")
+    p.add_argument("--compare", metavar="ID",
+                   help="published row beside ours (default: Table S1 / S2 for voc12 / coco14 classes; none = no row)")  # fmt: skip
+    p.add_argument("--layout", choices=("auto", "wide", "long"), default="auto",
+                   help="wide: a row per method (Table S1); long: a row per class (auto: wide up to 25 classes)")  # fmt: skip
     p.set_defaults(func=_cmd_evaluate)
 
     p = add("demo", "the whole pipeline on the built-in synthetic set, on a CPU, in minutes")

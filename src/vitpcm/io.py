@@ -25,6 +25,11 @@ VOC_CLASSES = (
 
 PathLike = Union[str, os.PathLike]
 
+# mkstemp creates 0600 files; give written files the mode open() would (0666 minus the
+# umask) so reports and masks stay readable by others. Read once, at import.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def pascal_palette(n: int = 256) -> np.ndarray:
     """The PASCAL VOC colour map: ``[n, 3]`` uint8, index 0 black, 255 (ignore) cream."""
@@ -82,6 +87,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
