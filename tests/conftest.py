@@ -42,3 +42,16 @@ def synth_root(tmp_path_factory) -> Path:
 @pytest.fixture()
 def tiny_overrides(synth_root) -> list[str]:
     return [*TINY, f"data.root={synth_root}"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, synth_root) -> Path:
+    """A tiny trained run (1 epoch) with val pseudo-masks, probabilities and CRF masks."""
+    from vitpcm.config import load_config
+    from vitpcm.engine.infer import run_inference
+    from vitpcm.engine.train import train
+
+    run = tmp_path_factory.mktemp("tinyrun") / "run"
+    train(load_config("synthetic", [*TINY, f"data.root={synth_root}", "train.epochs=1"]), run, progress=False)
+    run_inference(run, "val", crf=True, overrides=["crf.workers=1"], progress=False)
+    return run

@@ -49,12 +49,36 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     from vitpcm.engine.infer import run_inference
 
     summary = run_inference(args.run, args.split, out=args.out, scale=args.scale, overrides=args.overrides,
-                            device=args.device, save_probs=not args.no_probs, progress=not args.quiet)  # fmt: skip
+                            device=args.device, save_probs=not args.no_probs, progress=not args.quiet,
+                            tta=True if args.tta else None, crf=args.crf)  # fmt: skip
     out = Path(args.out) if args.out else Path(summary["run"]) / "pseudo" / args.split
     line = f"wrote {summary['images']} masks to {out / 'masks'}"
     if "miou" in summary:
         line += f"  mIoU {100 * summary['miou']:.2f}"
     print(line)
+    if args.crf:
+        line = f"wrote {summary['images']} CRF masks to {out / 'crf'} ({summary['crf']['seconds']:.1f}s)"
+        if "crf_miou" in summary:
+            line += f"  mIoU {100 * summary['crf_miou']:.2f}"
+        print(line)
+    return 0
+
+
+def _cmd_crf(args: argparse.Namespace) -> int:
+    from vitpcm.config import load_config
+    from vitpcm.metrics import names_from_split_file
+    from vitpcm.postprocess.crf import CRFParams, run_crf
+
+    wrong = [o for o in args.overrides if not o.startswith("crf.")]
+    if wrong:
+        raise VitpcmError(f"vitpcm crf takes crf.* overrides only (e.g. crf.iterations=5), got {' '.join(wrong)}")
+    cfg = load_config(None, args.overrides)
+    workers = args.workers if args.workers is not None else int(cfg.crf.workers)
+    names = names_from_split_file(args.split_file) if args.split_file else None
+    summary = run_crf(args.probs, args.images, args.out, params=CRFParams.from_config(cfg.crf), workers=workers,
+                      names=names, overwrite=args.overwrite, progress=not args.quiet)  # fmt: skip
+    print(f"wrote {summary['computed']} CRF masks to {summary['out']} ({summary['skipped']} already done;"
+          f" {summary['seconds']:.1f}s with {summary['workers']} worker(s))")  # fmt: skip
     return 0
 
 
@@ -176,7 +200,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, help="input side, a multiple of the patch size (default infer.scale)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--no-probs", action="store_true", help="write masks only, no probs/*.npz")
+    p.add_argument("--crf", action="store_true", help="then refine the masks with the dense CRF into OUT/crf/ (crf.* keys)")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average over infer.tta_scales and horizontal flips (infer.tta_flip)")  # fmt: skip
     p.set_defaults(func=_cmd_infer)
+
+    p = add("crf", "refine pseudo-masks with the dense CRF (the paper's parameters; crf.* overrides)")
+    p.add_argument("overrides", nargs="*", metavar="crf.key=value",
+                   help="CRF parameters, e.g. crf.iterations=5 crf.bilateral_srgb=5 (see `vitpcm config synthetic`)")  # fmt: skip
+    p.add_argument("--probs", required=True, help="the probs/ folder of `vitpcm infer` (NAME.npz)")
+    p.add_argument("--images", required=True, help="folder of the original images (NAME.jpg / .png)")
+    p.add_argument("--out", required=True, help="output folder for the refined masks (NAME.png)")
+    p.add_argument("--workers", type=int, help="processes (default crf.workers: 0 = one per CPU)")
+    p.add_argument("--split-file", help="refine only the names in this list (default: every NAME.npz)")
+    p.add_argument("--overwrite", action="store_true", help="recompute masks that are already done")
+    p.set_defaults(func=_cmd_crf)
 
     p = add("evaluate", "per-class IoU, mIoU, accuracies and confusion of one or more folders of masks")
     p.add_argument("--pred", required=True, action="append", metavar="[LABEL=]DIR",

@@ -106,6 +106,26 @@ class InferConfig:
     scale: int = 960  # square side fed to the model; multiple of the patch size
     merge_labels: bool = True  # use the image tags where they are known
     present_threshold: float = 0.5  # with no tags: a class is present if its pooled score >= this
+    # Test-time augmentation (`vitpcm infer --tta`; not in the paper): per-patch class
+    # distributions averaged over these scales (factors of `scale`, each snapped to a
+    # multiple of the patch size) and, with tta_flip, their horizontal mirrors; the views
+    # are resized to the finest grid before averaging and merged with the tags after it.
+    tta: bool = False
+    tta_scales: List[float] = field(default_factory=lambda: [0.75, 1.0, 1.25])
+    tta_flip: bool = True
+
+
+@dataclass
+class CRFConfig:
+    # Dense CRF (`vitpcm crf`, `vitpcm infer --crf`); defaults: the authors' `CRF:` section
+    iterations: int = 10  # ITER_MAX, mean-field iterations
+    gauss_sxy: float = 1.0  # POS_XY_STD, smoothness kernel: spatial std in pixels
+    gauss_compat: float = 3.0  # POS_W, its Potts weight
+    bilateral_sxy: float = 67.0  # BI_XY_STD, appearance kernel: spatial std in pixels
+    bilateral_srgb: float = 3.0  # BI_RGB_STD, its colour std (0..255)
+    bilateral_compat: float = 4.0  # BI_W, its Potts weight
+    clip: float = 1.0e-5  # unary = -log(max(p, clip)) (pydensecrf's unary_from_softmax)
+    workers: int = 0  # processes over images; 0 = one per CPU
 
 
 @dataclass
@@ -117,6 +137,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    crf: CRFConfig = field(default_factory=CRFConfig)
 
 
 def preset_names() -> List[str]:
@@ -218,6 +239,8 @@ def validate_config(cfg: DictConfig) -> None:
         raise VitpcmError(f"data.format must be voc, coco or folder, got {cfg.data.format!r}")
     if not (cfg.loss.mce or cfg.loss.et):
         raise VitpcmError("at least one of loss.mce and loss.et must be true")
+    if not cfg.infer.tta_scales or any(float(s) <= 0 for s in cfg.infer.tta_scales):
+        raise VitpcmError(f"infer.tta_scales must be a non-empty list of positive factors, got {list(cfg.infer.tta_scales)}")
 
 
 def to_yaml(cfg: DictConfig) -> str:

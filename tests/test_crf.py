@@ -1,0 +1,155 @@
+"""Dense CRF: against a direct pydensecrf call, present-only vs all channels, the folder runner."""
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pydensecrf.densecrf as dcrf
+import pydensecrf.utils as dutils
+import pytest
+from PIL import Image
+
+from vitpcm.cli import main
+from vitpcm.errors import VitpcmError
+from vitpcm.io import read_mask_png, save_npz_atomic
+from vitpcm.postprocess.crf import CRFParams, crf_labels, dense_crf, run_crf
+
+
+def _scene(seed: int, h: int = 36, w: int = 48, classes=(0, 3, 7)):
+    """An image of flat colour regions and noisy probabilities that roughly follow them."""
+    rng = np.random.default_rng(seed)
+    label = np.zeros((h, w), dtype=np.int64)
+    label[h // 4 : 3 * h // 4, w // 5 : w // 2] = 1
+    label[h // 3 :, 3 * w // 5 :] = 2
+    colours = np.array([[40, 60, 50], [200, 40, 40], [40, 40, 210]])
+    image = np.clip(colours[label] + rng.normal(0, 6, (h, w, 3)), 0, 255).astype(np.uint8)
+    logits = 2.0 * np.eye(3)[label].transpose(2, 0, 1) + rng.normal(0, 1.0, (3, h, w))
+    probs = np.exp(logits) / np.exp(logits).sum(0, keepdims=True)
+    return image, probs.astype(np.float32), np.array(classes, dtype=np.int64), label
+
+
+def _direct(image, probs, params=CRFParams()):
+    c, h, w = probs.shape
+    crf = dcrf.DenseCRF2D(w, h, c)
+    crf.setUnaryEnergy(np.ascontiguousarray(dutils.unary_from_softmax(probs)))
+    crf.addPairwiseGaussian(sxy=1, compat=3)
+    crf.addPairwiseBilateral(sxy=67, srgb=3, rgbim=np.ascontiguousarray(image), compat=4)
+    return np.array(crf.inference(10)).reshape(c, h, w)
+
+
+def test_defaults_are_the_papers():
+    assert CRFParams() == CRFParams(10, 1.0, 3.0, 67.0, 3.0, 4.0, 1e-5)
+    from vitpcm.config import load_config
+
+    assert CRFParams.from_config(load_config("voc12").crf) == CRFParams()
+
+
+def test_dense_crf_equals_a_direct_pydensecrf_call():
+    image, probs, _, _ = _scene(0)
+    np.testing.assert_allclose(dense_crf(image, probs), _direct(image, probs), rtol=0, atol=1e-6)
+
+
+def test_present_classes_only_agrees_with_all_21_channels():
+    for seed in range(3):
+        image, probs, classes, _ = _scene(seed)
+        full = np.zeros((21, *probs.shape[1:]), dtype=np.float32)  # the authors: absent classes at 0
+        full[classes] = probs
+        ours = crf_labels(image, probs, classes)
+        theirs = _direct(image, full).argmax(0)
+        assert (ours == theirs).mean() >= 0.999
+
+
+def test_crf_follows_the_image_and_zero_iterations_is_the_argmax():
+    image, probs, classes, label = _scene(1)
+    before = classes[probs.argmax(0)]
+    after = crf_labels(image, probs, classes)
+    truth = classes[label]
+    assert (after == truth).mean() > (before == truth).mean() + 0.05  # noisy unaries, clean colours
+    assert np.array_equal(crf_labels(image, probs, classes, CRFParams(iterations=0)), before)
+    one = crf_labels(image, probs[:1], classes[:1])  # one present class: no CRF needed
+    assert one.dtype == np.uint8 and (one == 0).all()
+
+
+def _write_folder(root: Path, n: int, size=(36, 48)):
+    (root / "images").mkdir(parents=True)
+    for i in range(n):
+        image, probs, classes, _ = _scene(i, *size)
+        Image.fromarray(image).save(root / "images" / f"im{i}.png")
+        save_npz_atomic(root / "probs" / f"im{i}.npz", probs=probs, classes=classes)
+
+
+def test_run_crf_folder_parallel_resumable(tmp_path):
+    _write_folder(tmp_path, 4)
+    out = tmp_path / "crf"
+    (out).mkdir()
+    (out / ".im0.png.abc123.tmp").write_bytes(b"half")  # left by a killed run
+    s = run_crf(tmp_path / "probs", tmp_path / "images", out, workers=2, progress=False)
+    assert (s["computed"], s["skipped"], s["workers"]) == (4, 0, 2)
+    assert sorted(p.name for p in out.iterdir()) == ["im0.png", "im1.png", "im2.png", "im3.png", "summary.json"]
+    for i in range(4):
+        image, probs, classes, _ = _scene(i)
+        mask = read_mask_png(out / f"im{i}.png")
+        assert Image.open(out / f"im{i}.png").mode == "P" and mask.shape == (36, 48)
+        assert np.array_equal(mask, crf_labels(image, probs, classes))  # workers = same result
+    again = run_crf(tmp_path / "probs", tmp_path / "images", out, workers=2, progress=False)
+    assert (again["computed"], again["skipped"]) == (0, 4)
+    # new probabilities make that mask stale
+    later = time.time() + 5
+    os.utime(tmp_path / "probs" / "im2.npz", (later, later))
+    assert run_crf(tmp_path / "probs", tmp_path / "images", out, workers=1, progress=False)["computed"] == 1
+
+
+def test_run_crf_errors_name_the_file(tmp_path):
+    _write_folder(tmp_path, 2)
+    Image.new("RGB", (40, 30)).save(tmp_path / "images" / "im1.png")
+    with pytest.raises(VitpcmError, match=r"im1.png is 40x30 but .*im1.npz is 48x36"):
+        run_crf(tmp_path / "probs", tmp_path / "images", tmp_path / "o", workers=2, progress=False)
+    (tmp_path / "images" / "im1.png").unlink()
+    with pytest.raises(VitpcmError, match="no image for im1 in"):
+        run_crf(tmp_path / "probs", tmp_path / "images", tmp_path / "o", workers=1, progress=False)
+    Image.fromarray(_scene(1)[0]).save(tmp_path / "images" / "im1.png")
+    np.savez(tmp_path / "probs" / "im1.npz", other=np.zeros(3))
+    with pytest.raises(VitpcmError, match="lacks the arrays 'probs' and 'classes'"):
+        run_crf(tmp_path / "probs", tmp_path / "images", tmp_path / "o", names=["im1"], workers=1, progress=False)
+    with pytest.raises(VitpcmError, match="crf.bilateral_srgb must be positive"):
+        run_crf(tmp_path / "probs", tmp_path / "images", tmp_path / "o", params=CRFParams(bilateral_srgb=0))
+
+
+def test_cli_crf(tmp_path, capsys):
+    _write_folder(tmp_path, 2)
+    args = ["crf", "--probs", str(tmp_path / "probs"), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "o")]
+    assert main([*args, "crf.iterations=2", "--workers", "1", "-q"]) == 0
+    assert "wrote 2 CRF masks" in capsys.readouterr().out
+    assert main([*args, "train.epochs=3", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "crf.* overrides only" in err[0]
+
+
+def _run_in_new_group(probs, images, out):
+    os.setsid()  # its own process group: the test kills the runner and its workers at once
+    run_crf(probs, images, out, workers=2, progress=False)
+
+
+def test_a_killed_run_leaves_complete_pngs_and_resumes(tmp_path):
+    import multiprocessing
+
+    _write_folder(tmp_path, 20, size=(64, 80))
+    out = tmp_path / "o"
+    proc = multiprocessing.get_context("fork").Process(
+        target=_run_in_new_group, args=(tmp_path / "probs", tmp_path / "images", out)
+    )
+    proc.start()
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(out.glob("*.png"))) < 3:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-write or not
+    proc.join()
+    done = sorted(out.glob("*.png"))
+    assert 3 <= len(done) < 20
+    for path in done:  # every PNG that exists is whole
+        assert read_mask_png(path).shape == (64, 80)
+    s = run_crf(tmp_path / "probs", tmp_path / "images", out, workers=2, progress=False)
+    assert s["skipped"] == len(done) and s["computed"] == 20 - len(done)
+    assert not list(out.glob(".*.tmp"))
