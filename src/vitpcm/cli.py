@@ -129,6 +129,18 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0 if all(r["failed"] == 0 for r in result.values()) else 1
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from vitpcm.report import write_report
+
+    result = write_report(args.run, splits=args.split, overrides=args.overrides, samples=args.samples,
+                          names=args.names, seed=args.seed, compare=args.compare, progress=not args.quiet)  # fmt: skip
+    for split, ev in result["evaluations"].items():
+        scores = "  ".join(f"{label} mIoU {100 * s['miou']:.2f}" for label, s in ev["results"].items())
+        print(f"{split}: {scores}")
+    print(f"wrote {result['report']}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from vitpcm.demo import run_demo
 
@@ -230,6 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=("auto", "wide", "long"), default="auto",
                    help="wide: a row per method (Table S1); long: a row per class (auto: wide up to 25 classes)")  # fmt: skip
     p.set_defaults(func=_cmd_evaluate)
+
+    p = add("report", "write RUN/report.html: metrics, per-class tables, curves, figures, links (offline)")
+    p.add_argument("run", help="run folder of `vitpcm train`")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.root=PATH when the dataset moved")
+    p.add_argument("--split", action="append", help="pseudo/SPLIT to include (repeatable; default all)")
+    p.add_argument("--samples", type=int, default=4, help="random sample figures per split (default 4)")
+    p.add_argument("--names", nargs="+", help="these images for the sample figures instead")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random sample (default 0)")
+    p.add_argument("--compare", metavar="ID", help="published row beside ours (see vitpcm evaluate)")
+    p.set_defaults(func=_cmd_report)
 
     p = add("demo", "the whole pipeline on the built-in synthetic set, on a CPU, in minutes")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)

@@ -1,11 +1,14 @@
-"""``vitpcm demo``: synthetic data -> training -> pseudo-masks -> evaluation, on a CPU.
+"""``vitpcm demo``: synthetic data -> training -> pseudo-masks -> CRF -> evaluation -> report, on a CPU.
 
 Everything lands in one folder (default ``./vitpcm-demo``)::
 
     data/                  the synthetic VOC-layout dataset
     run/                   the training run (config, checkpoints, logs)
-    run/pseudo/val/        masks/ and probs/ of the val split
-    summary.json           bpm_miou, per-class IoU, timings
+    run/pseudo/val/        masks/ (BPM), probs/ and crf/ (BPM + dense CRF) of the val split
+    run/eval/val/          BPM vs CRF: per_class.csv/.md, metrics.json, confusion matrices
+    run/figures/           training curves, sample figures
+    run/report.html        the report (open it in a browser; works offline)
+    summary.json           bpm_miou, crf_miou, per-class IoU, timings
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from vitpcm.engine.infer import run_inference
 from vitpcm.engine.train import train
 from vitpcm.errors import VitpcmError
 from vitpcm.io import read_classes, write_json_atomic, write_text_atomic
-from vitpcm.metrics import evaluate_folder, format_table
+from vitpcm.metrics import format_comparison
+from vitpcm.postprocess.crf import CRFParams, run_crf
+from vitpcm.report import write_report
 
 log = logging.getLogger(__name__)
 MARKER = ".vitpcm-demo"
@@ -55,7 +60,7 @@ def run_demo(
     timings["synth"] = time.time() - t
     log.info("synthetic data: %d train + %d val images in %s (%.1fs)", n_train, n_val, data, timings["synth"])
 
-    cfg = load_config("synthetic", [f"data.root={data}", *overrides])
+    cfg = load_config("synthetic", [f"data.root={data.resolve()}", *overrides])  # absolute: the report reads it later
     t = time.time()
     result = train(cfg, out / "run", progress=progress)
     timings["train"] = time.time() - t
@@ -64,18 +69,28 @@ def run_demo(
     inference = run_inference(out / "run", "val", progress=progress)
     timings["infer"] = time.time() - t
 
+    pseudo = out / "run" / "pseudo" / "val"
     t = time.time()
+    crf = run_crf(pseudo / "probs", data / "JPEGImages", pseudo / "crf", params=CRFParams.from_config(cfg.crf),
+                  workers=int(cfg.crf.workers), names=_split_names(data, "val"), progress=progress)  # fmt: skip
+    timings["crf"] = time.time() - t
+    log.info("dense CRF: %d images in %.1fs (%d workers)", crf["computed"], timings["crf"], crf["workers"])
+
+    # evaluation (BPM vs CRF in one table), figures and report.html
+    t = time.time()
+    result_report = write_report(out / "run", splits=["val"], progress=False)
+    timings["evaluate_and_report"] = time.time() - t
+    evaluation = result_report["evaluations"]["val"]
     classes = read_classes(data / "classes.txt")
-    cm = evaluate_folder(out / "run" / "pseudo" / "val" / "masks", data / "SegmentationClass", classes,
-                         names=_split_names(data, "val"), progress=False)  # fmt: skip
-    timings["evaluate"] = time.time() - t
-    summary = cm.summary(classes)
-    table = format_table(summary, classes, title="BPM IoU")
-    print(table)
+    bpm, crf_summary = evaluation["results"]["bpm"], evaluation["results"]["crf"]
+    print(format_comparison(evaluation["results"], classes))
 
     report = {
-        "bpm_miou": summary["miou"],
-        "iou": summary["iou"],
+        "bpm_miou": bpm["miou"],
+        "crf_miou": crf_summary["miou"],
+        "iou": bpm["iou"],
+        "crf_iou": crf_summary["iou"],
+        "pixel_acc": {"bpm": bpm["pixel_acc"], "crf": crf_summary["pixel_acc"]},
         "best_val_miou_during_training": result["best_miou"],
         "train_images": n_train,
         "val_images": n_val,
@@ -84,13 +99,18 @@ def run_demo(
         "paths": {
             "data": str(data),
             "run": str(out / "run"),
-            "masks": str(out / "run" / "pseudo" / "val" / "masks"),
-            "probs": str(out / "run" / "pseudo" / "val" / "probs"),
+            "masks": str(pseudo / "masks"),
+            "probs": str(pseudo / "probs"),
+            "crf": str(pseudo / "crf"),
+            "eval": str(out / "run" / "eval" / "val"),
+            "report": result_report["report"],
         },
         "inference_scale": inference["scale"],
     }
     write_json_atomic(out / "summary.json", report)
-    print(f"BPM mIoU on the synthetic val set: {100 * summary['miou']:.2f}  ({report['total_seconds']:.0f}s in all)")
+    print(f"mIoU on the synthetic val set: BPM {100 * bpm['miou']:.2f}, BPM + CRF {100 * crf_summary['miou']:.2f}"
+          f"  ({report['total_seconds']:.0f}s in all)")  # fmt: skip
+    print(f"report: {result_report['report']}")
     print(f"summary: {out / 'summary.json'}")
     return report
 

@@ -1,0 +1,123 @@
+"""Figures and report.html: created, non-empty, self-contained (checked without a browser)."""
+
+import base64
+import io
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vitpcm.cli import main
+from vitpcm.errors import VitpcmError
+from vitpcm.metrics import ConfusionMatrix
+from vitpcm.viz import figure_heatmaps, figure_masks, plot_confusion, plot_iou_bars, plot_training_curves
+
+
+def _png_ok(path: Path, min_side: int = 100) -> None:
+    assert path.is_file() and path.stat().st_size > 1000
+    with Image.open(path) as im:
+        assert im.format == "PNG" and min(im.size) >= min_side
+        assert np.asarray(im.convert("L")).std() > 1  # not a blank canvas
+
+
+def test_figures(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    probs = rng.dirichlet([1, 1], size=(30, 40)).transpose(2, 0, 1).astype(np.float32)
+    names = ["background", "cat", "dog"]
+    mask = (probs[1] > 0.5).astype(np.uint8) * 2
+    gt = mask.copy()
+    gt[0] = 255
+    _png_ok(figure_heatmaps(image, probs, [0, 2], names, tmp_path / "s1.png", title="x"))
+    _png_ok(figure_masks(image, {"bpm": mask, "crf": mask}, names, tmp_path / "s2.png", gt=gt))
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"epoch": e, "phase": "warmup" if e == 1 else "finetune", "lr": 1e-3, "loss": 2 - e / 5, "mce": 1.0,
+             "et": 1 - e / 5, "reg": 0.01, "val_miou": 0.3 + e / 20} for e in (1, 2, 3)]  # fmt: skip
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"epoch": 4, "lo')  # torn last line
+    _png_ok(plot_training_curves(metrics, tmp_path / "curves.png"))
+    cm = ConfusionMatrix(3)
+    cm.update(mask, gt)
+    _png_ok(plot_iou_bars({"bpm": cm.summary(names)}, names, tmp_path / "bars.png"))
+    _png_ok(plot_confusion(cm.matrix, names, tmp_path / "cm.png"))
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+class _Refs(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.imgs, self.links, self.tags = [], [], set()
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.add(tag)
+        a = dict(attrs)
+        if tag == "img":
+            self.imgs.append(a.get("src", ""))
+        for key in ("href", "src"):
+            if tag != "img" and a.get(key):
+                self.links.append(a[key])
+
+
+def check_self_contained(report: Path) -> _Refs:
+    """Every image inline (a valid PNG), every link relative and resolving, nothing remote."""
+    text = report.read_text(encoding="utf-8")
+    refs = _Refs()
+    refs.feed(text)
+    assert "script" not in refs.tags and "iframe" not in refs.tags
+    assert refs.imgs
+    for src in refs.imgs:
+        assert src.startswith("data:image/png;base64,")
+        with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as im:
+            assert im.format == "PNG"
+    for href in refs.links:
+        url = urlparse(href)
+        if url.fragment and not url.path:
+            assert f'id="{url.fragment}"' in text  # in-page anchor
+            continue
+        assert not url.scheme and not url.netloc, href  # relative: works offline, wherever the run is copied
+        assert (report.parent / unquote(url.path)).exists(), href
+    return refs
+
+
+def test_report_of_a_run(tiny_run, capsys):
+    assert main(["report", str(tiny_run), "--samples", "2", "-q"]) == 0
+    assert "val: bpm mIoU" in capsys.readouterr().out
+    report = tiny_run / "report.html"
+    refs = check_self_contained(report)
+    text = report.read_text()
+    for needle in ("Split val", "Per-class IoU", "pixel acc", "<td>bpm</td>", "<td>crf</td>", "Training",
+                   "training curves", "heat map per present class", "Config (resolved)", "backbone: vit_tiny_patch16_224"):  # fmt: skip
+        assert needle in text, needle
+    hrefs = set(refs.links)
+    for target in ("pseudo/val/masks/", "pseudo/val/probs/", "pseudo/val/crf/", "config.yaml", "eval/val/per_class.csv"):
+        assert target in hrefs, target
+    assert len(refs.imgs) == 1 + 2 + 1 + 2 * 2  # bars, 2 confusions, curves, 2 samples x (S2 + S1)
+    for png in (tiny_run / "figures").rglob("*.png"):
+        _png_ok(png, min_side=50)
+    assert json.loads((tiny_run / "eval/val/metrics.json").read_text())["results"]["crf"]["miou"] >= 0
+
+
+def test_report_needs_a_run_and_known_names(tiny_run, tmp_path):
+    from vitpcm.report import write_report
+
+    assert main(["report", str(tmp_path), "-q"]) == 2
+    with pytest.raises(VitpcmError, match="not a run folder"):
+        write_report(tmp_path)
+    with pytest.raises(VitpcmError, match="not among the masks"):
+        write_report(tiny_run, names=["nope"], progress=False)
+
+
+def test_demo_runs_crf_and_writes_report(tmp_path, synth_root, monkeypatch):
+    from tests.conftest import TINY
+    from vitpcm.demo import run_demo
+
+    summary = run_demo(tmp_path / "demo", n_train=8, n_val=4, overrides=[*TINY, "train.epochs=1", "crf.workers=2"],
+                       progress=False)  # fmt: skip
+    assert 0 <= summary["bpm_miou"] <= 1 and 0 <= summary["crf_miou"] <= 1
+    saved = json.loads((tmp_path / "demo/summary.json").read_text())
+    assert saved["crf_miou"] == summary["crf_miou"] and "crf" in saved["seconds"]
+    assert len(list((tmp_path / "demo/run/pseudo/val/crf").glob("*.png"))) == 4
+    check_self_contained(tmp_path / "demo/run/report.html")
