@@ -171,6 +171,9 @@ def plot_training_curves(metrics_path: str | Path, path: str | Path) -> Optional
         known = [v for v in lrs if v is not None]
         if min(known) > 0 and max(known) / min(known) > 20:  # log only when it spans decades
             ax_lr.set_yscale("log")
+        else:
+            ax_lr.set_ylim(0, 1.25 * max(known) if max(known) > 0 else 1)
+            ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2), useOffset=False)
     ax_lr.set_title("learning rate", fontsize=9)
     phases = [r.get("phase") for r in rows]
     from matplotlib.ticker import MaxNLocator
@@ -226,9 +229,10 @@ def plot_iou_bars(
         ax.set_xlabel("IoU %", fontsize=8)
     else:
         ax.set_xticks(pos, list(class_names), rotation=60, ha="right", fontsize=7)
-        ax.set_ylim(0, 100)
+        ax.set_ylim(0, 118)  # headroom for the legend above 100 %
+        ax.set_yticks(range(0, 101, 20))
         ax.set_ylabel("IoU %", fontsize=8)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", ncol=min(k, 3), frameon=False)
     ax.set_title("per-class IoU", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
