@@ -121,3 +121,34 @@ def test_demo_runs_crf_and_writes_report(tmp_path, synth_root, monkeypatch):
     assert saved["crf_miou"] == summary["crf_miou"] and "crf" in saved["seconds"]
     assert len(list((tmp_path / "demo/run/pseudo/val/crf").glob("*.png"))) == 4
     check_self_contained(tmp_path / "demo/run/report.html")
+
+
+@pytest.mark.parametrize("fmt", ["coco", "folder"])
+def test_crf_and_report_on_other_formats(fmt, tmp_path, capsys):
+    """COCO (masks drawn from the annotations) and the own-folder format (a nested name,
+    an image without mask): infer --crf and the report go through the dataset's files."""
+    from tests.conftest import TINY
+    from tests.datafix import make_coco, make_folder, write_lines
+
+    root = tmp_path / fmt
+    if fmt == "coco":
+        make_coco(root)
+        data = ["data.format=coco", f"data.root={root}", "data.classes=coco14"]
+    else:
+        make_folder(root)
+        write_lines(root / "splits/train.txt", ["a", "b", "sub/c"])
+        write_lines(root / "splits/val.txt", ["a", "sub/c"])
+        data = ["data.format=folder", f"data.root={root}"]
+    run = tmp_path / "run"
+    assert main(["train", "synthetic", *TINY, *data, "train.epochs=1", "--out", str(run), "-q"]) == 0, capsys.readouterr().err
+    assert main(["infer", str(run), "--split", "val", "--crf", "crf.workers=1", "-q"]) == 0, capsys.readouterr().err
+    summary = json.loads((run / "pseudo/val/summary.json").read_text())
+    assert 0 <= summary["crf_miou"] <= 1
+    if fmt == "folder":
+        assert (run / "pseudo/val/crf/sub/c.png").is_file()
+    assert main(["report", str(run), "--samples", "2", "-q"]) == 0
+    check_self_contained(run / "report.html")
+    metrics = json.loads((run / "eval/val/metrics.json").read_text())
+    assert set(metrics["results"]) == {"bpm", "crf"}
+    if fmt == "coco":
+        assert metrics["published"]["id"] == "coco14-deeplabv2-val"  # the Table S2 row beside ours

@@ -167,6 +167,19 @@ def labels_from_mask(mask: np.ndarray, num_classes: int) -> np.ndarray:
     return tags
 
 
+def names_in(folder: PathLike, suffix: str) -> List[str]:
+    """Item names of the ``NAME<suffix>`` files under ``folder``, sorted; names may hold
+    sub-folders (``sub/c`` for ``folder/sub/c.png``, as the own-folder format makes them).
+    Hidden files (atomic-write temporaries) are left out."""
+    folder = Path(folder)
+    names = []
+    for path in folder.rglob(f"*{suffix}"):
+        rel = path.relative_to(folder)
+        if not any(part.startswith(".") for part in rel.parts):
+            names.append(rel.as_posix()[: -len(suffix)])
+    return sorted(names)
+
+
 def format_names(names: Sequence[str], limit: int = 5) -> str:
     """``a, b, c (+N more)`` for error messages."""
     shown = ", ".join(names[:limit])

@@ -28,6 +28,7 @@ from vitpcm.io import (
     IGNORE_INDEX,
     atomic_path,
     format_names,
+    names_in,
     read_mask_png,
     read_names,
     write_json_atomic,
@@ -193,7 +194,7 @@ def evaluate_folders(
         raise VitpcmError(f"ground-truth folder {gt_dir} not found")
     if names is None:
         first = next(iter(pred_dirs.values()))
-        names = sorted(p.stem for p in first.glob("*.png"))
+        names = names_in(first, ".png")
         if not names:
             raise VitpcmError(f"no PNG masks in {first}")
     for folder in pred_dirs.values():

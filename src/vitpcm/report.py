@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from vitpcm.errors import VitpcmError
-from vitpcm.io import format_names, read_classes, read_mask_png, write_text_atomic
+from vitpcm.io import format_names, names_in, read_classes, read_mask_png, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +87,11 @@ def _split_section(
 
     pseudo = run / "pseudo" / split
     masks_dir, probs_dir, crf_dir = pseudo / "masks", pseudo / "probs", pseudo / "crf"
-    mask_names = sorted(p.stem for p in masks_dir.glob("*.png"))
+    mask_names = names_in(masks_dir, ".png")
     parts: List[str] = [f'<h2 id="split-{html.escape(split)}">Split {html.escape(split)}</h2>']
     notes: List[str] = []
     preds = {"bpm": masks_dir}
-    crf_names = {p.stem for p in crf_dir.glob("*.png")} if crf_dir.is_dir() else set()
+    crf_names = set(names_in(crf_dir, ".png")) if crf_dir.is_dir() else set()
     if crf_names and set(mask_names) <= crf_names:
         preds["crf"] = crf_dir
     elif crf_names:

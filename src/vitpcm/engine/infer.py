@@ -242,13 +242,16 @@ def _infer_batch(
     out_dir: Path,
     save_probs: bool,
     cm: Optional[ConfusionMatrix],
-    tta_sizes: Optional[Sequence[int]] = None,
+    sizes: Optional[Sequence[int]] = None,
     flip: bool = False,
 ) -> None:
-    """Predict one batch; write each image's mask (and probabilities); update ``cm``."""
+    """Predict one batch; write each image's mask (and probabilities); update ``cm``.
+
+    ``sizes``: the TTA input sides (``image_<n>`` keys of the batch); None: plain ``image``.
+    """
     labels = batch.get("labels")
-    if tta_sizes:
-        grid, pooled = predict_tta(model, [batch[f"image_{n}"].to(dev) for n in tta_sizes], flip)
+    if sizes:
+        grid, pooled = predict_tta(model, [batch[f"image_{n}"].to(dev) for n in sizes], flip)
     else:
         outputs = model(batch["image"].to(dev))
         grid, pooled = outputs["probs"].float(), outputs["pooled"]

@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from vitpcm.errors import VitpcmError
-from vitpcm.io import format_names, save_mask_png, write_json_atomic
+from vitpcm.io import format_names, names_in, save_mask_png, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -238,14 +238,14 @@ def run_crf(
     if image_paths is None and (images_dir is None or not images_dir.is_dir()):
         raise VitpcmError(f"image folder {images_dir} not found: give the folder of the original images")
     if names is None:
-        names = sorted(p.stem for p in probs_dir.glob("*.npz"))
+        names = names_in(probs_dir, ".npz")
         if not names:
             raise VitpcmError(f"no NAME.npz files in {probs_dir}: run `vitpcm infer` without --no-probs first")
     missing = [n for n in names if not (probs_dir / f"{n}.npz").is_file()]
     if missing:
         raise VitpcmError(f"{len(missing)} probability file(s) missing from {probs_dir}: {format_names(missing)}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".*.png.*.tmp"):  # left by a run killed mid-write
+    for stale in out_dir.rglob(".*.png.*.tmp"):  # left by a run killed mid-write
         stale.unlink(missing_ok=True)
 
     jobs: List[Tuple[str, Path, Path, Path]] = []
