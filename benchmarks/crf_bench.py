@@ -40,7 +40,7 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import numpy as np
 from PIL import Image

@@ -25,7 +25,6 @@ import random
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import numpy as np
 
 from vitpcm.errors import VitpcmError
 from vitpcm.io import format_names, names_in, read_classes, read_mask_png, write_text_atomic
