@@ -7,13 +7,12 @@ User errors (:class:`vitpcm.errors.VitpcmError`) become one line on stderr and e
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 from vitpcm.errors import VitpcmError
 

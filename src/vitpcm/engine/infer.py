@@ -16,7 +16,6 @@ without TTA.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from vitpcm.engine.distributed import resolve_device
 from vitpcm.errors import VitpcmError
 from vitpcm.io import save_mask_png, save_npz_atomic, write_json_atomic
 from vitpcm.losses import merge_class_labels
-from vitpcm.metrics import ConfusionMatrix, format_table
+from vitpcm.metrics import ConfusionMatrix
 from vitpcm.models.vitpcm import ViTPCM
 
 log = logging.getLogger(__name__)
@@ -188,8 +187,9 @@ def run_inference(
     flip = bool(cfg.infer.tta_flip) if tta else False
     desc = f"infer {split}@{scale}" + (f" tta {sizes}{' +flip' if flip else ''}" if tta else "")
     bar = tqdm(loader, desc=desc, unit="img", disable=not progress)
+    merged = 0
     for batch in bar:
-        _infer_batch(model, batch, dev, merge, threshold, out_dir, save_probs, cm, sizes if tta else None, flip)
+        merged += _infer_batch(model, batch, dev, merge, threshold, out_dir, save_probs, cm, sizes if tta else None, flip)
     bar.close()
 
     summary: Dict[str, Any] = {
@@ -198,7 +198,7 @@ def run_inference(
         "split": split,
         "scale": scale,
         "images": len(dataset),
-        "merged_with_tags": merge and dataset.has_masks,
+        "merged_with_tags": merged,  # images whose tags were folded in (0: none known, or infer.merge_labels=false)
         "seconds": round(time.time() - start, 2),
         "classes": dataset.classes,
         "tta": {"sizes": sizes, "flip": flip} if tta else None,
@@ -244,8 +244,9 @@ def _infer_batch(
     cm: Optional[ConfusionMatrix],
     sizes: Optional[Sequence[int]] = None,
     flip: bool = False,
-) -> None:
+) -> int:
     """Predict one batch; write each image's mask (and probabilities); update ``cm``.
+    Returns how many of its images were merged with their tags.
 
     ``sizes``: the TTA input sides (``image_<n>`` keys of the batch); None: plain ``image``.
     """
@@ -271,3 +272,4 @@ def _infer_batch(
             )
         if cm is not None:
             cm.update(mask, batch["mask"][i].numpy())
+    return len(batch["name"]) if (merge and labels is not None) else 0

@@ -21,11 +21,10 @@ import contextlib
 import json
 import logging
 import math
-import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -38,7 +37,7 @@ from vitpcm.data import EvalTransform, TrainTransform, build_dataset, collate
 from vitpcm.data.check import screen_for_training
 from vitpcm.data.transforms import tile_views, untile_grid
 from vitpcm.engine.checkpoint import init_from, read_checkpoint, save_checkpoint
-from vitpcm.engine.distributed import Dist, all_reduce_sum, barrier, cleanup, init_distributed
+from vitpcm.engine.distributed import all_reduce_sum, barrier, cleanup, init_distributed
 from vitpcm.engine.infer import predict_grid, upsample
 from vitpcm.errors import VitpcmError
 from vitpcm.io import write_text_atomic
