@@ -70,3 +70,22 @@ def test_et_loss_is_categorical_cross_entropy():
 def test_reg_loss_is_keras_l2():
     w = torch.tensor([[1.0, -2.0], [0.5, 0.0]])
     assert torch.isclose(reg_loss(w, 0.01), torch.tensor(0.01 * (1 + 4 + 0.25)))
+
+
+def test_et_target_merge_before_or_after_the_crop():
+    """'after' (the authors) rescales a class inside the crop; 'before' keeps the whole-view scale."""
+    from vitpcm.losses import et_targets
+
+    probs = torch.zeros(1, 2, 4, 4)
+    probs[0, 1] = 0.1
+    probs[0, 1, 3, 3] = 0.9  # class 1 peaks outside the crop below
+    probs[0, 0] = 1 - probs[0, 1]
+    labels = torch.tensor([[1.0, 1.0]])
+    no_flips = torch.zeros(1, 3, dtype=torch.bool)
+    box = torch.tensor([[0, 0, 2, 2]])  # top-left 2 x 2 patches (patch size 1)
+    after = et_targets(probs, labels, no_flips, box, no_flips, patch_size=1, et_grid=2, merge="after")
+    before = et_targets(probs, labels, no_flips, box, no_flips, patch_size=1, et_grid=2, merge="before")
+    # after: class 1 peaks at 1 inside the crop -> 0.1/0.1 = 1 vs bg 0.9/0.9 = 1 -> 0.5 each
+    assert torch.allclose(after[0, 1], torch.full((2, 2), 0.5))
+    # before: class 1 scaled by its whole-view max 0.9 -> 0.111 vs bg 1 -> about 0.1
+    assert torch.allclose(before[0, 1], torch.full((2, 2), (0.1 / 0.9) / (0.1 / 0.9 + 1.0)), atol=1e-6)

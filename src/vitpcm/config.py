@@ -80,6 +80,9 @@ class LossConfig:
     et: bool = True  # equivariant-transformation consistency on the tiled view
     reg: bool = True  # L2 on the patch classifier
     et_weight: float = 1.0
+    # ET targets: merge the tags "after" mapping view 1 onto the crop (the authors) or
+    # "before" (on the whole view, where image tags hold; a crop missing an object keeps it low)
+    et_merge: str = "after"
     reg_weight: float = 0.01  # the authors' keras L2(0.01): 0.01 * sum(W ** 2)
 
 
@@ -231,6 +234,8 @@ def validate_config(cfg: DictConfig) -> None:
             f"need 1 <= train.epochs and 0 <= train.warmup_epochs <= train.epochs,"
             f" got epochs={cfg.train.epochs} warmup_epochs={cfg.train.warmup_epochs}"
         )
+    if cfg.loss.et_merge not in ("after", "before"):
+        raise VitpcmError(f"loss.et_merge must be after or before, got {cfg.loss.et_merge!r}")
     if cfg.train.schedule not in ("constant", "cosine"):
         raise VitpcmError(f"train.schedule must be constant or cosine, got {cfg.train.schedule!r}")
     if cfg.train.batch_size < 1:

@@ -60,11 +60,17 @@ def et_targets(
     et_flips: torch.Tensor,
     patch_size: int,
     et_grid: int,
+    merge: str = "after",
 ) -> torch.Tensor:
     """Soft targets for L_ET (the authors' ``compute_cce_loss`` target side).
 
     The plain view's predictions (taken in eval mode, without gradient) are carried to each
     ET view's patch grid through the same transform and merged with the tags.
+
+    ``merge="after"`` (the authors) merges on the transformed grid, so each present class
+    is scaled to peak at 1 *inside the crop*, even when the crop misses the object.
+    ``merge="before"`` merges on the whole view first (where the image tags hold) and then
+    transforms, so a crop without the object keeps that class low.
 
     Args:
         probs_view: ``[B, C, G, G]`` predictions on view 1.
@@ -74,8 +80,12 @@ def et_targets(
 
     Returns ``[B, C, et_grid, et_grid]``.
     """
-    mapped = map_to_et_grid(probs_view.float(), flips, et_box, et_flips, patch_size, et_grid)
-    return merge_class_labels(mapped, labels)
+    if merge not in ("after", "before"):
+        raise ValueError(f"merge must be 'after' or 'before', got {merge!r}")
+    probs = probs_view.float()
+    if merge == "before":
+        return map_to_et_grid(merge_class_labels(probs, labels), flips, et_box, et_flips, patch_size, et_grid)
+    return merge_class_labels(map_to_et_grid(probs, flips, et_box, et_flips, patch_size, et_grid), labels)
 
 
 def et_loss(probs_et: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -257,7 +257,8 @@ class Trainer:
             with torch.no_grad(), eval_mode(self.model), _autocast(self.device, self.use_amp):
                 probs_sg = self.model(images)["probs"]
             targets = et_targets(
-                probs_sg, labels, batch["flips"], batch["et_box"], batch["et_flips"], self.model.patch_size, self.et_grid
+                probs_sg, labels, batch["flips"], batch["et_box"], batch["et_flips"], self.model.patch_size, self.et_grid,
+                merge=str(lc.et_merge),
             )
             tiled, count = tile_views(batch["image_et"].to(self.device, non_blocking=True))
             inputs = torch.cat([images, tiled], dim=0)
