@@ -18,7 +18,6 @@ TINY = [
     "model.backbone_kwargs={patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}",
     "model.lstm_hidden=8",
     "input.train_size=32",
-    "input.test_size=32",
     "input.et_crop=16",
     "input.et_scale=16",
     "infer.scale=32",

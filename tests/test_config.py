@@ -16,7 +16,7 @@ def test_presets_exist_and_load():
 def test_voc12_preset_carries_the_authors_recipe():
     cfg = load_config("voc12")
     assert cfg.model.backbone.startswith("vit_base_patch16_384")
-    assert (cfg.input.train_size, cfg.input.test_size, cfg.input.et_crop, cfg.input.et_scale) == (384, 960, 128, 192)
+    assert (cfg.input.train_size, cfg.infer.scale, cfg.input.et_crop, cfg.input.et_scale) == (384, 960, 128, 192)
     assert (cfg.train.epochs, cfg.train.warmup_epochs, cfg.train.unfreeze_blocks) == (80, 1, 5)
     assert (cfg.train.warmup_lr, cfg.train.lr, cfg.train.batch_size) == (1e-3, 1e-4, 16)
     assert (cfg.model.lstm_hidden, cfg.model.dropout, cfg.loss.reg_weight) == (192, 0.2, 0.01)

@@ -44,7 +44,6 @@ class DataConfig:
 @dataclass
 class InputConfig:
     train_size: int = 384  # n: square side fed to the ViT in training and validation
-    test_size: int = 960  # side used by `vitpcm infer` (60 x 60 patches for d=16)
     et_crop: int = 128  # ET view: side of the patch-aligned crop (pixels)
     et_scale: int = 192  # ET view: side after resizing; 4 views are tiled 2 x 2 into one n x n input
 
@@ -219,7 +218,7 @@ def load_config(
 def validate_config(cfg: DictConfig) -> None:
     """Check cross-field constraints that types alone cannot express."""
     inp = cfg.input
-    for name in ("train_size", "test_size", "et_crop", "et_scale"):
+    for name in ("train_size", "et_crop", "et_scale"):
         if int(inp[name]) <= 0:
             raise VitpcmError(f"input.{name} must be positive, got {inp[name]}")
     if 2 * inp.et_scale != inp.train_size:

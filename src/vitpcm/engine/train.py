@@ -81,7 +81,7 @@ def build_model(cfg: DictConfig, num_classes: int) -> ViTPCM:
     if m.get("init_from"):
         init_from(model, m.init_from)
     d = model.patch_size
-    for key in ("train_size", "et_crop", "et_scale", "test_size"):
+    for key in ("train_size", "et_crop", "et_scale"):
         value = int(cfg.input[key])
         if value % d:
             raise VitpcmError(f"input.{key}={value} is not a multiple of the backbone's patch size {d}")
