@@ -7,7 +7,7 @@ import io
 import json
 import os
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator, List, Sequence, Union
 
 import numpy as np
@@ -146,13 +146,52 @@ def read_mask_png(path: PathLike) -> np.ndarray:
     return arr
 
 
+# Image suffixes the package recognises (lower case; matched case-insensitively): the
+# own-folder format picks them up in images/, the CRF and the report look for them.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+
+# Folders whose name may lead a list entry (``/JPEGImages/x.jpg`` in SBD's train_aug.txt).
+_LIST_PREFIXES = ("images", "JPEGImages", "SegmentationClassAug", "SegmentationClass")
+
+
+def item_name(token: str) -> str:
+    """The item name of a list/tag-file entry: ``/JPEGImages/x.jpg``, ``images/a/x.png``,
+    ``x.jpg`` and ``x`` -> ``x`` (``a/x`` keeps its sub-folder below ``images/``)."""
+    p = PurePosixPath(token.strip().replace("\\", "/"))
+    parts = [s for s in p.parts if s not in ("/", ".")]
+    if parts and parts[0] in _LIST_PREFIXES and len(parts) > 1:
+        parts = parts[1:]
+    if parts and PurePosixPath(parts[-1]).suffix.lower() in IMAGE_EXTENSIONS + (".mat",):
+        parts[-1] = PurePosixPath(parts[-1]).stem
+    return "/".join(parts)
+
+
 def read_names(path: PathLike) -> List[str]:
-    """Read a split list (one image name per line; a second column, as in VOC lists, is ignored)."""
+    """Read a split list: one image per line. The first token of a line may be a bare name
+    or a path (``/JPEGImages/x.jpg /SegmentationClassAug/x.png`` -> ``x``); a second column
+    (VOC's ``x  1`` class lists, SBD's mask path) is ignored. A UTF-8 byte-order mark is
+    dropped; blank lines are skipped."""
     path = Path(path)
     if not path.is_file():
         raise VitpcmError(f"split list {path} not found")
-    names = [line.split()[0] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return names
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VitpcmError(f"cannot read split list {path}: {exc}") from None
+    return [item_name(line.split()[0]) for line in lines if line.strip()]
+
+
+def find_image(folder: PathLike, name: str) -> Path:
+    """``folder/NAME.<ext>`` for any of :data:`IMAGE_EXTENSIONS` (either case), ``.jpg`` first."""
+    folder = Path(folder)
+    for suffix in IMAGE_EXTENSIONS:
+        for variant in (suffix, suffix.upper()):
+            path = folder / f"{name}{variant}"
+            if path.is_file():
+                return path
+    raise VitpcmError(
+        f"no image for {name} in {folder} (looked for {name}.jpg/.jpeg/.png/...): give the folder of the original images"
+    )
 
 
 def labels_from_mask(mask: np.ndarray, num_classes: int) -> np.ndarray:

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from vitpcm.data.images import ImageReadError, decode_image
 from vitpcm.errors import VitpcmError
-from vitpcm.io import IGNORE_INDEX, format_names
+from vitpcm.io import IGNORE_INDEX, format_names, labels_from_mask
 
 Sample = Dict[str, Any]
 
@@ -197,10 +197,7 @@ class SegmentationDataset(Dataset):
 
         tags = self.file_tags(name)
         if tags is None and mask is not None and not report.problems:
-            tags = np.zeros(self.num_classes, dtype=np.float32)
-            present = np.unique(mask)
-            tags[present[present != IGNORE_INDEX].astype(np.int64)] = 1.0
-            tags[0] = 1.0
+            tags = labels_from_mask(mask, self.num_classes)
         if tags is not None:
             report.tags = tuple(int(i) for i in np.nonzero(tags[1:])[0] + 1)
         if mask is not None and tags is not None:

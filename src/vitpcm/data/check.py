@@ -34,6 +34,7 @@ import numpy as np
 from vitpcm.data.base import ItemReport, Problem, SegmentationDataset
 from vitpcm.errors import VitpcmError
 from vitpcm.io import format_names, write_text_atomic
+from vitpcm.utils.system import resolve_workers
 
 log = logging.getLogger(__name__)
 
@@ -120,15 +121,6 @@ class DataReport:
         return format_report(self)
 
 
-def _workers(workers: int) -> int:
-    if workers > 0:
-        return workers
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def check_dataset(ds: SegmentationDataset, role: str = "extra", workers: int = 0, progress: bool = True) -> SplitReport:
     """Read every item of ``ds`` once, in ``workers`` threads (0 = one per CPU; Pillow and
     numpy release the GIL while decoding), with a progress bar."""
@@ -142,8 +134,8 @@ def check_dataset(ds: SegmentationDataset, role: str = "extra", workers: int = 0
     n = len(ds)
     bar = tqdm(total=n, desc=f"check {ds.split}", unit="img", disable=not progress)
     try:
-        if _workers(workers) > 1 and n > 1:
-            with ThreadPoolExecutor(max_workers=_workers(workers)) as pool:
+        if resolve_workers(workers) > 1 and n > 1:
+            with ThreadPoolExecutor(max_workers=resolve_workers(workers)) as pool:
                 for item in pool.map(one, range(n)):
                     report.items.append(item)
                     bar.update()

@@ -41,6 +41,7 @@ import numpy as np
 from vitpcm.data.base import DUPLICATE_NAME, MISSING_IMAGE, Sample, SegmentationDataset, tag_vector
 from vitpcm.errors import VitpcmError
 from vitpcm.io import IGNORE_INDEX, class_list, read_mask_png, save_mask_png, write_text_atomic
+from vitpcm.utils.system import resolve_workers
 
 log = logging.getLogger(__name__)
 BAD_ANNOTATION = "bad-annotation"
@@ -294,7 +295,7 @@ def prepare_coco(
 
     out_root = Path(out) if out else Path(root) / "masks"
     result: Dict[str, Dict[str, int]] = {}
-    n_workers = workers or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    n_workers = resolve_workers(workers)
     for split in splits:
         ds = COCODataset(root, split, classes=classes, use_prepared=False, strict=False)
         made_for = out_root / "classes.txt"

@@ -31,7 +31,8 @@ import numpy as np
 
 from vitpcm.data.base import DUPLICATE_NAME, MISSING_IMAGE, Sample, SegmentationDataset
 from vitpcm.data.images import IMAGE_EXTENSIONS
-from vitpcm.data.tags import BACKGROUND, TagTable, read_list, read_tag_file
+from vitpcm.data.tags import BACKGROUND, TagTable, read_tag_file
+from vitpcm.io import read_names
 from vitpcm.errors import VitpcmError
 from vitpcm.io import IGNORE_INDEX, class_list, read_mask_png
 
@@ -95,7 +96,7 @@ class FolderDataset(SegmentationDataset):
                     f"split '{split}' not found: {list_file} is missing (available splits: {available});"
                     " split 'all' uses every image"
                 )
-            names, source = read_list(list_file), list_file
+            names, source = read_names(list_file), list_file
         if not names:
             raise VitpcmError(f"split '{split}' is empty: {source} lists no images")
         self.add_names(names, source)

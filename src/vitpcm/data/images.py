@@ -25,9 +25,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from vitpcm.errors import VitpcmError
+from vitpcm.io import IMAGE_EXTENSIONS  # noqa: F401  (re-exported: vitpcm.data.images.IMAGE_EXTENSIONS)
 
-# Suffixes the own-folder format picks up in images/ (lower case; matched case-insensitively).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 
 _FORMAT_SUFFIXES = {
     "JPEG": (".jpg", ".jpeg", ".jpe", ".jfif"),

@@ -24,7 +24,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from vitpcm.data.tags import read_list
+from vitpcm.io import read_names
 from vitpcm.errors import VitpcmError
 from vitpcm.io import read_mask_png
 
@@ -107,7 +107,7 @@ def _sbd_release(ds: Path) -> AugSource:
     names: List[str] = []
     for list_name in ("train.txt", "val.txt"):
         if (ds / list_name).is_file():
-            names.extend(read_list(ds / list_name))
+            names.extend(read_names(ds / list_name))
     if not names:  # lists missing: every mask file counts
         names = sorted(p.stem for p in (ds / "cls").glob("*.mat"))
     image_dir = ds / "img" if (ds / "img").is_dir() else None

@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from vitpcm.errors import VitpcmError
 from vitpcm.io import IGNORE_INDEX, atomic_path, save_mask_png, write_text_atomic
+from vitpcm.utils.system import resolve_workers
 
 CLASSES = ("background", "sun", "leaf", "brick", "star", "ring")
 SIZE_RANGE = (112, 208)  # image sides are drawn independently from this range
@@ -248,7 +249,7 @@ def generate(
     jobs = [(root, name, s) for items in splits.values() for name, s in items]
     (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
     (root / "SegmentationClass").mkdir(parents=True, exist_ok=True)
-    n_workers = workers or _cpu_count()
+    n_workers = resolve_workers(workers)
     bar = tqdm(total=len(jobs), desc="synth", unit="img", disable=not progress)
     if n_workers > 1 and len(jobs) > 16:
         with ProcessPoolExecutor(max_workers=n_workers) as pool:
@@ -268,12 +269,3 @@ def generate(
         json.dumps({"generator": "vitpcm.data.synthetic", "train": n_train, "val": n_val, "seed": seed}) + "\n",
     )
     return root
-
-
-def _cpu_count() -> int:
-    import os
-
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)

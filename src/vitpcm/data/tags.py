@@ -33,35 +33,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from vitpcm.data.base import DUPLICATE_NAME, NO_TAGS, UNKNOWN_CLASS
-from vitpcm.data.images import IMAGE_EXTENSIONS
 from vitpcm.errors import VitpcmError
+from vitpcm.io import item_name
 
 _HEADER_KEYS = {"image", "images", "name", "file", "filename", "image_name", "img"}
 _JSON_NAME_KEYS = ("image", "name", "file", "filename")
 _JSON_TAG_KEYS = ("tags", "labels", "classes")
 BACKGROUND = "background"
-
-
-def item_name(token: str) -> str:
-    """The item name of a list/tag-file entry: ``/JPEGImages/x.jpg``, ``images/a/x.png``,
-    ``x.jpg`` and ``x`` -> ``x`` (``a/x`` keeps its sub-folder below ``images/``)."""
-    p = PurePosixPath(token.strip().replace("\\", "/"))
-    parts = [s for s in p.parts if s not in ("/", ".")]
-    if parts and parts[0] in ("images", "JPEGImages", "SegmentationClassAug", "SegmentationClass") and len(parts) > 1:
-        parts = parts[1:]
-    if parts and PurePosixPath(parts[-1]).suffix.lower() in IMAGE_EXTENSIONS + (".mat",):
-        parts[-1] = PurePosixPath(parts[-1]).stem
-    return "/".join(parts)
-
-
-def read_list(path: str | Path) -> List[str]:
-    """Names of a split list; each line's first token may be a bare name or a path
-    (``/JPEGImages/x.jpg /SegmentationClassAug/x.png`` -> ``x``)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise VitpcmError(f"cannot read split list {path}: {exc}") from None
-    return [item_name(line.split()[0]) for line in lines if line.strip()]
 
 
 @dataclass

@@ -35,7 +35,8 @@ import numpy as np
 from vitpcm.data.base import MISSING_IMAGE, MISSING_MASK, Sample, SegmentationDataset
 from vitpcm.data.images import load_rgb  # noqa: F401  (public: vitpcm.data.voc.load_rgb)
 from vitpcm.data.sbd import AugSource, find_aug_source, read_sbd_mat
-from vitpcm.data.tags import read_list, read_tag_file
+from vitpcm.data.tags import read_tag_file
+from vitpcm.io import read_names
 from vitpcm.errors import VitpcmError
 from vitpcm.io import VOC_CLASSES, class_list, read_classes, read_mask_png
 
@@ -126,7 +127,7 @@ class VOCDataset(SegmentationDataset):
         seg = self.root / "ImageSets" / "Segmentation"
         list_file = seg / f"{split}.txt"
         if list_file.is_file():
-            names, source = read_list(list_file), list_file
+            names, source = read_names(list_file), list_file
         elif self._aug is not None:
             names, source = self._derive_trainaug(seg)
         else:
@@ -139,7 +140,7 @@ class VOCDataset(SegmentationDataset):
             raise VitpcmError(f"split '{split}' is empty: {source} lists no images")
         if self._aug is not None and (seg / "val.txt").is_file():
             # trainaug = VOC train + SBD minus VOC val: val images must never be trained on.
-            val = set(read_list(seg / "val.txt"))
+            val = set(read_names(seg / "val.txt"))
             kept = [n for n in names if n not in val]
             if len(kept) < len(names):
                 self.info.append(f"{len(names) - len(kept)} names from {source} are in VOC val:"
@@ -151,8 +152,8 @@ class VOCDataset(SegmentationDataset):
         aug = self._aug
         assert aug is not None
         if aug.list_file is not None:
-            return read_list(aug.list_file), aug.list_file
-        train = read_list(seg / "train.txt") if (seg / "train.txt").is_file() else []
+            return read_names(aug.list_file), aug.list_file
+        train = read_names(seg / "train.txt") if (seg / "train.txt").is_file() else []
         names = sorted(set(train) | set(aug.names))
         self.info.append(
             f"trainaug = VOC train ({len(train)}) + {aug.describe()} ({len(aug.names)}) - VOC val, without repeats"

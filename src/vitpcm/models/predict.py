@@ -1,0 +1,78 @@
+"""Model-level prediction: patch distributions merged with the tags, test-time augmentation,
+upsampling to the image size, and which channels to keep. No files, no datasets.
+
+Shapes: B = batch, C = classes (background at 0), h x w = patch grid, H x W = image size.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from vitpcm.models.vitpcm import ViTPCM, merge_class_labels
+
+
+@torch.no_grad()
+def predict_grid(model: ViTPCM, images: torch.Tensor, labels: Optional[torch.Tensor], merge: bool = True) -> torch.Tensor:
+    """Patch-level class distributions ``[B, C, h, w]``, merged with ``labels`` when given."""
+    probs = model(images)["probs"].float()
+    if merge and labels is not None:
+        probs = merge_class_labels(probs, labels.to(probs.device))
+    return probs
+
+
+def upsample(probs: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of ``[C, h, w]`` patch maps to an image size ``(H, W)``."""
+    return F.interpolate(probs[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+
+
+def present_classes(probs_full: torch.Tensor, labels: Optional[torch.Tensor], pooled: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Indices of the channels to keep in ``probs/NAME.npz``.
+
+    With tags: the tagged classes. Without: background, classes whose pooled score reaches
+    ``threshold``, and any class that wins a pixel (so the argmax of the kept channels
+    equals the mask).
+    """
+    if labels is not None:
+        return torch.nonzero(labels > 0).flatten()
+    keep = pooled >= threshold
+    keep[0] = True
+    keep[probs_full.argmax(0).unique()] = True
+    return torch.nonzero(keep).flatten()
+
+
+def tta_sizes(scale: int, factors: Sequence[float], patch_size: int) -> List[int]:
+    """Input sides for TTA: ``scale * f`` snapped to the nearest multiple of the patch size
+    (at least one patch), duplicates removed, ascending."""
+    return sorted({max(patch_size, int(round(scale * float(f) / patch_size)) * patch_size) for f in factors})
+
+
+@torch.inference_mode()
+def predict_tta(model: ViTPCM, views: Sequence[torch.Tensor], flip: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Average patch distributions over input sides (and horizontal flips).
+
+    Args:
+        views: ``[B, 3, n, n]`` inputs, one per side.
+        flip: also predict each view mirrored left-right (and mirror the prediction back).
+
+    Returns ``(probs [B, C, h, w], pooled [B, C])`` on the finest grid ``h x w`` of the
+    views; ``pooled`` is the max over patches of the average.
+    """
+    grids: List[torch.Tensor] = []
+    for x in views:
+        b = x.shape[0]
+        inp = torch.cat([x, x.flip(-1)]) if flip else x  # one forward for both
+        probs = model(inp)["probs"].float()
+        grids.append(probs[:b])
+        if flip:
+            grids.append(probs[b:].flip(-1))
+    if len(grids) == 1:  # one view: exactly plain inference (same memory layout downstream)
+        return grids[0], grids[0].amax(dim=(2, 3))
+    h = max(g.shape[-2] for g in grids)
+    w = max(g.shape[-1] for g in grids)
+    resized = [g if g.shape[-2:] == (h, w) else F.interpolate(g, size=(h, w), mode="bilinear", align_corners=False)
+               for g in grids]  # fmt: skip
+    avg = torch.stack(resized).mean(0)
+    return avg, avg.amax(dim=(2, 3))

@@ -1,0 +1,1 @@
+"""Small shared helpers that every layer may use (no torch)."""
