@@ -1,8 +1,11 @@
 """Config presets, overrides and their errors."""
 
+import subprocess
+import sys
+
 import pytest
 
-from vitpcm.config import load_config, preset_names
+from vitpcm.config import check_sizes, load_config, preset_names
 from vitpcm.errors import VitpcmError
 
 
@@ -26,7 +29,12 @@ def test_voc12_preset_carries_the_authors_recipe():
 
 def test_coco14_preset_reads_coco():
     cfg = load_config("coco14")
-    assert (cfg.data.format, cfg.data.classes, cfg.data.train_split, cfg.data.val_split) == ("coco", "coco14", "train", "val")
+    assert (cfg.data.format, cfg.data.classes, cfg.data.train_split, cfg.data.val_split) == (
+        "coco",
+        "coco14",
+        "train",
+        "val",
+    )
     assert cfg.augment.crop == 0.0
 
 
@@ -55,3 +63,44 @@ def test_unknown_key_in_yaml_file(tmp_path):
     path.write_text("train:\n  epohcs: 3\n")
     with pytest.raises(VitpcmError, match=f"unknown config key 'train.epohcs' in {path}"):
         load_config(path)
+
+
+def test_mean_std_default_to_auto_and_take_three_numbers():
+    cfg = load_config("voc12")
+    assert cfg.input.mean == "auto" and cfg.input.std == "auto"
+    cfg = load_config("synthetic", ["input.mean=[0.485,0.456,0.406]", "input.std=[0.229,0.224,0.225]"])
+    assert list(cfg.input.mean) == [0.485, 0.456, 0.406]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("input.mean=0.5", "input.mean must be auto .* or three numbers"),
+        ("input.std=[0.5,0.5]", "input.std must be auto"),
+        ("input.mean=imagenet", "input.mean must be auto"),
+        ("input.std=[0.5,0,0.5]", "input.std must be positive"),
+    ],
+)
+def test_bad_mean_std(override, message):
+    with pytest.raises(VitpcmError, match=message):
+        load_config("synthetic", [override])
+
+
+def test_check_sizes_names_the_key_and_nearest_valid_values():
+    cfg = load_config("synthetic", ["input.et_crop=44"])
+    with pytest.raises(
+        VitpcmError,
+        match=r"^input.et_crop=44 is not a multiple of the patch size 8 of vit_tiny_patch16_224: use 40 or 48$",
+    ):
+        check_sizes(cfg, 8)
+    check_sizes(load_config("synthetic"), 8)
+
+
+def test_loading_a_config_imports_neither_torch_nor_timm():
+    """`vitpcm crf` / `evaluate` load configs on CPU boxes: load_config must stay light."""
+    code = (
+        "import sys; from vitpcm.config import load_config; load_config('synthetic', ['model.backbone=vit_small_patch14_dinov2']);"
+        "bad = [m for m in ('torch', 'timm') if m in sys.modules]; sys.exit(', '.join(bad) or None)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -7,11 +7,14 @@ from omegaconf import OmegaConf
 
 from vitpcm.config import AugmentConfig
 from vitpcm.data.transforms import (
+    EvalTransform,
     TrainTransform,
     apply_flips,
+    from_model_input,
     invert_flips,
     map_to_et_grid,
     tile_views,
+    to_model_input,
     untile_grid,
 )
 
@@ -108,3 +111,33 @@ def test_train_transform_view_matches_pixel_recipe_without_colour():
         view1 = (out["image"] + 1) / 2
         expected = _pixel_view(view1, out["flips"], out["et_box"].tolist(), out["et_flips"], 16)
         assert torch.allclose((out["image_et"] + 1) / 2, expected, atol=1e-5)
+
+
+def test_default_normalisation_is_bit_identical_to_the_former_minus_one_to_one():
+    """mean = std = 0.5 (the authors' ViT, the synthetic preset) gives exactly x * 2 - 1."""
+    torch.manual_seed(0)
+    x = torch.rand(3, 64, 64)
+    x[:, :4, :4] = torch.rand(3, 4, 4) * 1e-20  # tiny values round too
+    assert torch.equal(to_model_input(x), x * 2.0 - 1.0)
+    u = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
+    assert torch.equal(to_model_input(u), u.float() / 255.0 * 2.0 - 1.0)
+    assert torch.allclose(from_model_input(to_model_input(x)), x, atol=1e-7)
+
+
+def test_backbone_normalisation_reaches_every_transform():
+    """CLIP's mean/std: (x - mean) / std per channel, in EvalTransform and both training views."""
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    img = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
+    expected = (img.float() / 255.0 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    assert torch.allclose(to_model_input(img, mean, std), expected, atol=1e-6)
+    out = EvalTransform(16, mean=mean, std=std)({"image": img, "name": "x"})
+    assert torch.allclose(out["image"], expected, atol=1e-6)
+    aug = OmegaConf.structured(AugmentConfig(crop=1.0, brightness=0.0, contrast=[1.0, 1.0], saturation=[1.0, 1.0],
+                                             hue=0.0, grayscale=0.0, flip_lr=0.0, flip_ud=0.0, transpose=0.0))  # fmt: skip
+    t = TrainTransform(size=16, et_crop=8, et_scale=8, patch_size=8, aug=aug, mean=mean, std=std)
+    out = t({"image": img, "labels": torch.ones(2), "name": "x", "size": (16, 16)})
+    assert torch.allclose(out["image"], expected, atol=1e-6)
+    rgb_et = from_model_input(out["image_et"], mean, std)  # back on [0, 1]
+    assert rgb_et.min() > -1e-5 and rgb_et.max() < 1 + 1e-5
+    with pytest.raises(ValueError, match="3 values"):
+        to_model_input(img, (0.5, 0.5), std)

@@ -7,18 +7,26 @@ error (a typo must not silently fall back to a default). Load with :func:`load_c
 
 A preset is a YAML path or the name of a file in ``vitpcm/configs/`` (``voc12``,
 ``coco14``, ``synthetic``).
+
+This module imports neither torch nor timm (``vitpcm crf`` / ``evaluate`` load configs).
+What needs the backbone itself, ``input.mean`` / ``input.std: auto`` and the patch size,
+is resolved by :func:`vitpcm.models.backbone.resolve_config`, which checks the sizes with
+:func:`check_sizes` from here.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from vitpcm.errors import VitpcmError
+
+log = logging.getLogger(__name__)
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -32,7 +40,8 @@ class DataConfig:
     # file (one name per line, background first) or voc12 / coco14; default ROOT/classes.txt, else
     # voc: the 21 VOC names, coco: the annotation file's categories, folder: inferred from the tags
     classes: Optional[str] = None
-    train_split: str = "train"  # voc: train | trainval | trainaug; coco: train | val; folder: all | ROOT/splits/NAME.txt
+    # voc: train | trainval | trainaug; coco: train | val; folder: all | ROOT/splits/NAME.txt
+    train_split: str = "train"
     val_split: Optional[str] = "val"  # empty (data.val_split=) = no validation
     # voc trainaug: SBD release (benchmark_RELEASE) or a SegmentationClassAug folder; default ROOT/SegmentationClassAug
     sbd: Optional[str] = None
@@ -43,9 +52,15 @@ class DataConfig:
 
 @dataclass
 class InputConfig:
+    # Sides are multiples of the backbone's patch size (train_size of twice it, as et_scale = n / 2).
     train_size: int = 384  # n: square side fed to the ViT in training and validation
     et_crop: int = 128  # ET view: side of the patch-aligned crop (pixels)
     et_scale: int = 192  # ET view: side after resizing; 4 views are tiled 2 x 2 into one n x n input
+    # Per-channel normalisation of [0, 1] RGB, (x - mean) / std: auto = the timm model's pretrained
+    # config (the authors' ViT: 0.5 / 0.5, i.e. [-1, 1]; DINO/DINOv2/DeiT: ImageNet's; CLIP/EVA-02:
+    # OpenAI CLIP's), or three floats, e.g. input.mean=[0.5,0.5,0.5]. `vitpcm config` shows the values.
+    mean: Any = "auto"
+    std: Any = "auto"
 
 
 @dataclass
@@ -63,9 +78,12 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "vit_base_patch16_384"  # any timm ViT name
+    # A timm ViT (vit_*: original/augreg, DINO, DINOv2 incl. registers, CLIP), DeiT (deit_*) or EVA-02 (eva02_*)
+    backbone: str = "vit_base_patch16_384"
     pretrained: Any = True  # True: timm weights (needs a hub); False: random; "path": local checkpoint
-    backbone_kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
+    # Passed to timm.create_model. An override of model.backbone drops the preset's kwargs
+    # (they describe the preset's backbone) unless model.backbone_kwargs is overridden too.
+    backbone_kwargs: Dict[str, Any] = field(default_factory=dict)
     hv_lstm: bool = True  # False: the patch classifier reads the ViT tokens directly
     lstm_hidden: int = 192  # per direction; 4 x hidden features per patch
     dropout: float = 0.2
@@ -155,9 +173,7 @@ def resolve_preset(preset: Union[str, Path]) -> Path:
     named = PRESET_DIR / f"{preset}.yaml"
     if named.is_file() and path.suffix == "":
         return named
-    raise VitpcmError(
-        f"config '{preset}' not found: give a YAML file or one of the presets {preset_names()}"
-    )
+    raise VitpcmError(f"config '{preset}' not found: give a YAML file or one of the presets {preset_names()}")
 
 
 def _bad_key_message(exc: OmegaConfBaseException, where: str) -> str:
@@ -180,9 +196,7 @@ def _bad_value_message(exc: OmegaConfBaseException, where: str) -> str:
     return f"bad value for '{key}' in {where}: {str(exc).splitlines()[0]}"
 
 
-def load_config(
-    preset: Union[str, Path, None] = None, overrides: Sequence[str] = ()
-) -> DictConfig:
+def load_config(preset: Union[str, Path, None] = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Build the config: defaults <- preset YAML <- ``key=value`` overrides.
 
     Raises :class:`VitpcmError` for a missing preset, an unknown key or a badly typed value.
@@ -206,13 +220,48 @@ def load_config(
             raise VitpcmError(f"override '{item}' is not of the form key=value (e.g. train.epochs=3)")
     if overrides:
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+            given = OmegaConf.from_dotlist(overrides)
+        except OmegaConfBaseException as exc:
+            raise VitpcmError(_bad_value_message(exc, "the overrides")) from None
+        _reset_backbone_kwargs(cfg, given)
+        try:
+            cfg = OmegaConf.merge(cfg, given)
         except (ConfigKeyError, ConfigAttributeError) as exc:
             raise VitpcmError(_bad_key_message(exc, "the overrides")) from None
         except OmegaConfBaseException as exc:
             raise VitpcmError(_bad_value_message(exc, "the overrides")) from None
     validate_config(cfg)
     return cfg
+
+
+def _reset_backbone_kwargs(cfg: DictConfig, given: DictConfig) -> None:
+    """Drop the preset's ``model.backbone_kwargs`` when the overrides switch ``model.backbone``.
+
+    The kwargs describe the preset's backbone (the synthetic preset's patch-8, 4-block ViT);
+    on another backbone they would silently change its shape. Kept when the overrides also
+    touch ``model.backbone_kwargs`` (then the preset's kwargs are still dropped and only the
+    overridden ones apply), or when the backbone does not change.
+    """
+    model = given.get("model") if isinstance(given, DictConfig) else None
+    if not isinstance(model, DictConfig) or "backbone" not in model:
+        return
+    new, old = str(model.backbone), str(cfg.model.backbone)
+    kwargs = OmegaConf.to_container(cfg.model.backbone_kwargs, resolve=True)
+    if new == old or not kwargs:
+        return
+    cfg.model.backbone_kwargs = {}
+    if "backbone_kwargs" in model:
+        log.info(
+            "model.backbone %s -> %s: the preset's model.backbone_kwargs %s dropped; the overridden ones apply",
+            old,
+            new,
+            kwargs,
+        )
+    else:
+        log.info(
+            "model.backbone %s -> %s: the preset's model.backbone_kwargs %s dropped (they describe %s;"
+            " set model.backbone_kwargs.KEY=VALUE to pass some to the new backbone)", old, new, kwargs, old,
+        )  # fmt: skip
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -244,7 +293,69 @@ def validate_config(cfg: DictConfig) -> None:
     if not (cfg.loss.mce or cfg.loss.et):
         raise VitpcmError("at least one of loss.mce and loss.et must be true")
     if not cfg.infer.tta_scales or any(float(s) <= 0 for s in cfg.infer.tta_scales):
-        raise VitpcmError(f"infer.tta_scales must be a non-empty list of positive factors, got {list(cfg.infer.tta_scales)}")
+        raise VitpcmError(
+            f"infer.tta_scales must be a non-empty list of positive factors, got {list(cfg.infer.tta_scales)}"
+        )
+    for key in ("mean", "std"):
+        normalisation_values(cfg, key)  # raises on a bad value
+
+
+def normalisation_values(cfg: DictConfig, key: str) -> Optional[List[float]]:
+    """``input.mean`` or ``input.std`` as three floats, or ``None`` for ``auto``.
+
+    Raises :class:`VitpcmError` for anything else (``auto`` or three numbers, std > 0).
+    """
+    value = cfg.input[key]
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    try:
+        values = [float(v) for v in value] if isinstance(value, (list, tuple, ListConfig)) else None
+    except (TypeError, ValueError):
+        values = None
+    if values is None or len(values) != 3:
+        raise VitpcmError(
+            f"input.{key} must be auto (the backbone's pretrained config) or three numbers for R, G, B on"
+            f" [0, 1] images, e.g. input.{key}=[0.5,0.5,0.5]; got {OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value!r}"
+        )
+    if key == "std" and min(values) <= 0:
+        raise VitpcmError(f"input.std must be positive, got {values}")
+    return values
+
+
+def _nearest_multiples(value: int, step: int) -> List[int]:
+    below = value // step * step
+    return [v for v in (below, below + step) if v > 0]
+
+
+def check_sizes(cfg: DictConfig, patch_size: int, backbone: Optional[str] = None) -> None:
+    """Check that every image side follows the backbone's patch size.
+
+    ``input.train_size`` must be a multiple of 2 x patch (its half, ``input.et_scale``, is the
+    side of an ET view), ``input.et_crop``, ``input.et_scale`` and ``infer.scale`` of the patch.
+    Raises one :class:`VitpcmError` naming each wrong key and the nearest valid values, e.g.
+    ``input.train_size=384 is not a multiple of 28 ...: use 364 or 392``.
+    """
+    d = int(patch_size)
+    name = backbone or str(cfg.model.backbone)
+    bad: List[Tuple[str, int, int]] = []  # (key, value, required step)
+    for key, step in (("input.train_size", 2 * d), ("input.et_scale", d), ("input.et_crop", d), ("infer.scale", d)):
+        value = int(OmegaConf.select(cfg, key))
+        if value % step:
+            bad.append((key, value, step))
+    if not bad:
+        return
+    why = f"twice the patch size {d} of {name}, as input.et_scale = train_size / 2 must be a multiple of {d} too"
+
+    def use(value: int, step: int) -> str:
+        return "use " + " or ".join(map(str, _nearest_multiples(value, step)))
+
+    if len(bad) == 1:
+        key, value, step = bad[0]
+        what = f"{step} ({why})" if step != d else f"the patch size {d} of {name}"
+        raise VitpcmError(f"{key}={value} is not a multiple of {what}: {use(value, step)}")
+    parts = [f"{key}={value}" + (f" (of {step}, as input.et_scale = train_size / 2)" if step != d else "") + f": {use(value, step)}"
+             for key, value, step in bad]  # fmt: skip
+    raise VitpcmError(f"sizes must be multiples of the patch size {d} of {name}: " + "; ".join(parts))
 
 
 def to_yaml(cfg: DictConfig) -> str:

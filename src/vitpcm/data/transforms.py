@@ -10,6 +10,11 @@ Training makes two views of each image (the authors' ``affine_transform``):
 
 Both records travel with the sample, so the loss can map view 1's patch predictions onto
 view 2's patch grid (:func:`map_to_et_grid`).
+
+Normalisation: every transform ends in :func:`to_model_input` with the backbone's per-channel
+``mean`` / ``std`` on [0, 1] RGB (``input.mean`` / ``input.std``; ``auto`` resolves to timm's
+pretrained config, e.g. CLIP's). The default 0.5 / 0.5 maps to [-1, 1], the authors' ViT,
+bit-identical to the former ``x * 2 - 1``.
 """
 
 from __future__ import annotations
@@ -21,13 +26,40 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
 Sample = Dict[str, Any]
+Triple = Sequence[float]
+
+#: The authors' ViT (and every augreg/original ViT): [0, 1] -> [-1, 1].
+HALF: Tuple[float, float, float] = (0.5, 0.5, 0.5)
 
 
-def to_model_input(image: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[3, H, W]`` (0..255) or float (0..1) -> float ``[3, H, W]`` in [-1, 1]."""
+def _channels(values: Triple, name: str) -> torch.Tensor:
+    t = torch.as_tensor([float(v) for v in values], dtype=torch.float32)
+    if t.numel() == 1:
+        t = t.expand(3)
+    if t.numel() != 3:
+        raise ValueError(f"{name} needs 3 values (R, G, B), got {list(values)}")
+    return t
+
+
+def to_model_input(image: torch.Tensor, mean: Triple = HALF, std: Triple = HALF) -> torch.Tensor:
+    """uint8 ``[3, H, W]`` (0..255) or float (0..1) -> float ``[3, H, W]``, ``(x - mean) / std``.
+
+    ``mean`` / ``std`` are per channel on [0, 1]; the defaults give [-1, 1] (bit-identical to
+    ``x * 2 - 1``: subtracting 0.5 and halving by 0.5 round exactly as doubling and
+    subtracting 1, since the scale is a power of two).
+    """
     if image.dtype == torch.uint8:
         image = image.float() / 255.0
-    return image * 2.0 - 1.0
+    m = _channels(mean, "mean").to(image.dtype)[:, None, None]
+    s = _channels(std, "std").to(image.dtype)[:, None, None]
+    return (image - m) / s
+
+
+def from_model_input(image: torch.Tensor, mean: Triple = HALF, std: Triple = HALF) -> torch.Tensor:
+    """Inverse of :func:`to_model_input`: ``[..., 3, H, W]`` model input -> float RGB in [0, 1] (not clamped)."""
+    m = _channels(mean, "mean").to(image.dtype)[:, None, None]
+    s = _channels(std, "std").to(image.dtype)[:, None, None]
+    return image * s + m
 
 
 def resize_image(image: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
@@ -96,14 +128,16 @@ def _random_flips(aug: Any, gen: Optional[torch.Generator] = None) -> torch.Tens
 
 
 class EvalTransform:
-    """Resize to ``size`` x ``size`` and normalise; the mask stays at the original size."""
+    """Resize to ``size`` x ``size`` and normalise (``mean`` / ``std``, :func:`to_model_input`);
+    the mask stays at the original size."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, mean: Triple = HALF, std: Triple = HALF) -> None:
         self.size = int(size)
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
     def __call__(self, sample: Sample) -> Sample:
         out = dict(sample)
-        out["image"] = to_model_input(resize_image(sample["image"], (self.size, self.size)))
+        out["image"] = to_model_input(resize_image(sample["image"], (self.size, self.size)), self.mean, self.std)
         return out
 
 
@@ -112,14 +146,19 @@ class TrainTransform:
 
     Output keys: ``image`` [3, n, n], ``flips`` bool [3], ``image_et`` [3, s, s],
     ``et_box`` long [4] = (top, left, bottom, right) in view-1-free pixel coordinates of
-    the n x n image, ``et_flips`` bool [3], plus ``labels``, ``name``, ``size``.
+    the n x n image, ``et_flips`` bool [3], plus ``labels``, ``name``, ``size``. Both
+    images are normalised with ``mean`` / ``std`` (:func:`to_model_input`).
     """
 
-    def __init__(self, size: int, et_crop: int, et_scale: int, patch_size: int, aug: Any) -> None:
+    def __init__(
+        self, size: int, et_crop: int, et_scale: int, patch_size: int, aug: Any,
+        mean: Triple = HALF, std: Triple = HALF,
+    ) -> None:  # fmt: skip
         if size % patch_size or et_crop % patch_size or et_scale % patch_size:
             raise ValueError("size, et_crop and et_scale must be multiples of the patch size")
         self.size, self.et_crop, self.et_scale, self.patch = size, et_crop, et_scale, patch_size
         self.aug = aug
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
     def __call__(self, sample: Sample) -> Sample:
         gen = None  # torch's global RNG: seeded by the trainer, and per worker by DataLoader
@@ -144,9 +183,9 @@ class TrainTransform:
         et = apply_flips(et, et_flips)
 
         return {
-            "image": to_model_input(view),
+            "image": to_model_input(view, self.mean, self.std),
             "flips": flips,
-            "image_et": to_model_input(et),
+            "image_et": to_model_input(et, self.mean, self.std),
             "et_box": torch.tensor(box, dtype=torch.long),
             "et_flips": et_flips,
             "labels": sample["labels"],

@@ -3,17 +3,21 @@
 Read :class:`ViTPCM.forward` top to bottom for the whole data flow. Shapes use
 B = batch, e = ViT width, h x w = patch grid (H / d x W / d for patch side d),
 C = classes including background (index 0).
+
+The model talks to its backbone only through :class:`~vitpcm.models.backbone.BackboneAdapter`
+(patch size, prefix tokens, normalisation, blocks, final norm, patch tokens); the timm
+module itself is ``ViTPCM.backbone``, so state-dict keys stay ``backbone.*``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from vitpcm.models.backbone import create_backbone, patch_size_of, set_trainable
+from vitpcm.models.backbone import BackboneAdapter, create_backbone
 
 
 class HVBiLSTM(nn.Module):
@@ -82,7 +86,8 @@ class ViTPCM(nn.Module):
     """ViT-PCM for weakly supervised semantic segmentation.
 
     Args:
-        backbone: timm ViT name, e.g. ``vit_base_patch16_384``.
+        backbone: timm name of a supported vision transformer (:mod:`vitpcm.models.backbone`),
+            e.g. ``vit_base_patch16_384``, ``vit_small_patch14_reg4_dinov2``.
         num_classes: classes including background (21 for VOC, 81 for COCO).
         pretrained: ``True`` (timm weights), ``False``, or a local checkpoint path.
         img_size: nominal input side for the position embeddings (any multiple of the
@@ -117,27 +122,38 @@ class ViTPCM(nn.Module):
         )  # fmt: skip
         self.num_classes = num_classes
         self.backbone = create_backbone(backbone, pretrained, img_size=img_size, **(backbone_kwargs or {}))
-        self.patch_size = patch_size_of(self.backbone)
-        width = self.backbone.embed_dim
+        # A plain object (not a submodule): no parameters of its own, no extra state-dict keys.
+        self._adapter = BackboneAdapter(self.backbone, backbone)
+        self.patch_size = self._adapter.patch_size
+        width = self._adapter.embed_dim
         self.conditioning = HVBiLSTM(width, lstm_hidden, dropout) if hv_lstm else None
         feat_dim = self.conditioning.out_dim if self.conditioning is not None else width
         self.classifier = PatchClassifier(feat_dim, num_classes, dropout, classifier_init_std)
 
+    @property
+    def adapter(self) -> BackboneAdapter:
+        """The backbone's adapter (rebuilt if ``self.backbone`` was replaced)."""
+        if self._adapter.module is not self.backbone:
+            self._adapter = BackboneAdapter(self.backbone, self.arch["backbone"])
+        return self._adapter
+
+    @property
+    def normalisation(self) -> Tuple[Tuple[float, float, float], Tuple[float, float, float]]:
+        """``(mean, std)`` of [0, 1] RGB that the backbone's weights expect (timm's pretrained
+        cfg; the authors' ViT: 0.5 / 0.5, i.e. inputs in [-1, 1])."""
+        return self.adapter.mean, self.adapter.std
+
     def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W]`` -> patch tokens on their grid ``[B, h, w, e]`` (CLS dropped, final norm applied)."""
-        b, _, height, width = images.shape
-        d = self.patch_size
-        if height % d or width % d:
-            raise ValueError(f"input {height}x{width} is not a multiple of the patch size {d}")
-        tokens = self.backbone.forward_features(images)  # [B, prefix + h*w, e], normed
-        tokens = tokens[:, self.backbone.num_prefix_tokens :]
-        return tokens.reshape(b, height // d, width // d, -1)
+        """``[B, 3, H, W]`` -> patch tokens on their grid ``[B, h, w, e]`` (prefix tokens
+        (CLS, distillation, registers) dropped, final norm applied)."""
+        return self.adapter.patch_tokens(images)
 
     def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Predict per-patch class distributions and their max-pooled image scores.
 
         Args:
-            images: ``[B, 3, H, W]`` normalised to [-1, 1], H and W multiples of the patch size.
+            images: ``[B, 3, H, W]`` normalised as the backbone expects (:attr:`normalisation`;
+                [-1, 1] for the authors' ViT), H and W multiples of the patch size.
 
         Returns:
             ``logits`` ``[B, C, h, w]``: A = F W per patch;
@@ -158,9 +174,28 @@ class ViTPCM(nn.Module):
 
     def set_backbone_trainable(self, last_blocks: int) -> None:
         """0: backbone frozen (warm-up); N: last N blocks + final norm; -1: all."""
-        set_trainable(self.backbone, last_blocks)
+        self.adapter.set_trainable(last_blocks)
 
     @classmethod
     def from_arch(cls, arch: Dict[str, Any]) -> "ViTPCM":
         """Rebuild an (untrained) model from the ``arch`` dict stored in checkpoints."""
         return cls(pretrained=False, **arch)
+
+
+def merge_class_labels(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Fold the image tags into patch distributions (the authors' ``merge_class_labels``).
+
+    Absent classes are zeroed; each present class map is divided by its own maximum over
+    patches (so it peaks at 1); each patch is renormalised to sum 1. 0 / 0 gives 0.
+
+    Args:
+        probs: ``[B, C, h, w]`` per-patch class distributions.
+        labels: ``[B, C]`` multi-hot tags.
+
+    Returns ``[B, C, h, w]``.
+    """
+    merged = probs * labels.to(probs.dtype)[:, :, None, None]
+    peak = merged.amax(dim=(2, 3), keepdim=True)
+    merged = torch.where(peak > 0, merged / peak.clamp_min(torch.finfo(merged.dtype).tiny), torch.zeros_like(merged))
+    total = merged.sum(dim=1, keepdim=True)
+    return torch.where(total > 0, merged / total.clamp_min(torch.finfo(merged.dtype).tiny), torch.zeros_like(merged))
