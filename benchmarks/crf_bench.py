@@ -111,7 +111,7 @@ def authors_one(probs_path: Path, image_path: Path, out_path: Path, num_classes:
 
 
 def run_authors(probs_dir: Path, images_dir: Path, out_dir: Path, names: List[str], num_classes: int) -> Dict[str, float]:
-    from vitpcm.postprocess.crf import find_image
+    from vitpcm.io import find_image
 
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -172,7 +172,8 @@ def profile(probs_dir: Path, images_dir: Path, names: List[str], num_classes: in
     import pydensecrf.densecrf as dcrf
 
     from vitpcm.data.images import load_rgb
-    from vitpcm.postprocess.crf import find_image, load_probs, unary_energy
+    from vitpcm.io import find_image
+    from vitpcm.postprocess.crf import load_probs, unary_energy
 
     steps: Dict[str, Dict[str, float]] = {"present": {}, "all_channels": {}}
 

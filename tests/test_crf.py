@@ -153,3 +153,20 @@ def test_a_killed_run_leaves_complete_pngs_and_resumes(tmp_path):
     s = run_crf(tmp_path / "probs", tmp_path / "images", out, workers=2, progress=False)
     assert s["skipped"] == len(done) and s["computed"] == 20 - len(done)
     assert not list(out.glob(".*.tmp"))
+
+
+def test_refine_stage_of_a_run_and_its_overrides(tiny_run):
+    """`vitpcm.stages.refine`: the CRF of RUN/pseudo/SPLIT (as `vitpcm infer --crf` chains it);
+    finished masks are kept, and the score is the one infer wrote."""
+    import json
+
+    from vitpcm.stages.refine import crf_params_from_overrides, refine
+
+    result = refine(tiny_run, "val", overrides=["crf.workers=1"], progress=False)
+    saved = json.loads((tiny_run / "pseudo/val/summary.json").read_text())
+    assert result["miou"] == pytest.approx(saved["crf_miou"]) and result["workers"] == 1
+    assert crf_params_from_overrides(["crf.iterations=3", "crf.workers=2"]) == (CRFParams(iterations=3), 2)
+    with pytest.raises(VitpcmError, match=r"crf.\* overrides only"):
+        crf_params_from_overrides(["data.root=/x"])
+    with pytest.raises(VitpcmError, match="crf.clip must lie in"):
+        crf_params_from_overrides(["crf.clip=2"])

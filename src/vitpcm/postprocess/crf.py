@@ -8,7 +8,9 @@ indices, as the masks of ``vitpcm infer``).
 The CRF is Krähenbühl & Koltun's fully connected CRF (``pydensecrf2`` on PyPI) with the
 authors' parameters (their ``configs/voc12.yaml``): 10 mean-field iterations, a Gaussian
 kernel (sxy 1, compat 3), a bilateral kernel (sxy 67, srgb 3, compat 4), unary
-``-log(max(p, 1e-5))`` (pydensecrf's ``unary_from_softmax``).
+``-log(max(p, 1e-5))`` (pydensecrf's ``unary_from_softmax``). The parameters are
+defined once, in :class:`vitpcm.crf_params.CRFParams` (the config's ``crf`` section
+extends it); every function here also takes that config section.
 
 Differences from the authors' path, both measured in ``docs/benchmarks.md``:
 
@@ -25,54 +27,22 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import sys
 import time
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from vitpcm.crf_params import CRFParams
 from vitpcm.errors import VitpcmError
-from vitpcm.io import format_names, names_in, save_mask_png, write_json_atomic
+from vitpcm.io import find_image, format_names, names_in, save_mask_png, write_json_atomic
+from vitpcm.utils.system import resolve_workers
+
+__all__ = ["CRFParams", "unary_energy", "dense_crf", "crf_labels", "load_probs", "run_crf"]
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG", ".bmp", ".webp")
-
-
-@dataclass(frozen=True)
-class CRFParams:
-    """Parameters of the dense CRF; the defaults are the authors' (``CRF:`` of their config)."""
-
-    iterations: int = 10  # ITER_MAX: mean-field iterations
-    gauss_sxy: float = 1.0  # POS_XY_STD: spatial std (pixels) of the smoothness kernel
-    gauss_compat: float = 3.0  # POS_W: its Potts weight
-    bilateral_sxy: float = 67.0  # BI_XY_STD: spatial std (pixels) of the appearance kernel
-    bilateral_srgb: float = 3.0  # BI_RGB_STD: its colour std (0..255 units)
-    bilateral_compat: float = 4.0  # BI_W: its Potts weight
-    clip: float = 1e-5  # unary = -log(max(p, clip)), as pydensecrf's unary_from_softmax
-
-    @classmethod
-    def from_config(cls, crf_cfg: Any) -> "CRFParams":
-        """From the ``crf`` section of a :mod:`vitpcm.config` config (``workers`` is not a CRF parameter)."""
-        names = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: crf_cfg[k] for k in names}).validated()
-
-    def validated(self) -> "CRFParams":
-        if self.iterations < 0:
-            raise VitpcmError(f"crf.iterations must be >= 0, got {self.iterations}")
-        for key in ("gauss_sxy", "bilateral_sxy", "bilateral_srgb"):
-            if getattr(self, key) <= 0:
-                raise VitpcmError(f"crf.{key} must be positive, got {getattr(self, key)}")
-        for key in ("gauss_compat", "bilateral_compat"):
-            if getattr(self, key) < 0:
-                raise VitpcmError(f"crf.{key} must be >= 0, got {getattr(self, key)}")
-        if not 0 < self.clip < 1:
-            raise VitpcmError(f"crf.clip must lie in (0, 1), got {self.clip}")
-        return self
 
 
 def _densecrf():
@@ -90,13 +60,13 @@ def unary_energy(probs: np.ndarray, clip: float = 1e-5) -> np.ndarray:
     return np.ascontiguousarray(-np.log(p), dtype=np.float32)
 
 
-def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParams()) -> np.ndarray:
+def dense_crf(image: np.ndarray, probs: np.ndarray, params: Optional[CRFParams] = None) -> np.ndarray:
     """Mean-field marginals of the fully connected CRF.
 
     Args:
         image: ``[H, W, 3]`` uint8 RGB at the size of ``probs``.
         probs: ``[C, H, W]`` class probabilities (any C >= 1).
-        params: kernel parameters and iterations.
+        params: kernel parameters and iterations (default the authors').
 
     Returns:
         ``Q`` ``[C, H, W]`` float32, a distribution over the C labels per pixel.
@@ -104,6 +74,7 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParam
     c, h, w = probs.shape
     if image.shape != (h, w, 3):
         raise ValueError(f"image shape {image.shape} does not match probabilities {probs.shape} (want [H, W, 3])")
+    params = params if params is not None else CRFParams()
     dcrf = _densecrf()
     crf = dcrf.DenseCRF2D(w, h, c)
     crf.setUnaryEnergy(unary_energy(probs, params.clip))
@@ -119,7 +90,7 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParam
 
 
 def crf_labels(
-    image: np.ndarray, probs: np.ndarray, classes: Sequence[int], params: CRFParams = CRFParams()
+    image: np.ndarray, probs: np.ndarray, classes: Sequence[int], params: Optional[CRFParams] = None
 ) -> np.ndarray:
     """CRF over the given channels; returns the ``[H, W]`` uint8 mask of class indices.
 
@@ -133,15 +104,6 @@ def crf_labels(
         return np.full(probs.shape[1:], classes[0], dtype=np.uint8)
     q = dense_crf(image, probs, params)
     return classes[q.argmax(0)].astype(np.uint8)
-
-
-def find_image(images_dir: Path, name: str) -> Path:
-    """``images_dir/NAME.<ext>`` for the usual image suffixes (``.jpg`` first)."""
-    for suffix in IMAGE_SUFFIXES:
-        path = images_dir / f"{name}{suffix}"
-        if path.is_file():
-            return path
-    raise VitpcmError(f"no image for {name} in {images_dir} (looked for {name}.jpg/.jpeg/.png): --images must hold the original images")
 
 
 def load_probs(path: Path) -> Tuple[np.ndarray, np.ndarray]:
@@ -163,6 +125,7 @@ def load_probs(path: Path) -> Tuple[np.ndarray, np.ndarray]:
 
 def _refine_one(probs_path: Path, image_path: Path, out_path: Path, params: CRFParams) -> float:
     """Worker: CRF one image and write its mask atomically; returns the seconds it took."""
+    # the module itself is numpy / PIL only (the same reader as training: EXIF, 16-bit, ...)
     from vitpcm.data.images import load_rgb
 
     start = time.perf_counter()
@@ -177,18 +140,10 @@ def _refine_one(probs_path: Path, image_path: Path, out_path: Path, params: CRFP
     return time.perf_counter() - start
 
 
-def default_workers() -> int:
-    """The CPUs this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def _pool_context():
-    # fork: workers start in milliseconds and do not re-import torch (the vitpcm package
-    # imports it). They only run numpy / pydensecrf / PIL, so torch's thread pools, which
-    # do not survive a fork, are never touched in a child.
+    # fork: workers start in milliseconds and re-import nothing. They only run numpy /
+    # pydensecrf / PIL, so torch's thread pools (loaded when the CRF is chained after
+    # inference), which do not survive a fork, are never touched in a child.
     if sys.platform == "linux" and "fork" in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("fork")
     return None
@@ -206,7 +161,7 @@ def run_crf(
     probs_dir: str | Path,
     images_dir: Optional[str | Path],
     out_dir: str | Path,
-    params: Optional[CRFParams] = None,
+    params: Optional[Any] = None,
     workers: int = 0,
     names: Optional[Sequence[str]] = None,
     overwrite: bool = False,
@@ -219,7 +174,8 @@ def run_crf(
         probs_dir: the ``probs/`` folder of ``vitpcm infer``.
         images_dir: the original images (``NAME.jpg``, or .jpeg / .png).
         out_dir: where the palette PNGs go (created).
-        params: CRF parameters; default the authors'.
+        params: CRF parameters (:class:`CRFParams`, or the config's ``crf`` section);
+            default the authors'.
         workers: processes (0 = one per CPU; 1 = in this process).
         names: only these images (default: every npz in ``probs_dir``).
         overwrite: recompute masks that are already done.
@@ -230,7 +186,7 @@ def run_crf(
     """
     from tqdm import tqdm
 
-    params = (params or CRFParams()).validated()
+    params = CRFParams.from_config(params)  # validated; drops crf.workers
     probs_dir, out_dir = Path(probs_dir), Path(out_dir)
     images_dir = Path(images_dir) if images_dir is not None else None
     if not probs_dir.is_dir():
@@ -258,8 +214,7 @@ def run_crf(
         image_path = Path(image_paths[name]) if image_paths is not None else find_image(images_dir, name)  # type: ignore[arg-type]
         jobs.append((name, probs_path, image_path, out_path))
 
-    workers = int(workers) if workers and workers > 0 else default_workers()
-    workers = max(1, min(workers, len(jobs)))
+    workers = max(1, min(resolve_workers(workers), len(jobs)))
     start = time.perf_counter()
     busy = 0.0
     bar = tqdm(total=len(jobs), desc="crf", unit="img", disable=not progress or not jobs)
@@ -291,7 +246,7 @@ def run_crf(
         "workers": workers,
         "seconds": round(seconds, 3),
         "seconds_per_image": round(busy / len(jobs), 4) if jobs else None,
-        "params": asdict(params),
+        "params": params.as_dict(),
     }
     write_json_atomic(out_dir / "summary.json", summary)
     return summary

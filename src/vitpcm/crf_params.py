@@ -1,0 +1,76 @@
+"""The dense CRF's parameters, defined once (standard library only).
+
+:class:`CRFParams` is the single definition of the seven parameters of the paper's dense
+CRF, with the authors' values (the ``CRF:`` section of their ``configs/voc12.yaml``) as
+defaults. The config's ``crf`` section (:class:`vitpcm.config.CRFConfig`) subclasses it
+and adds ``workers``; :mod:`vitpcm.postprocess.crf` runs it. This module imports neither
+numpy nor OmegaConf, so the config can build on it.
+
+Why not frozen: OmegaConf structured configs are built from (mutable) dataclasses, and a
+mutable dataclass cannot subclass a frozen one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from vitpcm.errors import VitpcmError
+
+
+@dataclass
+class CRFParams:
+    """Parameters of the dense CRF; the defaults are the authors' (``CRF:`` of their config)."""
+
+    iterations: int = 10  # ITER_MAX: mean-field iterations
+    gauss_sxy: float = 1.0  # POS_XY_STD: spatial std (pixels) of the smoothness kernel
+    gauss_compat: float = 3.0  # POS_W: its Potts weight
+    bilateral_sxy: float = 67.0  # BI_XY_STD: spatial std (pixels) of the appearance kernel
+    bilateral_srgb: float = 3.0  # BI_RGB_STD: its colour std (0..255 units)
+    bilateral_compat: float = 4.0  # BI_W: its Potts weight
+    clip: float = 1.0e-5  # unary = -log(max(p, clip)), as pydensecrf's unary_from_softmax
+
+    @classmethod
+    def names(cls) -> tuple:
+        """The parameter names, in order (not ``workers``: that is how, not what, to compute)."""
+        return tuple(f.name for f in fields(CRFParams))
+
+    @classmethod
+    def from_config(cls, crf_cfg: Any) -> "CRFParams":
+        """Plain, validated parameters from anything that has them.
+
+        ``crf_cfg``: the ``crf`` section of a :mod:`vitpcm.config` config (an OmegaConf
+        node or :class:`vitpcm.config.CRFConfig`), a ``CRFParams``, or a mapping. Missing
+        fields keep the authors' values; other fields (``workers``) are ignored.
+        """
+        if crf_cfg is None:
+            return CRFParams()
+        values = {}
+        for name in CRFParams.names():
+            if isinstance(crf_cfg, Mapping):
+                present = name in crf_cfg
+                value = crf_cfg[name] if present else None
+            else:
+                present = hasattr(crf_cfg, name)
+                value = getattr(crf_cfg, name, None)
+            if present:
+                values[name] = int(value) if name == "iterations" else float(value)
+        return CRFParams(**values).validated()
+
+    def validated(self) -> "CRFParams":
+        """This object, or a :class:`VitpcmError` naming the ``crf.*`` key that is out of range."""
+        if self.iterations < 0:
+            raise VitpcmError(f"crf.iterations must be >= 0, got {self.iterations}")
+        for key in ("gauss_sxy", "bilateral_sxy", "bilateral_srgb"):
+            if getattr(self, key) <= 0:
+                raise VitpcmError(f"crf.{key} must be positive, got {getattr(self, key)}")
+        for key in ("gauss_compat", "bilateral_compat"):
+            if getattr(self, key) < 0:
+                raise VitpcmError(f"crf.{key} must be >= 0, got {getattr(self, key)}")
+        if not 0 < self.clip < 1:
+            raise VitpcmError(f"crf.clip must lie in (0, 1), got {self.clip}")
+        return self
+
+    def as_dict(self) -> dict:
+        """``{name: value}`` of the seven parameters (also for a subclass with more fields)."""
+        return {name: getattr(self, name) for name in CRFParams.names()}

@@ -1,0 +1,125 @@
+"""Stage ``refine``: the dense CRF over pseudo-masks (the paper's post-processing).
+
+* :func:`refine_folders`: ``vitpcm crf --probs DIR --images DIR --out DIR`` (any folders).
+* :func:`refine_pseudo` / :func:`refine_run`: the CRF of one split of a run
+  (``RUN/pseudo/SPLIT/probs`` -> ``.../crf``), scored against the dataset's ground truth
+  when it has masks; ``vitpcm infer --crf`` and the demo chain it this way.
+* :func:`refine`: the same from a run folder and overrides (``vitpcm.refine``).
+
+Importing this module imports neither torch nor timm: the CRF is numpy and pydensecrf. Only
+:func:`refine_run` / :func:`refine` build the dataset (``vitpcm.data``), inside the call.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+from vitpcm.crf_params import CRFParams
+from vitpcm.errors import VitpcmError
+from vitpcm.evaluation import evaluate_folders, names_from_split_file
+from vitpcm.postprocess.crf import run_crf
+from vitpcm.runs import PseudoLayout, RunLayout
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def crf_params_from_overrides(overrides: Sequence[str] = ()) -> Tuple[CRFParams, int]:
+    """``crf.key=value`` overrides -> (validated parameters, ``crf.workers``).
+
+    Any other key is an error: ``vitpcm crf`` has no dataset, model or run.
+    """
+    from vitpcm.config import load_config
+
+    wrong = [o for o in overrides if not o.startswith("crf.")]
+    if wrong:
+        raise VitpcmError(f"vitpcm crf takes crf.* overrides only (e.g. crf.iterations=5), got {' '.join(wrong)}")
+    cfg = load_config(None, overrides)
+    return CRFParams.from_config(cfg.crf), int(cfg.crf.workers)
+
+
+def refine_folders(
+    probs: PathLike,
+    images: Optional[PathLike],
+    out: PathLike,
+    *,
+    params: Optional[Any] = None,
+    workers: Optional[int] = None,
+    names: Optional[Sequence[str]] = None,
+    split_file: Optional[PathLike] = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    image_paths: Optional[Mapping[str, Path]] = None,
+) -> Dict[str, Any]:
+    """Refine every ``probs/NAME.npz`` (of ``vitpcm infer``) into ``out/NAME.png``.
+
+    Args:
+        probs: the ``probs/`` folder (``probs`` [P, H, W] float32, ``classes`` [P]).
+        images: the original images (``NAME.jpg``, .png, ...), at the size of the probabilities.
+        out: where the palette PNGs go (created); finished masks are skipped on a rerun.
+        params: :class:`CRFParams` or the config's ``crf`` section; default the authors'.
+        workers: processes (0 = one per CPU; 1 = in this process); None: ``params.workers``
+            when ``params`` is a config section, else 0.
+        names / split_file: only these images (default every npz in ``probs``).
+        overwrite: recompute masks that are already done.
+        image_paths: ``{name: image file}`` instead of ``images``.
+
+    Returns the summary (also written to ``out/summary.json``): ``computed``, ``skipped``,
+    ``workers``, ``seconds``, ``params``, ...
+    """
+    if workers is None:
+        workers = int(getattr(params, "workers", 0) or 0)
+    if split_file is not None and names is None:
+        names = names_from_split_file(split_file)
+    return run_crf(probs, images, out, params=CRFParams.from_config(params), workers=workers, names=names,
+                   overwrite=overwrite, progress=progress, image_paths=image_paths)  # fmt: skip
+
+
+def refine_pseudo(
+    cfg: Any, dataset: Any, pseudo: PathLike, *, overwrite: bool = True, progress: bool = True
+) -> Dict[str, Any]:
+    """The dense CRF of one inferred split: ``PSEUDO/probs`` -> ``PSEUDO/crf`` (``crf`` config section).
+
+    ``dataset``: the split's dataset (its names, image files and, when it has masks, the
+    ground truth the CRF masks are scored against). ``overwrite``: recompute every mask
+    (right after inference: the probabilities were just rewritten).
+
+    Returns ``{"out", "seconds", "workers"}`` and ``miou`` when the split has masks.
+    """
+    files = PseudoLayout(pseudo)
+    result = refine_folders(files.probs, None, files.crf, params=cfg.crf, workers=int(cfg.crf.workers),
+                            names=dataset.names, overwrite=overwrite, progress=progress,
+                            image_paths={n: dataset.image_path(n) for n in dataset.names})  # fmt: skip
+    info: Dict[str, Any] = {"out": str(files.crf), "seconds": result["seconds"], "workers": result["workers"]}
+    if dataset.has_masks:
+        cm = evaluate_folders({"crf": files.crf}, dataset.read_mask, dataset.classes, names=dataset.names,
+                              progress=False)["crf"]  # fmt: skip
+        info["miou"] = cm.miou()
+    return info
+
+
+def refine_run(cfg: Any, run: PathLike, split: str, *, progress: bool = True, overwrite: bool = True) -> Dict[str, Any]:
+    """:func:`refine_pseudo` of ``RUN/pseudo/SPLIT`` with the split's dataset (``cfg.data``).
+
+    Builds the dataset (imports ``vitpcm.data``, hence torch) inside the call.
+    """
+    from vitpcm.data import build_dataset
+
+    pseudo = RunLayout(run).pseudo(split)
+    if not PseudoLayout(pseudo).probs.is_dir():
+        raise VitpcmError(f"no probabilities in {PseudoLayout(pseudo).probs}: run `vitpcm infer {run} --split {split}` first")
+    dataset = build_dataset(cfg.data, split, require_masks=False)
+    return refine_pseudo(cfg, dataset, pseudo, overwrite=overwrite, progress=progress)
+
+
+def refine(
+    run: PathLike, split: str = "val", *, overrides: Sequence[str] = (), overwrite: bool = False, progress: bool = True
+) -> Dict[str, Any]:
+    """The CRF of ``RUN/pseudo/SPLIT`` with the run's config (``overrides``: e.g. ``crf.iterations=5``,
+    ``data.root=...``); finished masks are kept unless ``overwrite``. See :func:`refine_run`."""
+    from vitpcm.config import load_config
+
+    layout = RunLayout(run).require()
+    cfg = load_config(layout.config, overrides)
+    return refine_run(cfg, layout.root, split, progress=progress, overwrite=overwrite)
