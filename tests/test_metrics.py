@@ -11,15 +11,9 @@ from PIL import Image
 
 from vitpcm.cli import main
 from vitpcm.errors import VitpcmError
+from vitpcm.evaluation import ConfusionMatrix, evaluate_folders, format_comparison, load_published, published_row
 from vitpcm.io import class_list, save_mask_png
-from vitpcm.metrics import (
-    ConfusionMatrix,
-    evaluate_folders,
-    folder_labels,
-    format_comparison,
-    load_published,
-    published_row,
-)
+from vitpcm.stages.evaluate import folder_labels
 
 NAMES = ["bg", "a", "b", "c"]  # b: only predicted (false positive), c: nowhere
 GT = np.array([[0, 0, 1, 1], [0, 255, 1, 1], [0, 0, 0, 1]], dtype=np.uint8)
@@ -104,7 +98,7 @@ def test_voc_table_carries_the_published_row():
     # with per-class values, the difference shows per class
     row = dict(published_row(voc), iou={"cat": 80.0})
     table = format_comparison({"bpm": cm.summary(voc)}, voc, row)
-    delta = [l for l in table.splitlines() if l.startswith("| Δ bpm")][0].split("|")
+    delta = [line for line in table.splitlines() if line.startswith("| Δ bpm")][0].split("|")
     assert delta[2 + 8].strip() == f"{100 * cm.summary(voc)['iou']['cat'] - 80:+.1f}"
 
 

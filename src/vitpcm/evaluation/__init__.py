@@ -1,0 +1,43 @@
+"""Evaluation: confusion matrix and scores, folders of masks, published rows, tables.
+
+numpy, PIL and the standard library only (no torch, no matplotlib: figures are drawn by
+:mod:`vitpcm.report.figures`), so ``vitpcm evaluate`` runs on any CPU box.
+
+* :mod:`.confusion`: :class:`ConfusionMatrix` (IoU, mIoU over the classes in the ground
+  truth, pixel accuracy, mean accuracy, fwIoU, :meth:`~ConfusionMatrix.summary`).
+* :mod:`.folders`: :func:`evaluate_folders` (several prediction folders, one ground truth).
+* :mod:`.published`: the published ViT-PCM rows (``resources/published.json``).
+* :mod:`.tables`: markdown / CSV comparison tables and :func:`write_evaluation`.
+"""
+
+from vitpcm.evaluation.confusion import ConfusionMatrix
+from vitpcm.evaluation.folders import GroundTruth, evaluate_folder, evaluate_folders, names_from_split_file
+from vitpcm.evaluation.published import VOC_SHORT, builtin_list_name, load_published, published_row
+from vitpcm.evaluation.tables import (
+    Table,
+    comparison_tables,
+    confusion_stem,
+    format_comparison,
+    markdown_table,
+    per_class_csv,
+    write_evaluation,
+)
+
+__all__ = [
+    "ConfusionMatrix",
+    "GroundTruth",
+    "evaluate_folder",
+    "evaluate_folders",
+    "names_from_split_file",
+    "VOC_SHORT",
+    "builtin_list_name",
+    "load_published",
+    "published_row",
+    "Table",
+    "comparison_tables",
+    "confusion_stem",
+    "format_comparison",
+    "markdown_table",
+    "per_class_csv",
+    "write_evaluation",
+]
