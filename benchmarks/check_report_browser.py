@@ -86,7 +86,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.write:
         sys.path.insert(0, str(ROOT / "src"))
-        from vitpcm.report import write_report
+        from vitpcm.stages.report import report as write_report
 
         write_report(run, progress=False)
     report = run / "report.html"

@@ -13,8 +13,8 @@ from PIL import Image
 
 from vitpcm.cli import main
 from vitpcm.errors import VitpcmError
-from vitpcm.metrics import ConfusionMatrix
-from vitpcm.viz import figure_heatmaps, figure_masks, plot_confusion, plot_iou_bars, plot_training_curves
+from vitpcm.evaluation import ConfusionMatrix
+from vitpcm.report.figures import figure_heatmaps, figure_masks, plot_confusion, plot_iou_bars, plot_training_curves
 
 
 def _png_ok(path: Path, min_side: int = 100) -> None:
@@ -101,7 +101,7 @@ def test_report_of_a_run(tiny_run, capsys):
 
 
 def test_report_needs_a_run_and_known_names(tiny_run, tmp_path):
-    from vitpcm.report import write_report
+    from vitpcm.stages.report import report as write_report
 
     assert main(["report", str(tmp_path), "-q"]) == 2
     with pytest.raises(VitpcmError, match="not a run folder"):
@@ -112,7 +112,8 @@ def test_report_needs_a_run_and_known_names(tiny_run, tmp_path):
 
 def test_demo_runs_crf_and_writes_report(tmp_path, synth_root, monkeypatch):
     from tests.conftest import TINY
-    from vitpcm.demo import run_demo
+
+    from vitpcm.stages.demo import demo as run_demo
 
     summary = run_demo(tmp_path / "demo", n_train=8, n_val=4, overrides=[*TINY, "train.epochs=1", "crf.workers=2"],
                        progress=False)  # fmt: skip

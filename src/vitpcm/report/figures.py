@@ -2,26 +2,31 @@
 
 Every function writes one PNG atomically and returns its path. matplotlib is used through
 its object API with the Agg canvas (no pyplot, no display, no global backend switch), so
-figures can be drawn in workers, on servers and inside a user's notebook alike.
+figures can be drawn in workers, on servers and inside a user's notebook alike. It is
+imported inside the functions: importing this module costs nothing.
 
 * :func:`figure_heatmaps` (Fig. S1): the image and one heat map per present class.
 * :func:`figure_masks` (Fig. S2): image | ground truth | one or more masks (BPM, CRF, ...).
 * :func:`plot_training_curves`: losses, val mIoU and learning rate from ``logs/metrics.jsonl``.
 * :func:`plot_iou_bars`: per-class IoU of one or more prediction folders (and a published row).
 * :func:`plot_confusion`: row-normalised confusion matrix heat map.
+* :func:`write_evaluation_figures`: the figures of an evaluation folder (confusion heat
+  maps and IoU bars beside :func:`vitpcm.evaluation.write_evaluation`'s files).
 """
 
 from __future__ import annotations
 
 import io
-import json
 import math
+import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from vitpcm.evaluation import ConfusionMatrix, confusion_stem
 from vitpcm.io import IGNORE_INDEX, atomic_path, pascal_palette
+from vitpcm.runs import read_metrics_file
 
 DPI = 80  # small files: the report inlines them
 
@@ -130,21 +135,15 @@ def figure_masks(
     return save_figure(fig, path)
 
 
-def read_metrics_jsonl(path: str | Path) -> List[Dict[str, Any]]:
-    """The rows of ``logs/metrics.jsonl`` (a torn last line of a killed run is skipped)."""
-    rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
+def plot_training_curves(
+    metrics: Union[str, Path, Sequence[Mapping[str, Any]]], path: str | Path
+) -> Optional[Path]:
+    """Losses, val mIoU and learning rate per epoch; None if there are no rows.
 
-
-def plot_training_curves(metrics_path: str | Path, path: str | Path) -> Optional[Path]:
-    """Losses, val mIoU and learning rate per epoch from ``logs/metrics.jsonl``; None if it is empty."""
-    rows = read_metrics_jsonl(metrics_path)
+    ``metrics``: the rows of ``logs/metrics.jsonl`` (``RunLayout(run).read_metrics()``),
+    or the path of such a file.
+    """
+    rows = read_metrics_file(metrics) if isinstance(metrics, (str, os.PathLike)) else list(metrics)
     if not rows:
         return None
     epochs = [r["epoch"] for r in rows]
@@ -264,3 +263,27 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str | P
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def write_evaluation_figures(
+    cms: Mapping[str, ConfusionMatrix],
+    class_names: Sequence[str],
+    out_dir: str | Path,
+    published: Optional[Mapping[str, Any]] = None,
+) -> Dict[str, Any]:
+    """The figures of an evaluation folder: ``confusion_<label>.png`` per label and ``iou_bars.png``.
+
+    Returns the file names as :func:`vitpcm.evaluation.write_evaluation` takes them
+    (``figures=``) to list them in ``metrics.json``: ``{"confusion": {label: name},
+    "iou_bars": name}``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    confusion: Dict[str, str] = {}
+    for label, cm in cms.items():
+        name = f"{confusion_stem(label)}.png"
+        plot_confusion(cm.matrix, class_names, out_dir / name, title=f"{label}: confusion (row-normalised)")
+        confusion[label] = name
+    summaries = {label: cm.summary(class_names) for label, cm in cms.items()}
+    plot_iou_bars(summaries, class_names, out_dir / "iou_bars.png", published=published)
+    return {"confusion": confusion, "iou_bars": "iou_bars.png"}

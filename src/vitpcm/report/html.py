@@ -1,0 +1,163 @@
+"""The report page: one self-contained HTML file a user opens offline.
+
+Every figure is inlined as a base64 PNG (with a relative link to its file beside the
+report), there is no script and no external resource, and every link is relative to the
+run folder, so the page works wherever the run is copied. This module only renders: the
+stage :func:`vitpcm.stages.report.report` evaluates, draws and gathers what is shown.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
+
+from vitpcm.evaluation import comparison_tables
+
+CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px auto;max-width:1320px;color:#222;padding:0 16px}
+h1{font-size:1.5em;margin-bottom:0}h2{border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:2em}
+table{border-collapse:collapse;font-size:13px;margin:8px 0}th,td{border:1px solid #ddd;padding:3px 7px;text-align:right}
+th:first-child,td:first-child{text-align:left}thead th{background:#f3f3f3}tbody tr:nth-child(even){background:#fafafa}
+.scroll{overflow-x:auto}.note{color:#666;font-size:13px}.meta{color:#555;font-size:13px}
+figure{margin:8px 0;display:inline-block;vertical-align:top}figure img{max-width:100%;border:1px solid #eee}
+figcaption{font-size:12px;color:#555}.row figure{max-width:48%;margin-right:1%}
+pre{background:#f6f6f6;padding:10px;font-size:12px;overflow-x:auto}nav a{margin-right:12px}
+"""
+
+Figure = Tuple[Optional[Path], str]  # a PNG (None: left out) and its caption
+
+
+def rel(path: Path, base: Path) -> str:
+    """``path`` relative to the report's folder ``base``, with forward slashes."""
+    return path.relative_to(base).as_posix()
+
+
+def inline_image(path: Optional[Path], base: Path, alt: str) -> str:
+    """An inline PNG (base64 data URI) with a link to the file beside the report; "" if absent."""
+    if path is None or not path.is_file():
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    href = html.escape(rel(path, base))
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+            f'<figcaption>{html.escape(alt)} · <a href="{href}">{href}</a></figcaption></figure>')  # fmt: skip
+
+
+def html_table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") -> str:
+    """A table of escaped cell texts."""
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def link(path: Path, base: Path, text: Optional[str] = None) -> str:
+    """A relative link (folders end in ``/``)."""
+    target = rel(path, base) + ("/" if path.is_dir() else "")
+    return f'<a href="{html.escape(target)}">{html.escape(text or target)}</a>'
+
+
+def evaluation_html(split: str, evaluation: Mapping[str, Any], eval_dir: Path, base: Path) -> str:
+    """Metrics, per-class IoU, IoU bars, confusion matrices and file links of one split.
+
+    ``evaluation``: what ``eval_dir/metrics.json`` holds (:func:`vitpcm.evaluation.write_evaluation`).
+    """
+    tables, note = comparison_tables(evaluation["results"], evaluation["classes"], evaluation["published"])
+    files = evaluation["files"]
+    parts: List[str] = ["<h3>Metrics (percent)</h3>", html_table(*tables[-1], cls="overall"),
+                        "<h3>Per-class IoU (percent)</h3>",
+                        '<div class="scroll">' + html_table(*tables[0], cls="perclass") + "</div>"]  # fmt: skip
+    if note:
+        parts.append(f'<p class="note">{html.escape(note)}</p>')
+    parts.append("<p class=note>– : class not in the ground truth of this split (not counted in the mIoU), or no published value.</p>")
+    bars = eval_dir / files["iou_bars"] if files.get("iou_bars") else None
+    parts.append(inline_image(bars, base, f"{split}: per-class IoU"))
+    parts.append('<div class="row">' + "".join(
+        inline_image(eval_dir / f["png"], base, f"{split}: confusion matrix, {label}")
+        for label, f in files["confusion"].items() if "png" in f) + "</div>")  # fmt: skip
+    parts.append("<p>Files: " + ", ".join(link(eval_dir / f, base) for f in ("metrics.json", files["csv"], files["markdown"]))
+                 + ", " + ", ".join(link(eval_dir / c["npy"], base) for c in files["confusion"].values()) + "</p>")  # fmt: skip
+    return "\n".join(parts)
+
+
+def split_section(
+    split: str,
+    base: Path,
+    *,
+    evaluation: str = "",
+    samples_title: str = "",
+    samples: Sequence[Sequence[Figure]] = (),
+    outputs: Sequence[Path] = (),
+    notes: Sequence[str] = (),
+) -> str:
+    """The section of one split: ``evaluation`` (:func:`evaluation_html`, "" without ground
+    truth), sample figure rows (one row of figures per image), links to ``outputs``, notes."""
+    parts: List[str] = [f'<h2 id="split-{html.escape(split)}">Split {html.escape(split)}</h2>']
+    if evaluation:
+        parts.append(evaluation)
+    if samples:
+        parts.append(f"<h3>{html.escape(samples_title)}</h3>")
+        for row in samples:
+            parts.append('<div class="sample">' + "".join(inline_image(p, base, alt) for p, alt in row) + "</div>")
+    parts.append("<p>Outputs: " + ", ".join(link(p, base) for p in outputs) + "</p>")
+    for note in notes:
+        parts.append(f'<p class="note">{html.escape(note)}</p>')
+    return "\n".join(parts)
+
+
+def no_pseudo_masks(run: Path) -> str:
+    """The note shown when the run has no pseudo-masks yet."""
+    return (f'<p class="note">No pseudo-masks yet: run <code>vitpcm infer {html.escape(str(run))} --split val</code>'
+            " (add --crf for the CRF masks), then this command again.</p>")  # fmt: skip
+
+
+def training_section(
+    base: Path, metrics_file: Path, facts: Optional[Sequence[Sequence[str]]], curves: Optional[Path]
+) -> str:
+    """Training facts (``[label, value]`` rows; None: no metrics file) and the curves figure."""
+    name = rel(metrics_file, base)
+    parts = ['<h2 id="training">Training</h2>']
+    if facts is None:
+        parts.append(f'<p class="note">no {html.escape(name)} in this run.</p>')
+    else:
+        if facts:
+            parts.append(html_table(["", "value"], facts, cls="overall"))
+        parts.append(inline_image(curves, base, f"training curves ({name})"))
+    return "".join(parts)
+
+
+def render_page(
+    base: Path,
+    *,
+    version: str,
+    backbone: str,
+    num_classes: int,
+    splits: Sequence[str],
+    sections: Sequence[str],
+    training: str,
+    files: Sequence[Path],
+    config_text: str,
+    written: str,
+) -> str:
+    """The whole page. ``base``: the run folder (links are relative to it); ``files``:
+    what the file list links (those that exist); ``written``: the date line's time."""
+    nav = " ".join(f'<a href="#split-{html.escape(s)}">{html.escape(s)}</a>' for s in splits)
+    nav += ' <a href="#training">training</a> <a href="#files">files</a> <a href="#config">config</a>'
+    file_links = "".join(f"<li>{link(p, base)}</li>" for p in files if p.exists())
+    name = html.escape(base.resolve().name)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>vitpcm report: {name}</title>
+<style>{CSS}</style></head>
+<body>
+<h1>vitpcm report: {name}</h1>
+<p class="meta">run {html.escape(str(base.resolve()))} · written {written} by vitpcm {version} ·
+backbone {html.escape(str(backbone))} · {num_classes} classes</p>
+<nav>{nav}</nav>
+{''.join(sections)}
+{training}
+<h2 id="files">Files</h2><ul>{file_links}</ul>
+<h2 id="config">Config (resolved)</h2><pre>{html.escape(config_text)}</pre>
+</body></html>
+"""
