@@ -104,3 +104,21 @@ def test_loading_a_config_imports_neither_torch_nor_timm():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_run_saved_before_mean_std_keeps_its_minus_one_to_one_inputs(tmp_path):
+    """Old run folders: config.yaml without input.mean -> 0.5 / 0.5, as they were trained."""
+    from omegaconf import OmegaConf
+
+    from vitpcm.config import load_saved_config, to_yaml
+
+    old = OmegaConf.to_container(load_config("voc12", ["model.backbone=vit_small_patch14_dinov2"]))
+    del old["input"]["mean"], old["input"]["std"]
+    path = tmp_path / "config.yaml"
+    path.write_text(OmegaConf.to_yaml(old))
+    cfg = load_saved_config(path, ["train.epochs=2"])
+    assert list(cfg.input.mean) == [0.5] * 3 and list(cfg.input.std) == [0.5] * 3 and cfg.train.epochs == 2
+    # A run saved now keeps what it says (auto, or resolved values); overrides still win.
+    path.write_text(to_yaml(load_config("voc12")))
+    assert load_saved_config(path).input.mean == "auto"
+    assert list(load_saved_config(path, ["input.mean=[0.1,0.2,0.3]"]).input.mean) == [0.1, 0.2, 0.3]

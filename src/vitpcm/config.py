@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from vitpcm.crf_params import CRFParams
 from vitpcm.errors import VitpcmError
 
 log = logging.getLogger(__name__)
@@ -136,15 +137,9 @@ class InferConfig:
 
 
 @dataclass
-class CRFConfig:
-    # Dense CRF (`vitpcm crf`, `vitpcm infer --crf`); defaults: the authors' `CRF:` section
-    iterations: int = 10  # ITER_MAX, mean-field iterations
-    gauss_sxy: float = 1.0  # POS_XY_STD, smoothness kernel: spatial std in pixels
-    gauss_compat: float = 3.0  # POS_W, its Potts weight
-    bilateral_sxy: float = 67.0  # BI_XY_STD, appearance kernel: spatial std in pixels
-    bilateral_srgb: float = 3.0  # BI_RGB_STD, its colour std (0..255)
-    bilateral_compat: float = 4.0  # BI_W, its Potts weight
-    clip: float = 1.0e-5  # unary = -log(max(p, clip)) (pydensecrf's unary_from_softmax)
+class CRFConfig(CRFParams):
+    # Dense CRF (`vitpcm crf`, `vitpcm infer --crf`): the seven parameters are CRFParams' (one
+    # definition, the authors' `CRF:` section as defaults; vitpcm/crf_params.py), plus how to run it.
     workers: int = 0  # processes over images; 0 = one per CPU
 
 
@@ -361,3 +356,26 @@ def check_sizes(cfg: DictConfig, patch_size: int, backbone: Optional[str] = None
 def to_yaml(cfg: DictConfig) -> str:
     """The resolved config as YAML text (saved in every run folder)."""
     return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+#: Runs saved before ``input.mean`` / ``input.std`` existed were fed [-1, 1] whatever the backbone.
+LEGACY_NORMALISATION = ["input.mean=[0.5,0.5,0.5]", "input.std=[0.5,0.5,0.5]"]
+
+
+def load_saved_config(path: Union[str, Path], overrides: Sequence[str] = ()) -> DictConfig:
+    """Load a run's saved ``config.yaml`` (then ``overrides``), keeping the run's normalisation.
+
+    A run saved before ``input.mean`` / ``input.std`` existed was trained on [-1, 1] inputs
+    whatever its backbone; ``auto`` would now give e.g. DINOv2 ImageNet statistics, so such a
+    file gets 0.5 / 0.5 pinned (the same values for the authors' ViT and the demo).
+    """
+    path = resolve_preset(path)
+    try:
+        saved = OmegaConf.load(path)
+    except Exception as exc:  # YAML syntax errors come in many types
+        raise VitpcmError(f"cannot parse config {path}: {exc}") from None
+    section = saved.get("input") if isinstance(saved, DictConfig) else None
+    legacy = isinstance(section, DictConfig) and "train_size" in section and "mean" not in section
+    if legacy:
+        log.info("%s predates input.mean/std: the run was trained on [-1, 1] inputs, pinned as 0.5 / 0.5", path)
+    return load_config(path, [*(LEGACY_NORMALISATION if legacy else []), *overrides])
