@@ -170,3 +170,14 @@ def test_refine_stage_of_a_run_and_its_overrides(tiny_run):
         crf_params_from_overrides(["data.root=/x"])
     with pytest.raises(VitpcmError, match="crf.clip must lie in"):
         crf_params_from_overrides(["crf.clip=2"])
+
+
+def test_refine_folders_takes_the_cli_overrides(tmp_path):
+    from vitpcm.stages.refine import refine_folders
+
+    _write_folder(tmp_path, 2)
+    s = refine_folders(tmp_path / "probs", tmp_path / "images", tmp_path / "o", overrides=["crf.iterations=2", "crf.workers=1"],
+                       progress=False)  # fmt: skip
+    assert (s["computed"], s["workers"], s["params"]["iterations"]) == (2, 1, 2)
+    with pytest.raises(VitpcmError, match=r"crf.\* overrides only"):
+        refine_folders(tmp_path / "probs", tmp_path / "images", tmp_path / "o", overrides=["train.epochs=3"])

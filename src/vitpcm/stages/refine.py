@@ -45,6 +45,7 @@ def refine_folders(
     out: PathLike,
     *,
     params: Optional[Any] = None,
+    overrides: Sequence[str] = (),
     workers: Optional[int] = None,
     names: Optional[Sequence[str]] = None,
     split_file: Optional[PathLike] = None,
@@ -59,8 +60,10 @@ def refine_folders(
         images: the original images (``NAME.jpg``, .png, ...), at the size of the probabilities.
         out: where the palette PNGs go (created); finished masks are skipped on a rerun.
         params: :class:`CRFParams` or the config's ``crf`` section; default the authors'.
-        workers: processes (0 = one per CPU; 1 = in this process); None: ``params.workers``
-            when ``params`` is a config section, else 0.
+        overrides: instead of ``params``: ``crf.key=value`` strings (``vitpcm crf``'s
+            arguments; :func:`crf_params_from_overrides`), ``crf.workers`` included.
+        workers: processes (0 = one per CPU; 1 = in this process); None: ``crf.workers``
+            of ``overrides`` / of ``params`` when it is a config section, else 0.
         names / split_file: only these images (default every npz in ``probs``).
         overwrite: recompute masks that are already done.
         image_paths: ``{name: image file}`` instead of ``images``.
@@ -68,6 +71,12 @@ def refine_folders(
     Returns the summary (also written to ``out/summary.json``): ``computed``, ``skipped``,
     ``workers``, ``seconds``, ``params``, ...
     """
+    if overrides:
+        if params is not None:
+            raise ValueError("give params or overrides, not both")
+        params, cfg_workers = crf_params_from_overrides(overrides)
+        if workers is None:
+            workers = cfg_workers
     if workers is None:
         workers = int(getattr(params, "workers", 0) or 0)
     if split_file is not None and names is None:
