@@ -27,7 +27,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from vitpcm.config import load_config
-    from vitpcm.engine.train import train
+    from vitpcm.stages.train import train
 
     for spec in args.variants:
         name, data, *overrides = shlex.split(spec)

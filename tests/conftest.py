@@ -47,8 +47,8 @@ def tiny_overrides(synth_root) -> list[str]:
 def tiny_run(tmp_path_factory, synth_root) -> Path:
     """A tiny trained run (1 epoch) with val pseudo-masks, probabilities and CRF masks."""
     from vitpcm.config import load_config
-    from vitpcm.engine.infer import run_inference
-    from vitpcm.engine.train import train
+    from vitpcm.stages.infer import run_inference
+    from vitpcm.stages.train import train
 
     run = tmp_path_factory.mktemp("tinyrun") / "run"
     train(load_config("synthetic", [*TINY, f"data.root={synth_root}", "train.epochs=1"]), run, progress=False)

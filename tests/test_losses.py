@@ -3,7 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from vitpcm.losses import et_loss, mce_loss, merge_class_labels, reg_loss
+from vitpcm.losses import et_loss, mce_loss, reg_loss
+from vitpcm.models.vitpcm import merge_class_labels
 
 
 def test_merge_class_labels_hand_example():
@@ -74,7 +75,7 @@ def test_reg_loss_is_keras_l2():
 
 def test_et_target_merge_before_or_after_the_crop():
     """'after' (the authors) rescales a class inside the crop; 'before' keeps the whole-view scale."""
-    from vitpcm.losses import et_targets
+    from vitpcm.tasks.pcm import et_targets
 
     probs = torch.zeros(1, 2, 4, 4)
     probs[0, 1] = 0.1

@@ -10,10 +10,10 @@ from PIL import Image
 from vitpcm.cli import main
 from vitpcm.config import load_config
 from vitpcm.engine.checkpoint import read_checkpoint
-from vitpcm.engine.infer import run_inference
-from vitpcm.engine.train import train
 from vitpcm.errors import VitpcmError
 from vitpcm.io import read_mask_png
+from vitpcm.stages.infer import run_inference
+from vitpcm.stages.train import train
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_training_writes_run_folder(trained_run):
     run, result = trained_run
     assert (run / "config.yaml").is_file() and (run / "classes.txt").is_file()
     assert (run / "checkpoints/last.pt").is_file() and (run / "checkpoints/best.pt").is_file()
-    rows = [json.loads(l) for l in (run / "logs/metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / "logs/metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     assert [r["phase"] for r in rows] == ["warmup", "finetune"]
     for r in rows:
@@ -41,14 +41,13 @@ def test_training_writes_run_folder(trained_run):
     assert state["epoch"] == 2 and state["arch"]["num_classes"] == 6
 
 
-
-
 def test_warmup_leaves_backbone_untouched(tmp_path, tiny_overrides):
     cfg = load_config("synthetic", [*tiny_overrides, "train.epochs=1", "train.warmup_epochs=1", "loss.et=false"])
     torch.manual_seed(0)
-    from vitpcm.engine.train import Trainer
+    from vitpcm.engine.trainer import Trainer
+    from vitpcm.tasks.pcm import PcmTask, train_settings
 
-    trainer = Trainer(cfg, tmp_path / "r")
+    trainer = Trainer(PcmTask(cfg), tmp_path / "r", train_settings(cfg))
     before = {k: v.clone() for k, v in trainer.model.backbone.state_dict().items()}
     head_before = trainer.model.classifier.weight.detach().clone()
     trainer.fit()
@@ -71,7 +70,7 @@ def test_rerun_without_resume_is_refused_and_resume_continues(trained_run, tmp_p
     shutil.copytree(run, copy)
     cfg3 = load_config("synthetic", [*TINY, f"data.root={synth_root}", "train.epochs=3"])
     train(cfg3, copy, resume=True, progress=False)
-    rows = [json.loads(l) for l in (copy / "logs/metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (copy / "logs/metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert read_checkpoint(copy / "checkpoints/last.pt")["epoch"] == 3
 
@@ -170,6 +169,6 @@ def test_torchrun_two_processes_on_cpu(tmp_path, synth_root):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("run: ") == 1
-    rows = [json.loads(l) for l in (run / "logs/metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / "logs/metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     assert read_checkpoint(run / "checkpoints/last.pt")["epoch"] == 2

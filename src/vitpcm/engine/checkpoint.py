@@ -1,21 +1,62 @@
-"""Checkpoints: atomic save, validated load, model rebuild."""
+"""Checkpoints: atomic save (never of non-finite weights), validated load, model rebuild.
+
+The model class is never named here: :func:`load_model` rebuilds whatever the stored
+``arch`` describes through :func:`vitpcm.models.registry.create_model`.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn as nn
 
 from vitpcm.errors import VitpcmError
 from vitpcm.io import atomic_path
-from vitpcm.models.vitpcm import ViTPCM
+from vitpcm.models.registry import create_model
+from vitpcm.runs import RunLayout
 
 FORMAT_VERSION = 1
 
 
-def save_checkpoint(path: str | Path, state: Dict[str, Any]) -> None:
-    """``torch.save`` through a temporary file, so a kill never leaves a truncated checkpoint."""
+class NonFiniteState(VitpcmError):
+    """A state to save holds NaN or infinite tensors (the run diverged)."""
+
+
+def _tensors(obj: Any, prefix: str = "") -> Iterator[Tuple[str, torch.Tensor]]:
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}.{i}" if prefix else str(i))
+
+
+def non_finite_tensors(obj: Any) -> List[str]:
+    """Dotted names of the floating-point tensors in ``obj`` (nested dicts/lists) that hold
+    a NaN or an infinity; ``[]`` when every tensor is finite."""
+    bad = []
+    for name, t in _tensors(obj):
+        if (t.is_floating_point() or t.is_complex()) and t.numel() and not bool(torch.isfinite(t).all()):
+            bad.append(name)
+    return bad
+
+
+def save_checkpoint(path: str | Path, state: Dict[str, Any], check_finite: bool = True) -> None:
+    """``torch.save`` through a temporary file, so a kill never leaves a truncated checkpoint.
+
+    With ``check_finite`` (default) a state holding a NaN or infinite tensor is refused
+    with :class:`NonFiniteState` before anything is written: a diverged run never replaces
+    its last good checkpoint.
+    """
+    if check_finite:
+        bad = non_finite_tensors({"model": state.get("model"), "optimizer": state.get("optimizer")})
+        if bad:
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise NonFiniteState(f"non-finite values in {shown}: {path} not written")
     state = dict(state, format_version=FORMAT_VERSION)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -29,7 +70,9 @@ def read_checkpoint(path: str | Path) -> Dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # pickle/zip errors come in many types
-        raise VitpcmError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise VitpcmError(
+            f"cannot read checkpoint {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
     if not isinstance(state, dict) or "arch" not in state or "model" not in state:
         raise VitpcmError(f"{path} is not a vitpcm checkpoint (no 'arch'/'model' entries)")
     return state
@@ -42,37 +85,44 @@ def find_run_checkpoint(run: str | Path, which: str = "best") -> Path:
         return run
     if not run.is_dir():
         raise VitpcmError(f"run folder {run} not found: give the --out folder of `vitpcm train` or a .pt file")
+    layout = RunLayout(run)
     for name in (which, "last"):
-        path = run / "checkpoints" / f"{name}.pt"
+        path = layout.checkpoint(name)
         if path.is_file():
             return path
-    raise VitpcmError(f"{run} holds no checkpoints/{which}.pt or checkpoints/last.pt: has `vitpcm train` finished an epoch there?")
+    shown = f"{layout.checkpoint(which).relative_to(run)} or {layout.checkpoint('last').relative_to(run)}"
+    raise VitpcmError(f"{run} holds no {shown}: has `vitpcm train` finished an epoch there?")
 
 
-def load_model(
-    path: str | Path, expected_classes: Optional[Sequence[str]] = None
-) -> Tuple[ViTPCM, Dict[str, Any]]:
-    """Rebuild the model stored in a checkpoint and load its weights.
+def load_model(path: str | Path, expected_classes: Optional[Sequence[str]] = None) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Rebuild the model stored in a checkpoint (any registered model, by ``arch["name"]``)
+    and load its weights. Returns ``(model, checkpoint dict)``.
 
     ``expected_classes``, when given, must match the checkpoint's class count.
     """
     state = read_checkpoint(path)
     arch = dict(state["arch"])
-    if expected_classes is not None and int(arch["num_classes"]) != len(expected_classes):
+    if expected_classes is not None and "num_classes" in arch and int(arch["num_classes"]) != len(expected_classes):
         raise VitpcmError(
             f"checkpoint {path} was trained for {arch['num_classes']} classes but the data has"
             f" {len(expected_classes)}: use the class list the model was trained with (data.classes)"
         )
-    model = ViTPCM.from_arch(arch)
+    bad = non_finite_tensors(state["model"])
+    if bad:  # a diverged model would write masks from NaN weights without a word
+        raise VitpcmError(
+            f"checkpoint {path} holds non-finite weights ({bad[0]}{' and more' if len(bad) > 1 else ''}):"
+            " the run diverged; use an earlier checkpoint or retrain with a lower learning rate"
+        )
+    model = create_model(arch)
     model.load_state_dict(state["model"])
     return model, state
 
 
-def init_from(model: ViTPCM, path: str | Path) -> None:
+def init_from(model: nn.Module, path: str | Path) -> None:
     """Initialise ``model`` from another vitpcm checkpoint (same architecture and classes)."""
     state = read_checkpoint(path)
-    theirs = int(state["arch"]["num_classes"])
-    if theirs != model.num_classes:
+    theirs = int(state["arch"].get("num_classes", -1))
+    if theirs != getattr(model, "num_classes", theirs):
         raise VitpcmError(
             f"checkpoint {path} has {theirs} classes but this model has {model.num_classes}:"
             " model.init_from needs a checkpoint trained on the same class list"
@@ -80,9 +130,16 @@ def init_from(model: ViTPCM, path: str | Path) -> None:
     try:
         missing, unexpected = model.load_state_dict(state["model"], strict=False)
     except RuntimeError as exc:  # size mismatches
-        raise VitpcmError(f"checkpoint {path} does not fit model {model.arch['backbone']}: {str(exc).splitlines()[-1].strip()}") from None
+        raise VitpcmError(
+            f"checkpoint {path} does not fit model {_describe(model)}: {str(exc).splitlines()[-1].strip()}"
+        ) from None
     if missing or unexpected:
         raise VitpcmError(
-            f"checkpoint {path} does not fit model {model.arch['backbone']}"
+            f"checkpoint {path} does not fit model {_describe(model)}"
             f" ({len(missing)} missing, {len(unexpected)} unexpected tensors): check model.* settings"
         )
+
+
+def _describe(model: nn.Module) -> str:
+    """The backbone name for messages (ViT-PCM), else the class name."""
+    return str(getattr(model, "arch", {}).get("backbone") or type(model).__name__)

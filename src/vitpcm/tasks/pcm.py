@@ -1,0 +1,260 @@
+"""The ViT-PCM task for the engine: the authors' two-phase recipe and the ET step.
+
+Phase ``warmup`` (``train.warmup_epochs``): backbone frozen, only HV-BiLSTM + classifier
+learn at ``train.warmup_lr``. Phase ``finetune``: the last ``train.unfreeze_blocks``
+blocks and the final norm join, with a fresh Adam at ``train.lr`` (``train.schedule=cosine``
+decays it to 1% by the last epoch). After every epoch: validation mIoU of the tag-merged
+predictions at the training size (when the val split has masks).
+
+One training step (per batch of B images)::
+
+    Z_sg   = model.eval()(view1)                     no gradient: ET targets
+    out    = model(cat[view1, tile_2x2(ET views)])   one forward for both inputs
+    L_MCE  = BCE(GMP(out[view1]), tags)
+    L_ET   = CE(untile(out[tiled]), merge(T(Z_sg), tags))
+    L_REG  = 0.01 * ||W||^2
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from vitpcm.data import EvalTransform, TrainTransform, build_dataset, collate
+from vitpcm.data.check import screen_for_training
+from vitpcm.data.transforms import map_to_et_grid, tile_views, untile_grid
+from vitpcm.engine.checkpoint import init_from
+from vitpcm.engine.distributed import all_reduce_sum
+from vitpcm.engine.task import EngineContext, Phase, Task, cosine_lr, eval_mode, trainable_parameters
+from vitpcm.engine.trainer import TrainSettings
+from vitpcm.errors import VitpcmError
+from vitpcm.evaluation.confusion import ConfusionMatrix
+from vitpcm.losses import et_loss, mce_loss, reg_loss
+from vitpcm.models.backbone import resolve_normalisation
+from vitpcm.models.predict import predict_grid, upsample
+from vitpcm.models.registry import build_model, model_arch
+from vitpcm.models.vitpcm import merge_class_labels
+
+log = logging.getLogger(__name__)
+
+WARMUP, FINETUNE = "warmup", "finetune"
+
+
+@torch.no_grad()
+def et_targets(
+    probs_view: torch.Tensor,
+    labels: torch.Tensor,
+    flips: torch.Tensor,
+    et_box: torch.Tensor,
+    et_flips: torch.Tensor,
+    patch_size: int,
+    et_grid: int,
+    merge: str = "after",
+) -> torch.Tensor:
+    """Soft targets for L_ET (the authors' ``compute_cce_loss`` target side).
+
+    The plain view's predictions (taken in eval mode, without gradient) are carried to each
+    ET view's patch grid through the same transform and merged with the tags.
+
+    ``merge="after"`` (the authors) merges on the transformed grid, so each present class
+    is scaled to peak at 1 *inside the crop*, even when the crop misses the object.
+    ``merge="before"`` merges on the whole view first (where the image tags hold) and then
+    transforms, so a crop without the object keeps that class low.
+
+    Args:
+        probs_view: ``[B, C, G, G]`` predictions on view 1.
+        labels: ``[B, C]`` tags.
+        flips, et_box, et_flips: the transform records from :class:`TrainTransform`.
+        et_grid: patch-grid side of one ET view.
+
+    Returns ``[B, C, et_grid, et_grid]``.
+    """
+    if merge not in ("after", "before"):
+        raise ValueError(f"merge must be 'after' or 'before', got {merge!r}")
+    probs = probs_view.float()
+    if merge == "before":
+        return map_to_et_grid(merge_class_labels(probs, labels), flips, et_box, et_flips, patch_size, et_grid)
+    return merge_class_labels(map_to_et_grid(probs, flips, et_box, et_flips, patch_size, et_grid), labels)
+
+
+def train_settings(cfg: DictConfig) -> TrainSettings:
+    """The engine's settings from ``train.*`` (and ``data.num_workers``)."""
+    t = cfg.train
+    return TrainSettings(
+        epochs=int(t.epochs),
+        batch_size=int(t.batch_size),
+        seed=int(t.seed),
+        device=str(t.device),
+        threads=int(t.threads),
+        amp=bool(t.amp),
+        val_every=int(t.val_every),
+        log_every=int(t.log_every),
+        num_workers=int(cfg.data.num_workers),
+    )
+
+
+class PcmTask(Task):
+    """ViT-PCM as an engine task (module docstring). ``cfg``: a loaded config.
+
+    ``skip_bad``: broken data items are left out (listed in ``RUN/skipped.txt``) instead of
+    stopping the run; every item is read once before training (``data/check.py``).
+    """
+
+    metric = "miou"
+    metric_label = "mIoU"
+
+    def __init__(self, cfg: DictConfig, skip_bad: bool = False) -> None:
+        self.cfg = cfg
+        self.skip_bad = skip_bad
+        self.val_set = None
+        self.collate_fn = collate
+        self.last_val: Optional[ConfusionMatrix] = None
+
+    # ----------------------------------------------------------------- setup
+    def setup(self, ctx: EngineContext) -> None:
+        cfg = self.cfg
+        # Data first: a bad dataset should fail before a large model is built. Every item
+        # is read once up front: broken ones stop the run, or with skip_bad are dropped.
+        probe = build_dataset(cfg.data, cfg.data.train_split, strict=False)
+        self.classes: List[str] = probe.classes
+        self.val_set = self._build_val_set(ctx)
+        screen_for_training([probe, self.val_set], ctx.run.root, self.skip_bad, progress=ctx.show_progress,
+                            write=ctx.dist.main)  # fmt: skip
+        model = build_model(cfg, len(self.classes))
+        if cfg.model.get("init_from"):
+            init_from(model, cfg.model.init_from)
+        self.model = model.to(ctx.device)
+        d = self.model.patch_size
+        mean, std = resolve_normalisation(cfg, self.model.adapter)
+        self.train_set = probe
+        self.train_set.transform = TrainTransform(cfg.input.train_size, cfg.input.et_crop, cfg.input.et_scale, d,
+                                                  cfg.augment, mean=mean, std=std)  # fmt: skip
+        if self.val_set is not None:
+            self.val_set.transform = EvalTransform(cfg.input.train_size, mean=mean, std=std)
+        self.et_grid = int(cfg.input.et_scale) // d
+
+    def _build_val_set(self, ctx: EngineContext):
+        cfg = self.cfg
+        if not cfg.data.val_split or cfg.train.val_every <= 0:
+            return None
+        try:
+            val = build_dataset(cfg.data, cfg.data.val_split, require_masks=False, strict=False)
+        except VitpcmError as exc:
+            if ctx.dist.main:
+                log.warning("no validation: %s", exc)
+            return None
+        if not val.has_masks:
+            if ctx.dist.main:
+                log.warning("no validation: split '%s' lacks masks; best.pt will be the last epoch", cfg.data.val_split)
+            return None
+        if val.classes != self.classes:
+            raise VitpcmError("train and val splits use different class lists")
+        return val
+
+    # ----------------------------------------------------------------- phases
+    def phases(self) -> List[Phase]:
+        t = self.cfg.train
+        # warmup_epochs=0: both start at 0 and the later one (finetune) wins
+        return [Phase(WARMUP, 0, float(t.warmup_lr)), Phase(FINETUNE, int(t.warmup_epochs), float(t.lr))]
+
+    def param_groups(self, phase: Phase, model: nn.Module) -> List[Dict[str, Any]]:
+        model.set_backbone_trainable(0 if phase.name == WARMUP else int(self.cfg.train.unfreeze_blocks))
+        return [{"params": trainable_parameters(model)}]
+
+    def lr_at(self, phase: Phase, progress: float) -> Optional[float]:
+        """Cosine decay over the finetune phase when ``train.schedule=cosine``; else constant."""
+        t = self.cfg.train
+        if t.schedule != "cosine" or phase.name != FINETUNE:
+            return None
+        span = max(int(t.epochs) - int(t.warmup_epochs), 1)
+        return cosine_lr(float(t.lr), (progress - int(t.warmup_epochs)) / span)
+
+    # ----------------------------------------------------------------- one step
+    def train_step(
+        self, model: nn.Module, batch: Mapping[str, Any], ctx: EngineContext
+    ) -> Tuple[torch.Tensor, Dict[str, float]]:
+        lc = self.cfg.loss
+        device = ctx.device
+        images = batch["image"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        b = images.shape[0]
+
+        inputs = images
+        if lc.et:
+            # targets from the plain model in eval mode (no dropout, no DDP sync), no gradient
+            with torch.no_grad(), eval_mode(self.model), ctx.autocast():
+                probs_sg = self.model(images)["probs"]
+            targets = et_targets(
+                probs_sg,
+                labels,
+                batch["flips"],
+                batch["et_box"],
+                batch["et_flips"],
+                self.model.patch_size,
+                self.et_grid,
+                merge=str(lc.et_merge),
+            )
+            tiled, count = tile_views(batch["image_et"].to(device, non_blocking=True))
+            inputs = torch.cat([images, tiled], dim=0)
+
+        with ctx.autocast():
+            out = model(inputs)
+        if not bool(torch.isfinite(out["pooled"]).all()):
+            # diverged: BCE would raise on NaN inputs; hand the engine a non-finite loss
+            return torch.full((), float("nan"), device=device), {}
+        terms: Dict[str, torch.Tensor] = {}
+        if lc.mce:
+            terms["mce"] = mce_loss(out["pooled"][:b], labels)
+        if lc.et:
+            probs_et = untile_grid(out["probs"][b:], count)
+            terms["et"] = float(lc.et_weight) * et_loss(probs_et, targets)
+        if lc.reg:
+            terms["reg"] = reg_loss(self.model.classifier.weight, float(lc.reg_weight))
+        loss = sum(terms.values())
+        return loss, {k: float(v.detach()) for k, v in terms.items()}
+
+    def divergence_hint(self) -> str:
+        return "lower train.lr / train.warmup_lr or check the data"
+
+    # ----------------------------------------------------------------- validation
+    @property
+    def has_validation(self) -> bool:
+        return self.val_set is not None
+
+    @torch.no_grad()
+    def validate(self, ctx: EngineContext) -> Optional[Dict[str, float]]:
+        """Val mIoU of tag-merged predictions at the training size, upsampled to each mask.
+        Each rank scores every world-th image; the confusion matrices are summed."""
+        if self.val_set is None:
+            return None
+        self.model.eval()
+        cm = ConfusionMatrix(len(self.classes))
+        dist = ctx.dist
+        indices = list(range(dist.rank, len(self.val_set), dist.world))
+        subset = torch.utils.data.Subset(self.val_set, indices)
+        loader = DataLoader(subset, batch_size=int(self.cfg.train.val_batch_size), shuffle=False,
+                            num_workers=int(self.cfg.data.num_workers), collate_fn=collate)  # fmt: skip
+        for batch in loader:
+            with ctx.autocast():
+                grid = predict_grid(self.model, batch["image"].to(ctx.device), batch["labels"].to(ctx.device))
+            for i in range(grid.shape[0]):
+                pred = upsample(grid[i].float(), batch["size"][i]).argmax(0).cpu().numpy()
+                cm.update(pred, batch["mask"][i].numpy())
+        total = torch.from_numpy(cm.matrix).to(ctx.device)
+        cm.matrix = all_reduce_sum(total, dist).cpu().numpy()
+        self.model.train()
+        self.last_val = cm
+        return {"miou": cm.miou()}
+
+    # ----------------------------------------------------------------- checkpoints
+    def checkpoint_extras(self) -> Dict[str, Any]:
+        return {
+            "arch": model_arch(self.model, "vitpcm"),
+            "classes": self.classes,
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        }
