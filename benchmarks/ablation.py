@@ -42,7 +42,7 @@ def run_variant(data: Path, label: str, overrides: list[str], work: Path, seed: 
     import shutil
 
     from vitpcm.config import load_config
-    from vitpcm.engine.infer import run_inference
+    from vitpcm.stages.infer import run_inference
     from vitpcm.stages.train import train
 
     run = work / "runs" / (f"{data.name}-{_slug(label)}" + ("" if seed is None else f"-seed{seed}"))

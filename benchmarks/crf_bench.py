@@ -171,7 +171,7 @@ def profile(probs_dir: Path, images_dir: Path, names: List[str], num_classes: in
     """CPU milliseconds per image of each step, present classes vs all channels."""
     import pydensecrf.densecrf as dcrf
 
-    from vitpcm.data.images import load_rgb
+    from vitpcm.images import load_rgb
     from vitpcm.io import find_image
     from vitpcm.postprocess.crf import load_probs, unary_energy
 

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from vitpcm.engine.infer import run_inference  # noqa: E402
+from vitpcm.stages.infer import run_inference  # noqa: E402
 
 VARIANTS = {
     "plain": (False, []),

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from vitpcm.engine.checkpoint import load_model, non_finite_tensors, read_checkpoint
+from vitpcm.engine.checkpoint import non_finite_tensors, read_checkpoint
+from vitpcm.stages.load import load_model
 from vitpcm.engine.task import EngineContext, Phase, Task, poly_lr
 from vitpcm.engine.trainer import Trainer, TrainSettings
 from vitpcm.errors import VitpcmError

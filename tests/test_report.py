@@ -14,7 +14,7 @@ from PIL import Image
 from vitpcm.cli import main
 from vitpcm.errors import VitpcmError
 from vitpcm.evaluation import ConfusionMatrix
-from vitpcm.report.figures import figure_heatmaps, figure_masks, plot_confusion, plot_iou_bars, plot_training_curves
+from vitpcm.viz.figures import figure_heatmaps, figure_masks, plot_confusion, plot_iou_bars, plot_training_curves
 
 
 def _png_ok(path: Path, min_side: int = 100) -> None:

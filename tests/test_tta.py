@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from vitpcm.cli import main
-from vitpcm.engine.checkpoint import find_run_checkpoint, load_model
-from vitpcm.engine.infer import predict_tta, run_inference, tta_sizes
+from vitpcm.engine.checkpoint import find_run_checkpoint
+from vitpcm.stages.load import load_model
+from vitpcm.stages.infer import predict_tta, run_inference, tta_sizes
 from vitpcm.errors import VitpcmError
 from vitpcm.io import read_mask_png
 

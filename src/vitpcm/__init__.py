@@ -9,33 +9,64 @@ The small public API::
     masks = vitpcm.merge_class_labels(out["probs"], tags).argmax(1)
 
     cfg = vitpcm.load_config("synthetic", ["data.root=/data/shapes"])
-    vitpcm.train(cfg, "runs/shapes")
-    vitpcm.run_inference("runs/shapes", split="val")
+    vitpcm.train(cfg, "runs/shapes")                 # the stages: config / run in, summary dict out
+    vitpcm.infer("runs/shapes", split="val", crf=True)
+    vitpcm.report("runs/shapes")
+
+Names are imported on first use (PEP 562), so ``import vitpcm`` (and the CLI's light
+commands, ``vitpcm crf`` / ``vitpcm evaluate``) do not pay for torch and timm.
 """
 
-from vitpcm import theory
-from vitpcm.config import load_config
-from vitpcm.engine.infer import run_inference
-from vitpcm.engine.train import train
-from vitpcm.errors import VitpcmError
-from vitpcm.losses import et_loss, et_targets, mce_loss, merge_class_labels, reg_loss
-from vitpcm.metrics import ConfusionMatrix, evaluate_folder
-from vitpcm.models.vitpcm import ViTPCM
+from __future__ import annotations
+
+import importlib
+from typing import Any, Dict, List
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ViTPCM",
-    "ConfusionMatrix",
-    "VitpcmError",
-    "et_loss",
-    "et_targets",
-    "evaluate_folder",
-    "load_config",
-    "mce_loss",
-    "merge_class_labels",
-    "reg_loss",
-    "run_inference",
-    "theory",
-    "train",
-]
+# public name -> module that defines it
+_EXPORTS: Dict[str, str] = {
+    # models and losses
+    "ViTPCM": "vitpcm.models.vitpcm",
+    "merge_class_labels": "vitpcm.models.vitpcm",
+    "create_model": "vitpcm.models.registry",
+    "mce_loss": "vitpcm.losses",
+    "et_loss": "vitpcm.losses",
+    "reg_loss": "vitpcm.losses",
+    "et_targets": "vitpcm.tasks.pcm",
+    # config, runs, errors
+    "load_config": "vitpcm.config",
+    "RunLayout": "vitpcm.runs",
+    "load_run": "vitpcm.stages.load",
+    "VitpcmError": "vitpcm.errors",
+    # evaluation
+    "ConfusionMatrix": "vitpcm.evaluation",
+    "evaluate_folder": "vitpcm.evaluation",
+    "evaluate_folders": "vitpcm.evaluation",
+    # the stages
+    "train": "vitpcm.stages.train",
+    "infer": "vitpcm.stages.infer",
+    "run_inference": "vitpcm.stages.infer",  # the name of `infer` before the stages existed
+    "refine": "vitpcm.stages.refine",
+    "evaluate": "vitpcm.stages.evaluate",
+    "report": "vitpcm.stages.report",
+    "demo": "vitpcm.stages.demo",
+}
+_SUBMODULES = ("theory",)
+
+__all__ = sorted([*_EXPORTS, *_SUBMODULES])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"vitpcm.{name}")
+    else:
+        raise AttributeError(f"module 'vitpcm' has no attribute {name!r}")
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> List[str]:
+    return sorted([*globals(), *__all__])

@@ -22,17 +22,17 @@ OVERRIDES_HELP = "config overrides as dotted key=value, e.g. train.epochs=3 data
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from vitpcm.data.synthetic import generate
+    from vitpcm.stages.data import synth
 
-    root = generate(args.out, n_train=args.train, n_val=args.val, seed=args.seed, workers=args.workers,
-                    overwrite=args.overwrite, progress=not args.quiet)  # fmt: skip
-    print(f"wrote {args.train} train + {args.val} val images to {root} (VOC layout, classes in {root / 'classes.txt'})")
+    r = synth(args.out, n_train=args.train, n_val=args.val, seed=args.seed, workers=args.workers,
+              overwrite=args.overwrite, progress=not args.quiet)  # fmt: skip
+    print(f"wrote {r['train']} train + {r['val']} val images to {r['root']} (VOC layout, classes in {r['classes']})")
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from vitpcm.config import load_config
-    from vitpcm.engine.train import train
+    from vitpcm.stages.train import train
 
     cfg = load_config(args.config, args.overrides)
     out = args.out or str(Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -45,83 +45,58 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
-    from vitpcm.engine.infer import run_inference
+    from vitpcm.stages.infer import infer
 
-    summary = run_inference(args.run, args.split, out=args.out, scale=args.scale, overrides=args.overrides,
-                            device=args.device, save_probs=not args.no_probs, progress=not args.quiet,
-                            tta=True if args.tta else None, crf=args.crf)  # fmt: skip
-    out = Path(args.out) if args.out else Path(summary["run"]) / "pseudo" / args.split
-    line = f"wrote {summary['images']} masks to {out / 'masks'}"
-    if "miou" in summary:
-        line += f"  mIoU {100 * summary['miou']:.2f}"
-    print(line)
+    s = infer(args.run, args.split, out=args.out, scale=args.scale, overrides=args.overrides, device=args.device,
+              save_probs=not args.no_probs, progress=not args.quiet, tta=True if args.tta else None, crf=args.crf)  # fmt: skip
+    out = Path(s["out"])
+    print(f"wrote {s['images']} masks to {out / 'masks'}" + (f"  mIoU {100 * s['miou']:.2f}" if "miou" in s else ""))
     if args.crf:
-        line = f"wrote {summary['images']} CRF masks to {out / 'crf'} ({summary['crf']['seconds']:.1f}s)"
-        if "crf_miou" in summary:
-            line += f"  mIoU {100 * summary['crf_miou']:.2f}"
-        print(line)
+        line = f"wrote {s['images']} CRF masks to {s['crf']['out']} ({s['crf']['seconds']:.1f}s)"
+        print(line + (f"  mIoU {100 * s['crf_miou']:.2f}" if "crf_miou" in s else ""))
     return 0
 
 
 def _cmd_crf(args: argparse.Namespace) -> int:
-    from vitpcm.config import load_config
-    from vitpcm.metrics import names_from_split_file
-    from vitpcm.postprocess.crf import CRFParams, run_crf
+    from vitpcm.stages.refine import refine_folders
 
-    wrong = [o for o in args.overrides if not o.startswith("crf.")]
-    if wrong:
-        raise VitpcmError(f"vitpcm crf takes crf.* overrides only (e.g. crf.iterations=5), got {' '.join(wrong)}")
-    cfg = load_config(None, args.overrides)
-    workers = args.workers if args.workers is not None else int(cfg.crf.workers)
-    names = names_from_split_file(args.split_file) if args.split_file else None
-    summary = run_crf(args.probs, args.images, args.out, params=CRFParams.from_config(cfg.crf), workers=workers,
-                      names=names, overwrite=args.overwrite, progress=not args.quiet)  # fmt: skip
-    print(f"wrote {summary['computed']} CRF masks to {summary['out']} ({summary['skipped']} already done;"
-          f" {summary['seconds']:.1f}s with {summary['workers']} worker(s))")  # fmt: skip
+    s = refine_folders(args.probs, args.images, args.out, overrides=args.overrides, workers=args.workers,
+                       split_file=args.split_file, overwrite=args.overwrite, progress=not args.quiet)  # fmt: skip
+    print(f"wrote {s['computed']} CRF masks to {s['out']} ({s['skipped']} already done;"
+          f" {s['seconds']:.1f}s with {s['workers']} worker(s))")  # fmt: skip
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from vitpcm.io import class_list, write_json_atomic
-    from vitpcm.metrics import (evaluate_folders, folder_labels, format_comparison, names_from_split_file,
-                                published_row, write_evaluation)  # fmt: skip
+    from vitpcm.stages.evaluate import evaluate
 
-    classes = class_list(args.classes)
-    names = names_from_split_file(args.split_file) if args.split_file else None
-    preds = folder_labels(args.pred)
-    published = published_row(classes, args.compare)  # checked before the (long) evaluation
-    cms = evaluate_folders(preds, args.gt, classes, names=names, progress=not args.quiet)
-    summaries = {label: cm.summary(classes) for label, cm in cms.items()}
-    print(format_comparison(summaries, classes, published, layout=args.layout))
+    r = evaluate(args.pred, args.gt, args.classes, split_file=args.split_file, out=args.out, json_path=args.json,
+                 compare=args.compare, layout=args.layout, progress=not args.quiet)  # fmt: skip
+    print(r["table"])
     if args.out:
-        write_evaluation(cms, classes, args.out, published=published)
         print(f"wrote {args.out}/ (metrics.json, per_class.csv, per_class.md, confusion_*.npy/.png, iou_bars.png)")
     if args.json:
-        # one folder: its summary (as before); several: {label: summary}
-        write_json_atomic(args.json, next(iter(summaries.values())) if len(summaries) == 1 else summaries)
         print(f"wrote {args.json}")
     return 0
 
 
 def _cmd_check_data(args: argparse.Namespace) -> int:
     from vitpcm.config import load_config
-    from vitpcm.data.check import check_config
-    from vitpcm.io import write_json_atomic
+    from vitpcm.stages.data import check_data
 
-    cfg = load_config(args.config, args.overrides)
-    report = check_config(cfg, splits=args.split, workers=args.workers, progress=not args.quiet)
-    print(report.format())
+    r = check_data(load_config(args.config, args.overrides), splits=args.split, workers=args.workers,
+                   json_path=args.json, progress=not args.quiet)  # fmt: skip
+    print(r["text"])
     if args.json:
-        write_json_atomic(args.json, report.to_dict())
         print(f"wrote {args.json}")
-    return 0 if report.ok else 1
+    return 0 if r["ok"] else 1
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from vitpcm.data.coco import prepare_coco
+    from vitpcm.stages.data import prepare
 
-    result = prepare_coco(args.root, out=args.out, splits=args.split or ("train", "val"), classes=args.classes,
-                          workers=args.workers, progress=not args.quiet)  # fmt: skip
+    result = prepare(args.format, args.root, out=args.out, splits=args.split or ("train", "val"), classes=args.classes,
+                     workers=args.workers, progress=not args.quiet)  # fmt: skip
     for split, r in result.items():
         print(f"{split}: {r['written']} masks written, {r['kept']} already there, {r['failed']} failed,"
               f" {r['problems']} items with problems not prepared")  # fmt: skip
@@ -129,10 +104,10 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from vitpcm.report import write_report
+    from vitpcm.stages.report import report
 
-    result = write_report(args.run, splits=args.split, overrides=args.overrides, samples=args.samples,
-                          names=args.names, seed=args.seed, compare=args.compare, progress=not args.quiet)  # fmt: skip
+    result = report(args.run, splits=args.split, overrides=args.overrides, samples=args.samples, names=args.names,
+                    seed=args.seed, compare=args.compare, progress=not args.quiet)  # fmt: skip
     for split, ev in result["evaluations"].items():
         scores = "  ".join(f"{label} mIoU {100 * s['miou']:.2f}" for label, s in ev["results"].items())
         print(f"{split}: {scores}")
@@ -141,16 +116,23 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from vitpcm.demo import run_demo
+    from vitpcm.stages.demo import demo
 
-    run_demo(args.out, n_train=args.train, n_val=args.val, seed=args.seed, overrides=args.overrides, progress=not args.quiet)
+    s = demo(args.out, n_train=args.train, n_val=args.val, seed=args.seed, overrides=args.overrides,
+             progress=not args.quiet)  # fmt: skip
+    print(s["table"])
+    print(f"mIoU on the synthetic val set: BPM {100 * s['bpm_miou']:.2f}, BPM + CRF {100 * s['crf_miou']:.2f}"
+          f"  ({s['total_seconds']:.0f}s in all)")  # fmt: skip
+    print(f"report: {s['paths']['report']}")
+    print(f"summary: {s['paths']['summary']}")
     return 0
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from vitpcm.config import load_config, to_yaml
+    from vitpcm.config import to_yaml
+    from vitpcm.stages.config import resolved_config
 
-    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    print(to_yaml(resolved_config(args.config, args.overrides)), end="")
     return 0
 
 

@@ -74,18 +74,33 @@ class RunLayout:
     # --- per-split outputs ------------------------------------------------------------
     def pseudo(self, split: str) -> Path:
         """``pseudo/SPLIT``: what ``vitpcm infer`` writes (see :class:`PseudoLayout`)."""
-        return self.root / "pseudo" / split
+        return self.pseudo_root / split
 
     def pseudo_splits(self) -> List[str]:
         """Splits that have BPM masks, sorted."""
-        return sorted(p.parent.name for p in (self.root / "pseudo").glob("*/masks") if p.is_dir())
+        return sorted(p.parent.name for p in self.pseudo_root.glob("*/masks") if p.is_dir())
 
     def eval(self, split: str) -> Path:
-        return self.root / "eval" / split
+        return self.eval_root / split
+
+    @property
+    def pseudo_root(self) -> Path:
+        """``pseudo/``: one folder per split (the report links it)."""
+        return self.root / "pseudo"
+
+    @property
+    def eval_root(self) -> Path:
+        """``eval/``: one folder per split (the report links it)."""
+        return self.root / "eval"
 
     @property
     def figures(self) -> Path:
         return self.root / "figures"
+
+    @property
+    def training_curves(self) -> Path:
+        """``figures/training_curves.png`` (drawn by ``vitpcm report``)."""
+        return self.figures / "training_curves.png"
 
     # --- checks -----------------------------------------------------------------------
     def is_run(self) -> bool:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vitpcm.data.images import ImageReadError, decode_image
+from vitpcm.images import ImageReadError, decode_image
 from vitpcm.errors import VitpcmError
 from vitpcm.io import IGNORE_INDEX, format_names, labels_from_mask
 

@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from vitpcm.data.base import DUPLICATE_NAME, MISSING_IMAGE, Sample, SegmentationDataset
-from vitpcm.data.images import IMAGE_EXTENSIONS
+from vitpcm.io import IMAGE_EXTENSIONS
 from vitpcm.data.tags import BACKGROUND, TagTable, read_tag_file
 from vitpcm.io import read_names
 from vitpcm.errors import VitpcmError

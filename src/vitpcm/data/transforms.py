@@ -141,6 +141,22 @@ class EvalTransform:
         return out
 
 
+class MultiScaleTransform:
+    """Like :class:`EvalTransform`, for several square sides at once (test-time augmentation):
+    ``image_<n>`` ``[3, n, n]`` per side ``n``; the mask stays at the original size."""
+
+    def __init__(self, sizes: Sequence[int], mean: Triple = HALF, std: Triple = HALF) -> None:
+        self.sizes = [int(n) for n in sizes]
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+    def __call__(self, sample: Sample) -> Sample:
+        out = dict(sample)
+        image = out.pop("image")
+        for n in self.sizes:
+            out[f"image_{n}"] = to_model_input(resize_image(image, (n, n)), self.mean, self.std)
+        return out
+
+
 class TrainTransform:
     """Two augmented views per image plus the records that relate them (module docstring).
 

@@ -1,20 +1,20 @@
-"""Checkpoints: atomic save (never of non-finite weights), validated load, model rebuild.
+"""Checkpoints: atomic save (never of non-finite weights), validated read, finding a run's.
 
-The model class is never named here: :func:`load_model` rebuilds whatever the stored
-``arch`` describes through :func:`vitpcm.models.registry.create_model`.
+The model class is never named here: the engine saves what its task gives it, and
+:func:`vitpcm.stages.load.load_model` rebuilds a model from the stored ``arch`` through
+the registry (:func:`vitpcm.models.registry.create_model`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
 import torch.nn as nn
 
 from vitpcm.errors import VitpcmError
 from vitpcm.io import atomic_path
-from vitpcm.models.registry import create_model
 from vitpcm.runs import RunLayout
 
 FORMAT_VERSION = 1
@@ -92,30 +92,6 @@ def find_run_checkpoint(run: str | Path, which: str = "best") -> Path:
             return path
     shown = f"{layout.checkpoint(which).relative_to(run)} or {layout.checkpoint('last').relative_to(run)}"
     raise VitpcmError(f"{run} holds no {shown}: has `vitpcm train` finished an epoch there?")
-
-
-def load_model(path: str | Path, expected_classes: Optional[Sequence[str]] = None) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Rebuild the model stored in a checkpoint (any registered model, by ``arch["name"]``)
-    and load its weights. Returns ``(model, checkpoint dict)``.
-
-    ``expected_classes``, when given, must match the checkpoint's class count.
-    """
-    state = read_checkpoint(path)
-    arch = dict(state["arch"])
-    if expected_classes is not None and "num_classes" in arch and int(arch["num_classes"]) != len(expected_classes):
-        raise VitpcmError(
-            f"checkpoint {path} was trained for {arch['num_classes']} classes but the data has"
-            f" {len(expected_classes)}: use the class list the model was trained with (data.classes)"
-        )
-    bad = non_finite_tensors(state["model"])
-    if bad:  # a diverged model would write masks from NaN weights without a word
-        raise VitpcmError(
-            f"checkpoint {path} holds non-finite weights ({bad[0]}{' and more' if len(bad) > 1 else ''}):"
-            " the run diverged; use an earlier checkpoint or retrain with a lower learning rate"
-        )
-    model = create_model(arch)
-    model.load_state_dict(state["model"])
-    return model, state
 
 
 def init_from(model: nn.Module, path: str | Path) -> None:

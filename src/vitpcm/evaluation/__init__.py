@@ -1,7 +1,7 @@
 """Evaluation: confusion matrix and scores, folders of masks, published rows, tables.
 
 numpy, PIL and the standard library only (no torch, no matplotlib: figures are drawn by
-:mod:`vitpcm.report.figures`), so ``vitpcm evaluate`` runs on any CPU box.
+:mod:`vitpcm.viz.figures`), so ``vitpcm evaluate`` runs on any CPU box.
 
 * :mod:`.confusion`: :class:`ConfusionMatrix` (IoU, mIoU over the classes in the ground
   truth, pixel accuracy, mean accuracy, fwIoU, :meth:`~ConfusionMatrix.summary`).

@@ -6,7 +6,7 @@ confusion matrix as ``.npy``. For the VOC and COCO class lists the table carries
 published ViT-PCM row (:mod:`vitpcm.evaluation.published`) and our difference to it.
 
 No figures here (this package never imports matplotlib): the heat maps and IoU bars are
-drawn by :func:`vitpcm.report.figures.write_evaluation_figures`, and :func:`write_evaluation`
+drawn by :func:`vitpcm.viz.figures.write_evaluation_figures`, and :func:`write_evaluation`
 records their file names in ``metrics.json`` when it is given them.
 """
 
@@ -196,7 +196,7 @@ def write_evaluation(
     counts).
 
     ``figures``: the figures already drawn in ``out_dir``, as returned by
-    :func:`vitpcm.report.figures.write_evaluation_figures` (``{"confusion": {label:
+    :func:`vitpcm.viz.figures.write_evaluation_figures` (``{"confusion": {label:
     png name}, "iou_bars": png name}``); they are listed in ``metrics.json`` ``files``.
     """
     out_dir = Path(out_dir)

@@ -126,7 +126,7 @@ def load_probs(path: Path) -> Tuple[np.ndarray, np.ndarray]:
 def _refine_one(probs_path: Path, image_path: Path, out_path: Path, params: CRFParams) -> float:
     """Worker: CRF one image and write its mask atomically; returns the seconds it took."""
     # the module itself is numpy / PIL only (the same reader as training: EXIF, 16-bit, ...)
-    from vitpcm.data.images import load_rgb
+    from vitpcm.images import load_rgb
 
     start = time.perf_counter()
     probs, classes = load_probs(probs_path)

@@ -14,8 +14,8 @@ Sections: results per split (BPM ``pseudo/<split>/masks`` and, when complete, CR
 VOC / COCO class lists), per-class IoU bars, confusion matrices, training curves from
 ``logs/metrics.jsonl``, sample figures, links to the files, the resolved config.
 
-The figures are drawn by :mod:`vitpcm.report.figures`, the page by
-:mod:`vitpcm.report.html`; the dataset (images, ground truth) is read through
+The figures are drawn by :mod:`vitpcm.viz.figures`, the page by
+:mod:`vitpcm.viz.html`; the dataset (images, ground truth) is read through
 ``vitpcm.data``, imported inside the call.
 """
 
@@ -56,12 +56,12 @@ def _split_section(
 ) -> Dict[str, Any]:
     """Evaluate one split, draw its figures; returns {'html': str, 'evaluation': dict or None}."""
     from vitpcm.data import build_dataset
-    from vitpcm.data.images import load_rgb
     from vitpcm.evaluation import evaluate_folders, published_row
+    from vitpcm.images import load_rgb
     from vitpcm.postprocess.crf import load_probs
-    from vitpcm.report import html as page
-    from vitpcm.report.figures import figure_heatmaps, figure_masks
     from vitpcm.stages.evaluate import write_evaluation_files
+    from vitpcm.viz import html as page
+    from vitpcm.viz.figures import figure_heatmaps, figure_masks
 
     pseudo = PseudoLayout(run.pseudo(split))
     mask_names = names_in(pseudo.masks, ".png")
@@ -156,8 +156,8 @@ def report(
     """
     from vitpcm import __version__
     from vitpcm.config import load_config
-    from vitpcm.report import html as page
-    from vitpcm.report.figures import plot_training_curves
+    from vitpcm.viz import html as page
+    from vitpcm.viz.figures import plot_training_curves
 
     layout = RunLayout(run).require()
     cfg = load_config(layout.config, overrides)

@@ -20,14 +20,9 @@ from pathlib import Path
 from typing import Any, Dict, Sequence
 
 from vitpcm.config import load_config
-from vitpcm.data.synthetic import generate
-from vitpcm.engine.infer import run_inference
-from vitpcm.engine.train import train
 from vitpcm.errors import VitpcmError
 from vitpcm.io import read_classes, write_json_atomic, write_text_atomic
-from vitpcm.metrics import format_comparison
-from vitpcm.postprocess.crf import CRFParams, run_crf
-from vitpcm.report import write_report
+from vitpcm.runs import PseudoLayout, RunLayout
 
 log = logging.getLogger(__name__)
 MARKER = ".vitpcm-demo"
@@ -42,15 +37,27 @@ def _prepare_folder(out: Path) -> None:
     write_text_atomic(out / MARKER, "made by vitpcm demo; the next demo run here replaces this folder\n")
 
 
-def run_demo(
+def demo(
     out: str | Path = "vitpcm-demo",
+    *,
     n_train: int = 300,
     n_val: int = 100,
     seed: int = 0,
     overrides: Sequence[str] = (),
     progress: bool = True,
 ) -> Dict[str, Any]:
-    """Run the whole pipeline on the built-in synthetic set; returns the summary dict."""
+    """Run the whole pipeline on the built-in synthetic set into ``out``.
+
+    Returns the summary (also written to ``OUT/summary.json``): ``bpm_miou``, ``crf_miou``,
+    per-class IoU, timings and paths; ``table`` (not in the file) is BPM vs CRF per class
+    as text, for the CLI to print.
+    """
+    from vitpcm.data.synthetic import generate
+    from vitpcm.evaluation import format_comparison
+    from vitpcm.stages.infer import infer
+    from vitpcm.stages.report import report as write_report
+    from vitpcm.stages.train import train
+
     out = Path(out)
     _prepare_folder(out)
     timings: Dict[str, float] = {}
@@ -61,31 +68,27 @@ def run_demo(
     log.info("synthetic data: %d train + %d val images in %s (%.1fs)", n_train, n_val, data, timings["synth"])
 
     cfg = load_config("synthetic", [f"data.root={data.resolve()}", *overrides])  # absolute: the report reads it later
+    run = RunLayout(out / "run")
     t = time.time()
-    result = train(cfg, out / "run", progress=progress)
+    result = train(cfg, run.root, progress=progress)
     timings["train"] = time.time() - t
 
-    t = time.time()
-    inference = run_inference(out / "run", "val", progress=progress)
-    timings["infer"] = time.time() - t
-
-    pseudo = out / "run" / "pseudo" / "val"
-    t = time.time()
-    crf = run_crf(pseudo / "probs", data / "JPEGImages", pseudo / "crf", params=CRFParams.from_config(cfg.crf),
-                  workers=int(cfg.crf.workers), names=_split_names(data, "val"), progress=progress)  # fmt: skip
-    timings["crf"] = time.time() - t
-    log.info("dense CRF: %d images in %.1fs (%d workers)", crf["computed"], timings["crf"], crf["workers"])
+    # pseudo-masks of the val split, then the dense CRF over them (one chain: `vitpcm infer --crf`)
+    inference = infer(run.root, "val", crf=True, progress=progress)
+    timings["infer"] = float(inference["seconds"])
+    timings["crf"] = float(inference["crf"]["seconds"])
+    log.info("dense CRF: %d images in %.1fs (%d workers)", inference["images"], timings["crf"], inference["crf"]["workers"])
 
     # evaluation (BPM vs CRF in one table), figures and report.html
     t = time.time()
-    result_report = write_report(out / "run", splits=["val"], progress=False)
+    result_report = write_report(run.root, splits=["val"], progress=False)
     timings["evaluate_and_report"] = time.time() - t
     evaluation = result_report["evaluations"]["val"]
     classes = read_classes(data / "classes.txt")
     bpm, crf_summary = evaluation["results"]["bpm"], evaluation["results"]["crf"]
-    print(format_comparison(evaluation["results"], classes))
+    pseudo = PseudoLayout(run.pseudo("val"))
 
-    report = {
+    summary = {
         "bpm_miou": bpm["miou"],
         "crf_miou": crf_summary["miou"],
         "iou": bpm["iou"],
@@ -98,24 +101,18 @@ def run_demo(
         "total_seconds": round(sum(timings.values()), 1),
         "paths": {
             "data": str(data),
-            "run": str(out / "run"),
-            "masks": str(pseudo / "masks"),
-            "probs": str(pseudo / "probs"),
-            "crf": str(pseudo / "crf"),
-            "eval": str(out / "run" / "eval" / "val"),
+            "run": str(run.root),
+            "masks": str(pseudo.masks),
+            "probs": str(pseudo.probs),
+            "crf": str(pseudo.crf),
+            "eval": str(run.eval("val")),
             "report": result_report["report"],
+            "summary": str(out / "summary.json"),
         },
         "inference_scale": inference["scale"],
     }
-    write_json_atomic(out / "summary.json", report)
-    print(f"mIoU on the synthetic val set: BPM {100 * bpm['miou']:.2f}, BPM + CRF {100 * crf_summary['miou']:.2f}"
-          f"  ({report['total_seconds']:.0f}s in all)")  # fmt: skip
-    print(f"report: {result_report['report']}")
-    print(f"summary: {out / 'summary.json'}")
-    return report
+    write_json_atomic(out / "summary.json", summary)
+    return dict(summary, table=format_comparison(evaluation["results"], classes))
 
 
-def _split_names(root: Path, split: str) -> list[str]:
-    from vitpcm.io import read_names
-
-    return read_names(root / "ImageSets" / "Segmentation" / f"{split}.txt")
+run_demo = demo  # the name before vitpcm.stages existed

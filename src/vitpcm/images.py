@@ -25,7 +25,6 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from vitpcm.errors import VitpcmError
-from vitpcm.io import IMAGE_EXTENSIONS  # noqa: F401  (re-exported: vitpcm.data.images.IMAGE_EXTENSIONS)
 
 
 _FORMAT_SUFFIXES = {
