@@ -36,8 +36,9 @@ def _slug(label: str) -> str:
     return label.lower().replace(" ", "_").replace("+", "p").replace(",", "").replace("(", "").replace(")", "")
 
 
-def run_variant(data: Path, label: str, overrides: list[str], work: Path, seed: int | None = None,
-                threads: int = 0) -> dict:
+def run_variant(
+    data: Path, label: str, overrides: list[str], work: Path, seed: int | None = None, threads: int = 0
+) -> dict:
     """Train one variant on one dataset, infer its val split with ``best.pt``; return a result row."""
     import shutil
 
@@ -77,10 +78,19 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/vitpcm-ablation"), help="scratch folder for data and runs")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "ablation.md")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "ablation.jsonl")
-    ap.add_argument("--seeds", type=int, nargs="*", default=[1, 2],
-                    help="extra training seeds for the full preset (its seed spread); default 1 2")
-    ap.add_argument("--jobs", type=int, default=1,
-                    help="runs at once, one torch thread each (2 on a 2-core CPU is ~1.3x faster overall)")
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        nargs="*",
+        default=[1, 2],
+        help="extra training seeds for the full preset (its seed spread); default 1 2",
+    )
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at once, one torch thread each (2 on a 2-core CPU is ~1.3x faster overall)",
+    )
     args = ap.parse_args()
 
     datasets = args.data
@@ -147,7 +157,9 @@ def main() -> None:
         "|---|---|" + "---|" * len(names),
     ]
     for label, overrides in VARIANTS:
-        cells = [f"{100 * find(d, label)['bpm_miou']:.1f} ({100 * find(d, label)['min_class_iou']:.0f})" for d in datasets]
+        cells = [
+            f"{100 * find(d, label)['bpm_miou']:.1f} ({100 * find(d, label)['min_class_iou']:.0f})" for d in datasets
+        ]
         shown = " ".join(f"`{o}`" for o in overrides) or "—"
         lines.append(f"| {label} | {shown} | " + " | ".join(cells) + " |")
     if args.seeds:

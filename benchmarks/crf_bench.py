@@ -110,7 +110,9 @@ def authors_one(probs_path: Path, image_path: Path, out_path: Path, num_classes:
     return time.process_time() - start
 
 
-def run_authors(probs_dir: Path, images_dir: Path, out_dir: Path, names: List[str], num_classes: int) -> Dict[str, float]:
+def run_authors(
+    probs_dir: Path, images_dir: Path, out_dir: Path, names: List[str], num_classes: int
+) -> Dict[str, float]:
     from vitpcm.io import find_image
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -153,13 +155,16 @@ def compare(probs_dir: Path, images_dir: Path, work: Path, names: List[str], num
     res["present_w1"] = run_present(probs_dir, images_dir, work / "present_w1", names, 1)
     res["present_w2"] = run_present(probs_dir, images_dir, work / "present_w2", names, 2)
     res["agreement_present_vs_all_channels"] = agreement(work / "present_w1", work / "authors", names)
-    res["workers_1_vs_2_identical"] = agreement(work / "present_w1", work / "present_w2", names)["pixels_equal_pct"] == 100.0
+    res["workers_1_vs_2_identical"] = (
+        agreement(work / "present_w1", work / "present_w2", names)["pixels_equal_pct"] == 100.0
+    )
     a, p1, p2 = res["authors"]["seconds"], res["present_w1"]["seconds"], res["present_w2"]["seconds"]  # type: ignore[index]
     res["speedup"] = {
         "present_w1_vs_authors": a / p1,
         "present_w2_vs_authors": a / p2,
         "workers_2_vs_1": p1 / p2,
-        "cpu_present_vs_all_channels": res["authors"]["cpu_seconds_per_image"] / res["present_w1"]["cpu_seconds_per_image"],  # type: ignore[index]
+        "cpu_present_vs_all_channels": res["authors"]["cpu_seconds_per_image"]
+        / res["present_w1"]["cpu_seconds_per_image"],  # type: ignore[index]
     }
     probs_channels = [len(np.load(probs_dir / f"{n}.npz")["classes"]) for n in names]
     res["present_classes_mean"] = float(np.mean(probs_channels))
@@ -231,11 +236,18 @@ def main() -> None:
         result: Dict[str, object] = {
             "what": "dense CRF stage: vitpcm (present classes, workers) vs authors (21 channels, one process)",
             "params": CRFParams().__dict__,
-            "machine": {"cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)), "platform": platform.platform(),
-                        "python": platform.python_version(), "pydensecrf2": metadata.version("pydensecrf2")},  # fmt: skip
+            "machine": {
+                "cpus": os.cpu_count(),
+                "affinity": len(os.sched_getaffinity(0)),
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+                "pydensecrf2": metadata.version("pydensecrf2"),
+            },  # fmt: skip
             "date": time.strftime("%Y-%m-%d %H:%M"),
         }
-        result["synthetic_voc_sized"] = compare(work / "voc" / "probs", work / "voc" / "images", work / "voc", names, VOC_CLASSES)
+        result["synthetic_voc_sized"] = compare(
+            work / "voc" / "probs", work / "voc" / "images", work / "voc", names, VOC_CLASSES
+        )
         result["synthetic_voc_sized"]["cpu_ms_per_image_by_step"] = profile(work / "voc" / "probs", work / "voc" / "images",
                                                                              names[:4], VOC_CLASSES)  # fmt: skip
         print(json.dumps(result["synthetic_voc_sized"], indent=2), flush=True)

@@ -41,7 +41,20 @@ def outline(kind, rng, r):
         return [np.stack([r * np.cos(a), r * np.sin(a)], 1)]
     if kind == "cross":
         t = r * rng.uniform(0.28, 0.4)
-        pts = [(-t, -r), (t, -r), (t, -t), (r, -t), (r, t), (t, t), (t, r), (-t, r), (-t, t), (-r, t), (-r, -t), (-t, -t)]
+        pts = [
+            (-t, -r),
+            (t, -r),
+            (t, -t),
+            (r, -t),
+            (r, t),
+            (t, t),
+            (t, r),
+            (-t, r),
+            (-t, t),
+            (-r, t),
+            (-r, -t),
+            (-t, -t),
+        ]
         return [np.array(pts)]
     if kind == "hexagon":
         a = np.arange(6) * math.pi / 3
@@ -49,7 +62,10 @@ def outline(kind, rng, r):
     if kind == "crescent":
         a = np.linspace(0, 2 * math.pi, 60, endpoint=False)
         off = r * rng.uniform(0.35, 0.55)
-        return [np.stack([r * np.cos(a), r * np.sin(a)], 1), np.stack([0.85 * r * np.cos(a) + off, 0.85 * r * np.sin(a)], 1)]
+        return [
+            np.stack([r * np.cos(a), r * np.sin(a)], 1),
+            np.stack([0.85 * r * np.cos(a) + off, 0.85 * r * np.sin(a)], 1),
+        ]
     raise ValueError(kind)
 
 

@@ -205,7 +205,7 @@ def make_folder(root: Path) -> Dict[str, np.ndarray]:
     (root / "images").mkdir(parents=True, exist_ok=True)
     Image.fromarray(noise_image(18, 14, 2)).save(root / "images" / "b.png")
     save_jpg(root / "images" / "sub" / "c.jpeg", noise_image(12, 12, 3))
-    (root / "tags.csv").write_text("image,tags\na.jpg,cat\nb.png,\"bird;dog\"\nsub/c,dog,cat\n")
+    (root / "tags.csv").write_text('image,tags\na.jpg,cat\nb.png,"bird;dog"\nsub/c,dog,cat\n')
     for n, m in masks.items():
         save_mask_png(root / "masks" / f"{n}.png", m)
     return masks
@@ -220,7 +220,9 @@ def png_16bit_rgb(path: Path, arr: np.ndarray) -> None:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
 
 
 def jpeg_bytes(arr: np.ndarray, **kw) -> bytes:

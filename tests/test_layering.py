@@ -99,7 +99,9 @@ def test_imports_follow_the_layers(path: Path):
         if target == package or target in SHARED or target in allowed:
             continue
         bad.append(module)
-    assert not bad, f"{path.relative_to(SRC)} ({package}) may not import {bad}: see the layering rule in docs/architecture.md"
+    assert not bad, (
+        f"{path.relative_to(SRC)} ({package}) may not import {bad}: see the layering rule in docs/architecture.md"
+    )
 
 
 @pytest.mark.parametrize("package", sorted(NO_HEAVY))

@@ -193,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, help="input side, a multiple of the patch size (default infer.scale)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--no-probs", action="store_true", help="write masks only, no probs/*.npz")
-    p.add_argument("--crf", action="store_true", help="then refine the masks with the dense CRF into OUT/crf/ (crf.* keys)")
+    p.add_argument(
+        "--crf", action="store_true", help="then refine the masks with the dense CRF into OUT/crf/ (crf.* keys)"
+    )
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average over infer.tta_scales and horizontal flips (infer.tta_flip)")  # fmt: skip
     p.set_defaults(func=_cmd_infer)

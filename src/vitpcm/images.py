@@ -26,7 +26,6 @@ from PIL import Image, ImageOps
 
 from vitpcm.errors import VitpcmError
 
-
 _FORMAT_SUFFIXES = {
     "JPEG": (".jpg", ".jpeg", ".jpe", ".jfif"),
     "PNG": (".png",),

@@ -111,7 +111,9 @@ class RunLayout:
         if not self.root.is_dir():
             raise VitpcmError(f"run folder {self.root} not found: give the --out folder of `vitpcm train`")
         if not self.is_run():
-            raise VitpcmError(f"{self.root} is not a run folder (no config.yaml): give the --out folder of `vitpcm train`")
+            raise VitpcmError(
+                f"{self.root} is not a run folder (no config.yaml): give the --out folder of `vitpcm train`"
+            )
         return self
 
     # --- metrics.jsonl ----------------------------------------------------------------

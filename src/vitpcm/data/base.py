@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vitpcm.images import ImageReadError, decode_image
 from vitpcm.errors import VitpcmError
+from vitpcm.images import ImageReadError, decode_image
 from vitpcm.io import IGNORE_INDEX, format_names, labels_from_mask
 
 Sample = Dict[str, Any]
@@ -94,7 +94,9 @@ class SegmentationDataset(Dataset):
 
     format = "base"
 
-    def __init__(self, root: Path, split: str, classes: Sequence[str], transform: Optional[Callable[[Sample], Sample]]) -> None:
+    def __init__(
+        self, root: Path, split: str, classes: Sequence[str], transform: Optional[Callable[[Sample], Sample]]
+    ) -> None:
         self.root = Path(root)
         self.split = split
         self.classes: List[str] = list(classes)
@@ -204,7 +206,9 @@ class SegmentationDataset(Dataset):
             in_mask = set(np.unique(mask).tolist()) - {0, IGNORE_INDEX}
             extra = sorted(in_mask - set(report.tags or ()))
             if extra:
-                report.warnings.append(f"mask shows classes {[self.classes[i] for i in extra]} that are not in its tags")
+                report.warnings.append(
+                    f"mask shows classes {[self.classes[i] for i in extra]} that are not in its tags"
+                )
         if report.problems:
             return None, report
 

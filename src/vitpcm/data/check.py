@@ -22,7 +22,6 @@ The same check runs before training (:func:`screen_for_training`).
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -250,7 +249,9 @@ def format_report(report: DataReport) -> str:
     for s in opened:
         conv = Counter(n for i in s.items for n in i.notes)
         if conv:
-            notes.append(f"{s.split}: converted on reading (fine): " + ", ".join(f"{k} {v}" for k, v in sorted(conv.items())))
+            notes.append(
+                f"{s.split}: converted on reading (fine): " + ", ".join(f"{k} {v}" for k, v in sorted(conv.items()))
+            )
         bg = sum(1 for i in s.items if i.background_only and not i.problems)
         if bg:
             notes.append(f"{s.split}: {bg} masks hold only background (kept)")
@@ -309,5 +310,7 @@ def screen_for_training(
             log.warning("split %s: skipping %d broken item(s) of %d (list in %s)", r.split, len(r.broken), len(r.items),
                         Path(run_dir) / "skipped.txt")  # fmt: skip
         if len(ds) == 0:
-            raise VitpcmError(f"every item of split '{r.split}' is broken: nothing left (see {Path(run_dir) / 'skipped.txt'})")
+            raise VitpcmError(
+                f"every item of split '{r.split}' is broken: nothing left (see {Path(run_dir) / 'skipped.txt'})"
+            )
     return problems

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -126,15 +125,21 @@ class COCODataset(SegmentationDataset):
     ) -> None:
         root = Path(root)
         if not root.is_dir():
-            raise VitpcmError(f"dataset folder {root} not found: set data.root to the COCO folder (annotations/, train2014/)")
+            raise VitpcmError(
+                f"dataset folder {root} not found: set data.root to the COCO folder (annotations/, train2014/)"
+            )
         self.split_dir = split_dir(split)
         ann_file = root / "annotations" / f"instances_{self.split_dir}.json"
         if not ann_file.is_file():
             found = sorted(p.name for p in (root / "annotations").glob("instances_*.json"))
             raise VitpcmError(f"split '{split}': {ann_file} not found (annotation files there: {found or 'none'})")
-        self.image_dir = next((d for d in (root / self.split_dir, root / "images" / self.split_dir) if d.is_dir()), None)
+        self.image_dir = next(
+            (d for d in (root / self.split_dir, root / "images" / self.split_dir) if d.is_dir()), None
+        )
         if self.image_dir is None:
-            raise VitpcmError(f"split '{split}': no image folder {root / self.split_dir} (unpack {self.split_dir}.zip there)")
+            raise VitpcmError(
+                f"split '{split}': no image folder {root / self.split_dir} (unpack {self.split_dir}.zip there)"
+            )
         self.ann_file = ann_file
         data = _load_json(ann_file)
         try:
@@ -209,7 +214,9 @@ class COCODataset(SegmentationDataset):
                 self.add_problem(name, DUPLICATE_NAME, ann_file,
                                  f"{seen[name]} images are named '{name}': names must be unique")  # fmt: skip
             if rec.file_name in bad:
-                self.add_problem(name, BAD_ANNOTATION, ann_file, "; ".join(bad[rec.file_name]) + ": fix the annotation file")
+                self.add_problem(
+                    name, BAD_ANNOTATION, ann_file, "; ".join(bad[rec.file_name]) + ": fix the annotation file"
+                )
             if not (self.image_dir / rec.file_name).is_file():
                 self.add_problem(name, MISSING_IMAGE, self.image_dir / rec.file_name,
                                  f"image listed in {ann_file.name} is missing: unpack {self.split_dir}.zip again")  # fmt: skip
@@ -306,7 +313,9 @@ def prepare_coco(
             out_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(made_for, "".join(f"{c}\n" for c in ds.classes))
         except OSError as exc:
-            raise VitpcmError(f"cannot write to {out_root} ({exc}): choose a writable --out and set data.masks to it") from None
+            raise VitpcmError(
+                f"cannot write to {out_root} ({exc}): choose a writable --out and set data.masks to it"
+            ) from None
         todo = [n for n in ds.names if n not in ds.listing_problems and not (out_dir / f"{n}.png").is_file()]
         kept = sum((out_dir / f"{n}.png").is_file() for n in ds.names)
         failures: List[str] = []
@@ -331,7 +340,9 @@ def prepare_coco(
             log.warning("could not rasterise %s", msg)
         skipped = len(ds.listing_problems)
         if skipped:
-            log.warning("%s: %d images with problems were not prepared (`vitpcm check-data` lists them)", ds.split_dir, skipped)
+            log.warning(
+                "%s: %d images with problems were not prepared (`vitpcm check-data` lists them)", ds.split_dir, skipped
+            )
         write_text_atomic(out_root / f"{ds.split_dir}.txt", "".join(f"{n}\n" for n in ds.names))
         result[ds.split_dir] = {"written": len(todo) - len(failures), "kept": kept, "failed": len(failures),
                                 "problems": skipped}  # fmt: skip

@@ -30,11 +30,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from vitpcm.data.base import DUPLICATE_NAME, MISSING_IMAGE, Sample, SegmentationDataset
-from vitpcm.io import IMAGE_EXTENSIONS
 from vitpcm.data.tags import BACKGROUND, TagTable, read_tag_file
-from vitpcm.io import read_names
 from vitpcm.errors import VitpcmError
-from vitpcm.io import IGNORE_INDEX, class_list, read_mask_png
+from vitpcm.io import IGNORE_INDEX, IMAGE_EXTENSIONS, class_list, read_mask_png, read_names
 
 
 class FolderDataset(SegmentationDataset):
@@ -66,7 +64,9 @@ class FolderDataset(SegmentationDataset):
             raise VitpcmError(f"dataset folder {root} not found: set data.root to the folder that holds images/")
         image_dir = root / "images"
         if not image_dir.is_dir():
-            raise VitpcmError(f"{root} has no images/ folder: data.root must be the folder that holds images/ and tags.csv")
+            raise VitpcmError(
+                f"{root} has no images/ folder: data.root must be the folder that holds images/ and tags.csv"
+            )
         table = read_tag_file(_find_tag_file(root, tags))
         super().__init__(root, split, _resolve_classes(root, classes, table), transform)
         if classes is None and not (root / "classes.txt").is_file():
@@ -151,7 +151,9 @@ def _find_tag_file(root: Path, tags: Optional[str | Path]) -> Path:
     if len(found) > 1:
         raise VitpcmError(f"{root} holds both tags.csv and tags.json: remove one, or choose with data.tags=FILE")
     if not found:
-        raise VitpcmError(f"{root} has no tags.csv or tags.json: write one (name,class;class per line) or set data.tags=FILE")
+        raise VitpcmError(
+            f"{root} has no tags.csv or tags.json: write one (name,class;class per line) or set data.tags=FILE"
+        )
     return found[0]
 
 

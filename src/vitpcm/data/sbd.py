@@ -24,9 +24,8 @@ from typing import List, Optional
 
 import numpy as np
 
-from vitpcm.io import read_names
 from vitpcm.errors import VitpcmError
-from vitpcm.io import read_mask_png
+from vitpcm.io import read_mask_png, read_names
 
 AUG_LIST_NAMES = ("train_aug.txt", "trainaug.txt")
 
@@ -58,7 +57,9 @@ class AugSource:
     images it covers; ``list_file`` the converted form's trainaug list when found.
     """
 
-    def __init__(self, kind: str, mask_dir: Path, image_dir: Optional[Path], names: List[str], list_file: Optional[Path]):
+    def __init__(
+        self, kind: str, mask_dir: Path, image_dir: Optional[Path], names: List[str], list_file: Optional[Path]
+    ):
         self.kind = kind
         self.mask_dir = mask_dir
         self.image_dir = image_dir
@@ -82,7 +83,9 @@ def find_aug_source(voc_root: Path, spec: Optional[str | Path]) -> AugSource:
     if spec:
         p = Path(spec).expanduser()
         if not p.exists():
-            raise VitpcmError(f"data.sbd={spec} not found: point it at benchmark_RELEASE or a SegmentationClassAug folder")
+            raise VitpcmError(
+                f"data.sbd={spec} not found: point it at benchmark_RELEASE or a SegmentationClassAug folder"
+            )
         candidates = [p]
     else:
         candidates = [voc_root / "SegmentationClassAug"]

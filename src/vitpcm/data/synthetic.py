@@ -72,10 +72,7 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     t = (np.cos(angle) * xx / w + np.sin(angle) * yy / h + 1) / 2
     img = c0 * (1 - t[..., None]) + c1 * t[..., None]
-    noise = sum(
-        amp * _smooth_noise(rng, h, w, cells)
-        for amp, cells in ((0.08, 3), (0.05, 9), (0.03, 27))
-    )
+    noise = sum(amp * _smooth_noise(rng, h, w, cells) for amp, cells in ((0.08, 3), (0.05, 9), (0.03, 27)))
     img = img + noise[..., None] * rng.uniform(0.5, 1.5, size=3).astype(np.float32)
 
     canvas = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
@@ -115,7 +112,10 @@ def _polygon(kind: str, rng: np.random.Generator, size: float) -> List[np.ndarra
     if kind == "ring":
         outer = size * rng.uniform(0.95, 1.15)
         inner = outer * rng.uniform(0.45, 0.6)
-        return [np.stack([outer * np.cos(t), outer * np.sin(t)], 1), np.stack([inner * np.cos(t), inner * np.sin(t)], 1)]
+        return [
+            np.stack([outer * np.cos(t), outer * np.sin(t)], 1),
+            np.stack([inner * np.cos(t), inner * np.sin(t)], 1),
+        ]
     raise ValueError(kind)
 
 

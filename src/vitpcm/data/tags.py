@@ -27,7 +27,7 @@ import difflib
 import io
 import json
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -79,7 +79,10 @@ class TagTable:
             return None, (DUPLICATE_NAME, f"'{name}' has {self.rows[name]} rows in {where}: keep one row per image")
         names = self.tags[name]
         if not names:
-            return None, (NO_TAGS, f"the row of '{name}' in {where} names no class: add its classes or remove the image")
+            return None, (
+                NO_TAGS,
+                f"the row of '{name}' in {where} names no class: add its classes or remove the image",
+            )
         index = {c: i for i, c in enumerate(classes)}
         unknown = [c for c in names if c not in index]
         if unknown:
@@ -146,9 +149,7 @@ def _parse_json(text: str, table: TagTable) -> None:
             key = next((obj[k] for k in _JSON_NAME_KEYS if isinstance(obj, dict) and k in obj), None)
             tags = next((obj[k] for k in _JSON_TAG_KEYS if isinstance(obj, dict) and k in obj), None)
             if key is None or tags is None:
-                raise VitpcmError(
-                    f"tag file {table.path}: entry {i} needs an 'image' and a 'tags' field, got {obj!r}"
-                )
+                raise VitpcmError(f"tag file {table.path}: entry {i} needs an 'image' and a 'tags' field, got {obj!r}")
             table.add(str(key), as_list(tags))
     else:
         raise VitpcmError(f"tag file {table.path}: expected an object or a list at the top level")

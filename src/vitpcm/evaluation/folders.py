@@ -74,7 +74,9 @@ def evaluate_folders(
     if gt_dir is not None:
         missing_gt = [n for n in names if not (gt_dir / f"{n}.png").is_file()]
         if missing_gt:
-            raise VitpcmError(f"{len(missing_gt)} ground-truth mask(s) missing from {gt_dir}: {format_names(missing_gt)}")
+            raise VitpcmError(
+                f"{len(missing_gt)} ground-truth mask(s) missing from {gt_dir}: {format_names(missing_gt)}"
+            )
     cms = {label: ConfusionMatrix(len(class_names)) for label in pred_dirs}
     for name in tqdm(names, desc="evaluate", unit="img", disable=not progress):
         preds_of = {label: read_mask_png(folder / f"{name}.png") for label, folder in pred_dirs.items()}

@@ -13,8 +13,13 @@ from typing import Any, Dict, Optional, Sequence
 from vitpcm.errors import VitpcmError
 
 VOC_SHORT = {
-    "background": "bkg", "aeroplane": "aero", "bicycle": "bike", "diningtable": "table",
-    "motorbike": "mbike", "pottedplant": "plant", "tvmonitor": "tv",
+    "background": "bkg",
+    "aeroplane": "aero",
+    "bicycle": "bike",
+    "diningtable": "table",
+    "motorbike": "mbike",
+    "pottedplant": "plant",
+    "tvmonitor": "tv",
 }  # fmt: skip  (the column heads of the paper's Table S1)
 
 _PUBLISHED = Path(__file__).resolve().parents[1] / "resources" / "published.json"
@@ -51,5 +56,7 @@ def published_row(class_names: Sequence[str], row_id: Optional[str] = None) -> O
     if row is None:
         raise VitpcmError(f"no published row '{row_id}': choose one of {', '.join(r['id'] for r in rows)} or none")
     if row["classes"] != list_name:
-        raise VitpcmError(f"published row '{row_id}' is for the {row['classes']} classes, but --classes is not that list")
+        raise VitpcmError(
+            f"published row '{row_id}' is for the {row['classes']} classes, but --classes is not that list"
+        )
     return row

@@ -141,7 +141,9 @@ def format_comparison(
 
 
 def per_class_csv(
-    summaries: Mapping[str, Mapping[str, Any]], class_names: Sequence[str], published: Optional[Mapping[str, Any]] = None
+    summaries: Mapping[str, Mapping[str, Any]],
+    class_names: Sequence[str],
+    published: Optional[Mapping[str, Any]] = None,
 ) -> str:
     """CSV text: one row per class (IoU in percent, empty = no value), then the overall metrics."""
     labels = list(summaries)

@@ -15,7 +15,9 @@ from vitpcm.models.vitpcm import ViTPCM, merge_class_labels
 
 
 @torch.no_grad()
-def predict_grid(model: ViTPCM, images: torch.Tensor, labels: Optional[torch.Tensor], merge: bool = True) -> torch.Tensor:
+def predict_grid(
+    model: ViTPCM, images: torch.Tensor, labels: Optional[torch.Tensor], merge: bool = True
+) -> torch.Tensor:
     """Patch-level class distributions ``[B, C, h, w]``, merged with ``labels`` when given."""
     probs = model(images)["probs"].float()
     if merge and labels is not None:
@@ -28,7 +30,9 @@ def upsample(probs: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     return F.interpolate(probs[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
 
 
-def present_classes(probs_full: torch.Tensor, labels: Optional[torch.Tensor], pooled: torch.Tensor, threshold: float) -> torch.Tensor:
+def present_classes(
+    probs_full: torch.Tensor, labels: Optional[torch.Tensor], pooled: torch.Tensor, threshold: float
+) -> torch.Tensor:
     """Indices of the channels to keep in ``probs/NAME.npz``.
 
     With tags: the tagged classes. Without: background, classes whose pooled score reaches

@@ -49,7 +49,9 @@ def _densecrf():
     try:
         import pydensecrf.densecrf as dcrf
     except ImportError:  # pragma: no cover - a declared dependency
-        raise VitpcmError("the dense CRF needs pydensecrf2: pip install pydensecrf2 (builds with a C++ compiler)") from None
+        raise VitpcmError(
+            "the dense CRF needs pydensecrf2: pip install pydensecrf2 (builds with a C++ compiler)"
+        ) from None
     return dcrf
 
 
@@ -112,7 +114,9 @@ def load_probs(path: Path) -> Tuple[np.ndarray, np.ndarray]:
         with np.load(path) as data:
             probs, classes = data["probs"], data["classes"]
     except KeyError:
-        raise VitpcmError(f"{path} lacks the arrays 'probs' and 'classes': give the probs/ folder of `vitpcm infer`") from None
+        raise VitpcmError(
+            f"{path} lacks the arrays 'probs' and 'classes': give the probs/ folder of `vitpcm infer`"
+        ) from None
     except (OSError, ValueError) as exc:
         raise VitpcmError(f"cannot read {path}: {exc}; rerun `vitpcm infer` for it") from None
     if probs.ndim != 3 or classes.ndim != 1 or len(classes) != probs.shape[0] or len(classes) == 0:
@@ -190,7 +194,9 @@ def run_crf(
     probs_dir, out_dir = Path(probs_dir), Path(out_dir)
     images_dir = Path(images_dir) if images_dir is not None else None
     if not probs_dir.is_dir():
-        raise VitpcmError(f"probabilities folder {probs_dir} not found: give the probs/ folder written by `vitpcm infer`")
+        raise VitpcmError(
+            f"probabilities folder {probs_dir} not found: give the probs/ folder written by `vitpcm infer`"
+        )
     if image_paths is None and (images_dir is None or not images_dir.is_dir()):
         raise VitpcmError(f"image folder {images_dir} not found: give the folder of the original images")
     if names is None:

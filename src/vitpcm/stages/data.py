@@ -27,7 +27,9 @@ def synth(
     Returns ``root``, ``classes`` (the class-list file), ``train`` and ``val`` (counts)."""
     from vitpcm.data.synthetic import generate
 
-    root = generate(out, n_train=n_train, n_val=n_val, seed=seed, workers=workers, overwrite=overwrite, progress=progress)
+    root = generate(
+        out, n_train=n_train, n_val=n_val, seed=seed, workers=workers, overwrite=overwrite, progress=progress
+    )
     return {"root": str(root), "classes": str(Path(root) / "classes.txt"), "train": n_train, "val": n_val}
 
 

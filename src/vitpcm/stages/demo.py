@@ -77,7 +77,9 @@ def demo(
     inference = infer(run.root, "val", crf=True, progress=progress)
     timings["infer"] = float(inference["seconds"])
     timings["crf"] = float(inference["crf"]["seconds"])
-    log.info("dense CRF: %d images in %.1fs (%d workers)", inference["images"], timings["crf"], inference["crf"]["workers"])
+    log.info(
+        "dense CRF: %d images in %.1fs (%d workers)", inference["images"], timings["crf"], inference["crf"]["workers"]
+    )
 
     # evaluation (BPM vs CRF in one table), figures and report.html
     t = time.time()

@@ -41,10 +41,6 @@ from vitpcm.stages.load import load_model
 log = logging.getLogger(__name__)
 
 
-
-
-
-
 def check_scale(scale: int, patch_size: int) -> None:
     if scale <= 0 or scale % patch_size:
         lower = max(patch_size, scale // patch_size * patch_size)
@@ -105,7 +101,9 @@ def infer(
         files.probs.mkdir(parents=True, exist_ok=True)
     mean, std = resolve_normalisation(cfg, model.adapter)
     dataset.transform = MultiScaleTransform(sizes, mean, std) if tta else EvalTransform(scale, mean=mean, std=std)
-    loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=min(int(cfg.data.num_workers), 4), collate_fn=collate)
+    loader = DataLoader(
+        dataset, batch_size=1, shuffle=False, num_workers=min(int(cfg.data.num_workers), 4), collate_fn=collate
+    )
     cm = ConfusionMatrix(dataset.num_classes) if dataset.has_masks else None
     merge = bool(cfg.infer.merge_labels)
     start = time.time()

@@ -40,7 +40,6 @@ def load_model(path: str | Path, expected_classes: Optional[Sequence[str]] = Non
     return model, state
 
 
-
 def load_run(run: str | Path, which: str = "best") -> Tuple[nn.Module, Dict[str, Any]]:
     """The model of a run folder (or a checkpoint file), in eval mode, and what is known of it.
 

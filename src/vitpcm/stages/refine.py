@@ -117,7 +117,9 @@ def refine_run(cfg: Any, run: PathLike, split: str, *, progress: bool = True, ov
 
     pseudo = RunLayout(run).pseudo(split)
     if not PseudoLayout(pseudo).probs.is_dir():
-        raise VitpcmError(f"no probabilities in {PseudoLayout(pseudo).probs}: run `vitpcm infer {run} --split {split}` first")
+        raise VitpcmError(
+            f"no probabilities in {PseudoLayout(pseudo).probs}: run `vitpcm infer {run} --split {split}` first"
+        )
     dataset = build_dataset(cfg.data, split, require_masks=False)
     return refine_pseudo(cfg, dataset, pseudo, overwrite=overwrite, progress=progress)
 

@@ -135,9 +135,7 @@ def figure_masks(
     return save_figure(fig, path)
 
 
-def plot_training_curves(
-    metrics: Union[str, Path, Sequence[Mapping[str, Any]]], path: str | Path
-) -> Optional[Path]:
+def plot_training_curves(metrics: Union[str, Path, Sequence[Mapping[str, Any]]], path: str | Path) -> Optional[Path]:
     """Losses, val mIoU and learning rate per epoch; None if there are no rows.
 
     ``metrics``: the rows of ``logs/metrics.jsonl`` (``RunLayout(run).read_metrics()``),

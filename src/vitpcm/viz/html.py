@@ -69,7 +69,9 @@ def evaluation_html(split: str, evaluation: Mapping[str, Any], eval_dir: Path, b
                         '<div class="scroll">' + html_table(*tables[0], cls="perclass") + "</div>"]  # fmt: skip
     if note:
         parts.append(f'<p class="note">{html.escape(note)}</p>')
-    parts.append("<p class=note>– : class not in the ground truth of this split (not counted in the mIoU), or no published value.</p>")
+    parts.append(
+        "<p class=note>– : class not in the ground truth of this split (not counted in the mIoU), or no published value.</p>"
+    )
     bars = eval_dir / files["iou_bars"] if files.get("iou_bars") else None
     parts.append(inline_image(bars, base, f"{split}: per-class IoU"))
     parts.append('<div class="row">' + "".join(
@@ -155,7 +157,7 @@ def render_page(
 <p class="meta">run {html.escape(str(base.resolve()))} · written {written} by vitpcm {version} ·
 backbone {html.escape(str(backbone))} · {num_classes} classes</p>
 <nav>{nav}</nav>
-{''.join(sections)}
+{"".join(sections)}
 {training}
 <h2 id="files">Files</h2><ul>{file_links}</ul>
 <h2 id="config">Config (resolved)</h2><pre>{html.escape(config_text)}</pre>

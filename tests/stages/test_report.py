@@ -92,7 +92,13 @@ def test_report_of_a_run(tiny_run, capsys):
                    "training curves", "heat map per present class", "Config (resolved)", "backbone: vit_tiny_patch16_224"):  # fmt: skip
         assert needle in text, needle
     hrefs = set(refs.links)
-    for target in ("pseudo/val/masks/", "pseudo/val/probs/", "pseudo/val/crf/", "config.yaml", "eval/val/per_class.csv"):
+    for target in (
+        "pseudo/val/masks/",
+        "pseudo/val/probs/",
+        "pseudo/val/crf/",
+        "config.yaml",
+        "eval/val/per_class.csv",
+    ):
         assert target in hrefs, target
     assert len(refs.imgs) == 1 + 2 + 1 + 2 * 2  # bars, 2 confusions, curves, 2 samples x (S2 + S1)
     for png in (tiny_run / "figures").rglob("*.png"):
@@ -141,7 +147,9 @@ def test_crf_and_report_on_other_formats(fmt, tmp_path, capsys):
         write_lines(root / "splits/val.txt", ["a", "sub/c"])
         data = ["data.format=folder", f"data.root={root}"]
     run = tmp_path / "run"
-    assert main(["train", "synthetic", *TINY, *data, "train.epochs=1", "--out", str(run), "-q"]) == 0, capsys.readouterr().err
+    assert main(["train", "synthetic", *TINY, *data, "train.epochs=1", "--out", str(run), "-q"]) == 0, (
+        capsys.readouterr().err
+    )
     assert main(["infer", str(run), "--split", "val", "--crf", "crf.workers=1", "-q"]) == 0, capsys.readouterr().err
     summary = json.loads((run / "pseudo/val/summary.json").read_text())
     assert 0 <= summary["crf_miou"] <= 1

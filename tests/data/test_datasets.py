@@ -9,9 +9,18 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from tests.datafix import (
+    SBD_TRAIN,
+    SBD_VAL,
+    TRAINAUG,
+    VOC_TRAIN,
+    VOC_VAL,
+    make_coco,
+    make_folder,
+    make_voc,
+    write_lines,  # fmt: skip
+)
 
-from tests.datafix import (SBD_TRAIN, SBD_VAL, TRAINAUG, VOC_TRAIN, VOC_VAL, make_coco, make_folder, make_voc,
-                           write_lines)  # fmt: skip
 from vitpcm.config import load_config
 from vitpcm.data import build_dataset
 from vitpcm.data.coco import COCODataset, prepare_coco, rasterize
@@ -245,6 +254,7 @@ def test_train_infer_evaluate_on_each_format(fmt, voc_release, coco, tmp_path, c
     """Each format through the CLI: train (1 epoch, tiny model), infer on val, evaluate the
     masks it wrote against the masks on disk."""
     from tests.conftest import TINY
+
     from vitpcm.cli import main
 
     if fmt == "voc-trainaug":
@@ -266,7 +276,9 @@ def test_train_infer_evaluate_on_each_format(fmt, voc_release, coco, tmp_path, c
         data = ["data.format=folder", f"data.root={root}"]
         gt, classes, split_file = root / "masks", str(root / "classes.txt"), root / "splits/val.txt"
     run = tmp_path / "run"
-    assert main(["train", "synthetic", *TINY, *data, "train.epochs=1", "--out", str(run), "-q"]) == 0, capsys.readouterr().err
+    assert main(["train", "synthetic", *TINY, *data, "train.epochs=1", "--out", str(run), "-q"]) == 0, (
+        capsys.readouterr().err
+    )
     assert main(["infer", str(run), "--split", "val", "-q"]) == 0, capsys.readouterr().err
     assert "mIoU" in capsys.readouterr().out
     pred = run / "pseudo" / "val" / "masks"

@@ -30,7 +30,9 @@ print(json.dumps({"code": code, "heavy": sorted(m for m in {heavy} if m in sys.m
 
 def _run_cli(argv, cwd: Path) -> dict:
     probe = _PROBE.replace("{heavy}", repr(HEAVY))
-    out = subprocess.run([sys.executable, "-c", probe, json.dumps(argv)], capture_output=True, text=True, cwd=cwd, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", probe, json.dumps(argv)], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 

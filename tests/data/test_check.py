@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-
 from tests.conftest import TINY
 from tests.datafix import draw_mask, jpeg_bytes, make_coco, make_folder, make_voc, noise_image, png_16bit_rgb, save_jpg
+
 from vitpcm.cli import main
 from vitpcm.config import load_config
 from vitpcm.data.check import check_config, check_dataset
@@ -155,7 +155,9 @@ def test_check_finds_broken_folder_items(tmp_path):
     save_mask_png(tmp_path / "masks" / "turned.png", np.zeros((8, 14), np.uint8))  # stored orientation: wrong
     with open(tmp_path / "tags.csv", "a") as f:
         f.write("a2.jpg,cat\nempty.jpg,\ntypo.jpg,dgo\ntwice.jpg,cat\ntwice.jpg,dog\nghost.jpg,cat\nturned.jpg,cat\n")
-    cfg = load_config("synthetic", ["data.format=folder", f"data.root={tmp_path}", "data.train_split=all", "data.val_split="])
+    cfg = load_config(
+        "synthetic", ["data.format=folder", f"data.root={tmp_path}", "data.train_split=all", "data.val_split="]
+    )
     inferred = check_config(cfg, workers=1, progress=False)  # no classes.txt: 'dgo' becomes a class ...
     assert "class 'dgo' looks like 'dog': a typo in tags.csv?" in inferred.format()  # ... and the report says so
     (tmp_path / "classes.txt").write_text("background\nbird\ncat\ndog\n")

@@ -119,7 +119,15 @@ def test_run_crf_errors_name_the_file(tmp_path):
 
 def test_cli_crf(tmp_path, capsys):
     _write_folder(tmp_path, 2)
-    args = ["crf", "--probs", str(tmp_path / "probs"), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "o")]
+    args = [
+        "crf",
+        "--probs",
+        str(tmp_path / "probs"),
+        "--images",
+        str(tmp_path / "images"),
+        "--out",
+        str(tmp_path / "o"),
+    ]
     assert main([*args, "crf.iterations=2", "--workers", "1", "-q"]) == 0
     assert "wrote 2 CRF masks" in capsys.readouterr().out
     assert main([*args, "train.epochs=3", "-q"]) == 2

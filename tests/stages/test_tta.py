@@ -8,10 +8,10 @@ import torch
 
 from vitpcm.cli import main
 from vitpcm.engine.checkpoint import find_run_checkpoint
-from vitpcm.stages.load import load_model
-from vitpcm.stages.infer import predict_tta, run_inference, tta_sizes
 from vitpcm.errors import VitpcmError
 from vitpcm.io import read_mask_png
+from vitpcm.stages.infer import predict_tta, run_inference, tta_sizes
+from vitpcm.stages.load import load_model
 
 
 def test_tta_sizes_snap_to_the_patch_grid():
@@ -25,11 +25,15 @@ def test_flip_average_is_mirror_symmetric(tiny_run):
     model.eval()
     torch.manual_seed(0)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    probs, pooled = predict_tta(model, [x, torch.nn.functional.interpolate(x, size=(24, 24), mode="bilinear")], flip=True)
+    probs, pooled = predict_tta(
+        model, [x, torch.nn.functional.interpolate(x, size=(24, 24), mode="bilinear")], flip=True
+    )
     assert probs.shape == (2, 6, 4, 4)  # the finest grid (32 / 8)
     torch.testing.assert_close(probs.sum(1), torch.ones(2, 4, 4))
     torch.testing.assert_close(pooled, probs.amax(dim=(2, 3)))
-    mirrored, _ = predict_tta(model, [x.flip(-1), torch.nn.functional.interpolate(x.flip(-1), size=(24, 24), mode="bilinear")], flip=True)
+    mirrored, _ = predict_tta(
+        model, [x.flip(-1), torch.nn.functional.interpolate(x.flip(-1), size=(24, 24), mode="bilinear")], flip=True
+    )
     torch.testing.assert_close(mirrored.flip(-1), probs, atol=1e-5, rtol=1e-4)
 
 
@@ -46,7 +50,10 @@ def test_tta_with_one_scale_and_no_flip_is_plain_inference(tiny_run, tmp_path):
 
 def test_cli_infer_tta_and_crf(tiny_run, tmp_path, capsys):
     out = tmp_path / "p"
-    assert main(["infer", str(tiny_run), "--out", str(out), "--tta", "--crf", "crf.workers=2", "crf.iterations=3", "-q"]) == 0
+    assert (
+        main(["infer", str(tiny_run), "--out", str(out), "--tta", "--crf", "crf.workers=2", "crf.iterations=3", "-q"])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "CRF masks to" in printed and printed.count("mIoU") == 2
     summary = json.loads((out / "summary.json").read_text())

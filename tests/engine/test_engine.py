@@ -11,12 +11,12 @@ import torch
 import torch.nn as nn
 
 from vitpcm.engine.checkpoint import non_finite_tensors, read_checkpoint
-from vitpcm.stages.load import load_model
 from vitpcm.engine.task import EngineContext, Phase, Task, poly_lr
 from vitpcm.engine.trainer import Trainer, TrainSettings
 from vitpcm.errors import VitpcmError
 from vitpcm.models.registry import create_model, register_model
 from vitpcm.runs import RunLayout
+from vitpcm.stages.load import load_model
 
 
 class Linear(nn.Module):
@@ -238,8 +238,8 @@ def test_torchrun_nan_on_one_rank_stops_every_rank(tmp_path):
     script = tmp_path / "toy_ddp.py"
     script.write_text(
         "import os, sys, time\n"
-        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
-        "from tests.test_engine import ToyTask, settings\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})\n"
+        "from tests.engine.test_engine import ToyTask, settings\n"
         "from vitpcm.engine.trainer import Trainer\n"
         "from vitpcm.errors import VitpcmError\n"
         "rank = int(os.environ['RANK'])\n"
