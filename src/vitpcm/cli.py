@@ -71,7 +71,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from vitpcm.stages.evaluate import evaluate
 
     r = evaluate(args.pred, args.gt, args.classes, split_file=args.split_file, out=args.out, json_path=args.json,
-                 compare=args.compare, layout=args.layout, progress=not args.quiet)  # fmt: skip
+                 compare=args.compare, split_name=args.split_name, layout=args.layout, progress=not args.quiet)  # fmt: skip
     print(r["table"])
     if args.out:
         print(f"wrote {args.out}/ (metrics.json, per_class.csv, per_class.md, confusion_*.npy/.png, iou_bars.png)")
@@ -221,7 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write metrics.json, per_class.csv/.md, confusion_*.npy/.png, iou_bars.png here")
     p.add_argument("--json", help="also write the result as JSON here")
     p.add_argument("--compare", metavar="ID",
-                   help="published row beside ours (default: Table S1 / S2 for voc12 / coco14 classes; none = no row)")  # fmt: skip
+                   help="published row beside ours (default: ViT-PCM's Table S1 / S2 row for voc12 / coco14 classes;"
+                        " none = no row; all = the paper's whole table, in its order, with ours added)")  # fmt: skip
+    p.add_argument("--split-name", choices=("val", "test"),
+                   help="split of the paper's table to compare with (default val; test: VOC only)")  # fmt: skip
     p.add_argument("--layout", choices=("auto", "wide", "long"), default="auto",
                    help="wide: a row per method (Table S1); long: a row per class (auto: wide up to 25 classes)")  # fmt: skip
     p.set_defaults(func=_cmd_evaluate)

@@ -98,7 +98,10 @@ def test_voc_table_carries_the_published_row():
     assert "| published: voc12-deeplabv2-val |" in table and "| 70.3 |" in table
     ours = 100 * cm.miou()
     assert "| Δ bpm |" in table and f"{ours - 70.3:+.1f} |" in table
-    assert "only the mIoU is compared" in table  # vitpcm ships no per-class published values (yet)
+    # a row without per-class values (the authors' README gives the BPM mIoU only): the note says so
+    bpm_row = published_row(voc, "voc12-bpm-val-vitb16")
+    assert "only the mIoU is compared" in format_comparison({"bpm": cm.summary(voc)}, voc, bpm_row)
+    assert "only the mIoU is compared" not in table  # Table S1's row has per-class values
     # with per-class values, the difference shows per class
     row = dict(published_row(voc), iou={"cat": 80.0})
     table = format_comparison({"bpm": cm.summary(voc)}, voc, row)

@@ -60,6 +60,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], align_f
     return "\n".join(out)
 
 
+def overall_table(summaries: Mapping[str, Mapping[str, Any]]) -> Table:
+    """mIoU, pixel accuracy, mean accuracy and fwIoU (percent, 2 decimals), a row per label."""
+    rows = [[label, _pct(s["miou"], 2), _pct(s.get("pixel_acc"), 2), _pct(s.get("mean_acc"), 2), _pct(s.get("fw_iou"), 2)]
+            for label, s in summaries.items()]  # fmt: skip
+    return ["method", "mIoU", "pixel acc", "mean acc", "fwIoU"], rows
+
+
 def comparison_tables(
     summaries: Mapping[str, Mapping[str, Any]],
     class_names: Sequence[str],
@@ -106,9 +113,7 @@ def comparison_tables(
         tables.append((header, rows))
     else:
         raise ValueError(f"layout must be auto, wide or long, got {layout!r}")
-    overall = [[label, _pct(s["miou"], 2), _pct(s.get("pixel_acc"), 2), _pct(s.get("mean_acc"), 2), _pct(s.get("fw_iou"), 2)]
-               for label, s in summaries.items()]  # fmt: skip
-    tables.append((["method", "mIoU", "pixel acc", "mean acc", "fwIoU"], overall))
+    tables.append(overall_table(summaries))
     note = None
     if published:
         has_per_class = any(_published_iou(published, n) is not None for n in class_names)
@@ -138,6 +143,81 @@ def format_comparison(
     if note:
         parts.append(note)
     return "\n\n".join(parts)
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def full_tables(
+    summaries: Mapping[str, Mapping[str, Any]],
+    class_names: Sequence[str],
+    table: Mapping[str, Any],
+    layout: str = "auto",
+) -> Tuple[List[Table], str]:
+    """The paper's whole Table S1 / S2 of one split with our rows inserted (``--compare all``).
+
+    ``table``: :func:`vitpcm.evaluation.published_table`. The paper's rows keep the paper's
+    order (and its groups); ours follow, then our difference to ViT-PCM's row (Δ). ``wide``
+    (Table S1's layout, the default up to 25 classes): a row per method; ``long`` (Table S2's):
+    a row per class, a column per method. The last table is the overall one. The note names
+    the source and where each of our rows would rank by mIoU among the paper's.
+    """
+    labels = list(summaries)
+    rows_p = list(table["rows"])
+    vitpcm = table["vitpcm"]
+    vit_miou = float(vitpcm["miou"]) / 100.0
+    if layout == "auto":
+        layout = "wide" if len(class_names) <= 25 else "long"
+    tables: List[Table] = []
+    if layout == "wide":
+        short = VOC_SHORT if builtin_list_name(class_names) == "voc12" else {}
+        header = ["method", "group", *(short.get(n, n) for n in class_names), "mIoU"]
+        rows = [[r["method"], r["group"], *(_pct(_published_iou(r, n)) for n in class_names), _pct(float(r["miou"]) / 100)]
+                for r in rows_p]  # fmt: skip
+        for label in labels:
+            s = summaries[label]
+            rows.append([f"ours: {label}", "vitpcm", *(_pct(_our_iou(s, n)) for n in class_names), _pct(s["miou"])])
+        for label in labels:
+            s = summaries[label]
+            rows.append([f"Δ {label} − {vitpcm['method']}", "", *(_diff(_our_iou(s, n), _published_iou(vitpcm, n))
+                         for n in class_names), _diff(s["miou"], vit_miou)])  # fmt: skip
+        tables.append((header, rows))
+    elif layout == "long":
+        header = ["class", *(r["method"] for r in rows_p), *(f"ours: {lab}" for lab in labels),
+                  *(f"Δ {lab}" for lab in labels)]  # fmt: skip
+        rows = []
+        for name in [*class_names, "mIoU"]:
+            theirs = [float(r["miou"]) / 100 if name == "mIoU" else _published_iou(r, name) for r in rows_p]
+            ours = [summaries[lab]["miou"] if name == "mIoU" else _our_iou(summaries[lab], name) for lab in labels]
+            ref = vit_miou if name == "mIoU" else _published_iou(vitpcm, name)
+            rows.append([name, *(_pct(v) for v in theirs), *(_pct(v) for v in ours), *(_diff(v, ref) for v in ours)])
+        tables.append((header, rows))
+    else:
+        raise ValueError(f"layout must be auto, wide or long, got {layout!r}")
+    tables.append(overall_table(summaries))
+    ranks = []
+    for label in labels:
+        miou = summaries[label]["miou"]
+        if miou is None or math.isnan(miou):
+            continue
+        better = sum(1 for r in rows_p if float(r["miou"]) > round(100 * miou, 1))
+        ranks.append(f"{label} {100 * miou:.1f} would rank {_ordinal(better + 1)} of {len(rows_p) + 1}")
+    note = (f"Table {table['table']} of the ViT-PCM paper (supplementary), {table['classes']} {table['split']}:"
+            f" {len(rows_p)} methods in the paper's order, each a DeepLabV2 trained on the method's pseudo-masks;"
+            f" ours follow. Δ: ours minus {vitpcm['method']} ({vitpcm['id']}). By mIoU: {'; '.join(ranks) or '–'}.")  # fmt: skip
+    return tables, note
+
+
+def format_full_table(
+    summaries: Mapping[str, Mapping[str, Any]],
+    class_names: Sequence[str],
+    table: Mapping[str, Any],
+    layout: str = "auto",
+) -> str:
+    """:func:`full_tables` as markdown text (what ``vitpcm evaluate --compare all`` prints)."""
+    tables, note = full_tables(summaries, class_names, table, layout)
+    return "\n\n".join([*(markdown_table(header, rows) for header, rows in tables), note])
 
 
 def per_class_csv(

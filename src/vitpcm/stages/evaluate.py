@@ -17,8 +17,10 @@ from vitpcm.evaluation import (
     GroundTruth,
     evaluate_folders,
     format_comparison,
+    format_full_table,
     names_from_split_file,
     published_row,
+    published_table,
     write_evaluation,
 )
 from vitpcm.io import class_list, write_json_atomic
@@ -82,6 +84,7 @@ def evaluate(
     out: Optional[PathLike] = None,
     json_path: Optional[PathLike] = None,
     compare: Optional[str] = None,
+    split_name: Optional[str] = None,
     layout: str = "auto",
     progress: bool = True,
 ) -> Dict[str, Any]:
@@ -99,22 +102,32 @@ def evaluate(
             ``confusion_<label>.npy`` / ``.png`` and ``iou_bars.png``.
         json_path: also write the summaries as JSON here (one folder: its summary; several:
             ``{label: summary}``).
-        compare: published row id beside ours (default: Table S1 / S2 for the voc12 /
-            coco14 lists; ``none``: no row).
+        compare: published row id beside ours (default: ViT-PCM's Table S1 / S2 row for
+            the voc12 / coco14 lists; ``none``: no row); ``all``: the paper's whole Table
+            S1 / S2 of the split, in the paper's order, with ours added after it (the files
+            get ViT-PCM's row).
+        split_name: which split of the paper's tables (``val``, ``test`` for VOC); default
+            the published row's (val).
         layout: ``auto``, ``wide`` (a row per method) or ``long`` (a row per class).
 
     Returns ``{"table": markdown text to print, "summaries": {label: summary}, "classes",
-    "published": row or None, "out": str or None, "json": str or None, "written": [file
-    paths], "evaluation": what metrics.json holds or None}``.
+    "published": row or None, "published_table": the paper's table (``compare="all"``) or
+    None, "out": str or None, "json": str or None, "written": [file paths], "evaluation":
+    what metrics.json holds or None}``.
     """
     class_names = _classes(classes)
     if split_file is not None and names is None:
         names = names_from_split_file(split_file)
     folders = dict(preds) if isinstance(preds, Mapping) else folder_labels(list(preds))
-    published = published_row(class_names, compare)  # checked before the (long) evaluation
+    # the published rows are checked before the (long) evaluation
+    whole = published_table(class_names, split_name) if compare == "all" else None
+    published = whole["vitpcm"] if whole else published_row(class_names, compare, split_name)
     cms = evaluate_folders(folders, gt, class_names, names=names, progress=progress)
     summaries = {label: cm.summary(class_names) for label, cm in cms.items()}
-    table = format_comparison(summaries, class_names, published, layout=layout)
+    if whole:
+        table = format_full_table(summaries, class_names, whole, layout=layout)
+    else:
+        table = format_comparison(summaries, class_names, published, layout=layout)
     written: List[str] = []
     evaluation = None
     if out is not None:
@@ -135,6 +148,7 @@ def evaluate(
         "summaries": summaries,
         "classes": class_names,
         "published": published,
+        "published_table": whole,
         "out": str(out) if out is not None else None,
         "json": str(json_path) if json_path is not None else None,
         "written": written,
