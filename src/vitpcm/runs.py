@@ -8,7 +8,8 @@ A run folder (``vitpcm train --out RUN``) holds::
     checkpoints/last.pt       every epoch; checkpoints/best.pt: best val mIoU
     logs/metrics.jsonl        one JSON object per epoch; logs/events.*: TensorBoard
     pseudo/SPLIT/masks/       BPM palette PNGs; probs/NAME.npz; crf/NAME.png; summary.json
-    eval/SPLIT/               per_class.csv/.md, metrics.json, confusion_*.npy/.png
+    eval/SPLIT/               per_class.csv/.md, metrics.json, confusion_*.npy/.png;
+                              verification/ the same for BPM / CRF / DeepLab (report --segment)
     figures/                  training_curves.png, SPLIT/NAME_*.png
     report.html               the run report
 
@@ -82,6 +83,10 @@ class RunLayout:
 
     def eval(self, split: str) -> Path:
         return self.eval_root / split
+
+    def verification(self, split: str) -> Path:
+        """``eval/SPLIT/verification``: ``vitpcm report --segment``'s BPM / CRF / DeepLab evaluation."""
+        return self.eval(split) / "verification"
 
     @property
     def pseudo_root(self) -> Path:
