@@ -16,12 +16,22 @@ Not broken, converted silently and counted in the report: greyscale, palette, CM
 transparency, 16-bit, other format behind a ``.jpg`` name, EXIF orientation; and masks that
 hold only background (kept: they still teach the background class).
 
-The same check runs before training (:func:`screen_for_training`).
+The same check runs before training (:func:`screen_for_training`). There, what reading an
+item found is cached (:class:`ScreenCache`, in ``~/.cache/vitpcm/screen/`` or
+``$VITPCM_CACHE_DIR/screen/``), keyed by the item's files (path, size, mtime, ctime), its tags
+and expected size, the class list and the check's own code: a second start on an unchanged
+dataset decodes no image, and a changed file is read again. ``vitpcm check-data`` always
+reads everything.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -52,6 +62,7 @@ class SplitReport:
     items: List[ItemReport] = field(default_factory=list)
     info: List[str] = field(default_factory=list)
     error: Optional[str] = None
+    from_cache: int = 0  # items whose result came from the screening cache (no file read)
 
     @property
     def problems(self) -> List[Problem]:
@@ -120,15 +131,25 @@ class DataReport:
         return format_report(self)
 
 
-def check_dataset(ds: SegmentationDataset, role: str = "extra", workers: int = 0, progress: bool = True) -> SplitReport:
+def check_dataset(
+    ds: SegmentationDataset,
+    role: str = "extra",
+    workers: int = 0,
+    progress: bool = True,
+    cache: Optional["ScreenCache"] = None,
+) -> SplitReport:
     """Read every item of ``ds`` once, in ``workers`` threads (0 = one per CPU; Pillow and
-    numpy release the GIL while decoding), with a progress bar."""
+    numpy release the GIL while decoding), with a progress bar. With ``cache``, an item whose
+    files, tags and expected size are unchanged since it was cached is not read again
+    (``SplitReport.from_cache`` counts them); call ``cache.save()`` afterwards."""
     from tqdm import tqdm
 
     report = SplitReport(ds.split, role, ds.format, str(ds.root), list(ds.classes), ds.has_masks, info=list(ds.info))
 
     def one(i: int) -> ItemReport:
-        return ds.inspect(i)[1]  # drop the sample at once: only the report is kept
+        if cache is None:
+            return ds.inspect(i)[1]  # drop the sample at once: only the report is kept
+        return cache.inspect(i)
 
     n = len(ds)
     bar = tqdm(total=n, desc=f"check {ds.split}", unit="img", disable=not progress)
@@ -144,6 +165,8 @@ def check_dataset(ds: SegmentationDataset, role: str = "extra", workers: int = 0
                 bar.update()
     finally:
         bar.close()
+    if cache is not None:
+        report.from_cache = cache.hits
     return report
 
 
@@ -281,6 +304,193 @@ def format_report(report: DataReport) -> str:
     return "\n".join(out)
 
 
+# ---------------------------------------------------------------------------- screening cache
+CACHE_ENV = "VITPCM_CACHE_DIR"  # where the cache lives (its screen/ subfolder); off / none / 0 = no cache
+CACHE_FORMAT = 1  # bump when the file layout below changes
+CACHE_MAX_AGE_DAYS = 60  # cache files untouched this long are removed when another one is written
+_CODE_FILES = ("data/base.py", "images.py", "io.py")  # the code whose verdicts are cached
+
+
+def screen_cache_dir() -> Optional[Path]:
+    """The folder of screening cache files: ``$VITPCM_CACHE_DIR/screen``, else
+    ``$XDG_CACHE_HOME/vitpcm/screen``, else ``~/.cache/vitpcm/screen``; None when
+    ``VITPCM_CACHE_DIR`` is ``off`` (or ``none``, ``0``, empty)."""
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        if value.strip().lower() in ("", "0", "off", "none", "false", "no"):
+            return None
+        return Path(value).expanduser() / "screen"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "vitpcm" / "screen"
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _file_key(path: Optional[Path]) -> Optional[List[Any]]:
+    """``[path, size, mtime_ns, ctime_ns]``; ``[path, None]`` for a file that cannot be stat'ed."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [str(path), None]
+    return [str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _code_fingerprint(ds: SegmentationDataset) -> str:
+    """Hash of the source that decides an item's verdict (base, images, io and the format's
+    module): a vitpcm update that changes the check invalidates the cache by itself."""
+    import inspect
+
+    package = Path(__file__).resolve().parents[1]
+    files = [package / f for f in _CODE_FILES]
+    try:
+        files.append(Path(inspect.getfile(type(ds))))
+    except (TypeError, OSError):
+        pass
+    h = hashlib.sha1()
+    for f in files:
+        try:
+            h.update(f.read_bytes())
+        except OSError:
+            h.update(str(f).encode())
+    return h.hexdigest()
+
+
+def _report_to_json(r: ItemReport) -> Dict[str, Any]:
+    return {
+        "size": list(r.size) if r.size else None,
+        "tags": list(r.tags) if r.tags is not None else None,
+        "bg": r.background_only,
+        "problems": [[p.kind, p.path, p.message] for p in r.problems],
+        "notes": list(r.notes),
+        "warnings": list(r.warnings),
+    }
+
+
+def _report_from_json(name: str, d: Dict[str, Any]) -> ItemReport:
+    return ItemReport(
+        name,
+        size=tuple(d["size"]) if d["size"] else None,  # type: ignore[arg-type]
+        tags=tuple(d["tags"]) if d["tags"] is not None else None,
+        background_only=bool(d["bg"]),
+        problems=[Problem(name, kind, path, message) for kind, path, message in d["problems"]],
+        notes=list(d["notes"]),
+        warnings=list(d["warnings"]),
+    )
+
+
+class ScreenCache:
+    """What :meth:`SegmentationDataset.inspect` found for each item of one split, kept across
+    training starts so that an unchanged dataset is not decoded again.
+
+    One JSON file per (format, resolved root, split, class list, masks or not, check code),
+    ``FOLDER/<sha1>.json``: ``{"ident": {...}, "items": {name: [key, report]}}``. An item's
+    ``key`` hashes the path, size, mtime and ctime of its image and mask files (COCO without
+    prepared masks: the annotation file), its file tags and its expected size; any change
+    and the item is read again. Items with listing problems (missing files, duplicates) are
+    never cached: the dataset finds them without reading. The file is written atomically;
+    an unwritable folder (read-only home, read-only dataset) only costs the cache.
+
+    Args:
+        ds: the dataset (its ``root`` may be read-only: nothing is written there).
+        folder: where cache files live (:func:`screen_cache_dir`).
+    """
+
+    def __init__(self, ds: SegmentationDataset, folder: Path) -> None:
+        self.ds = ds
+        self.folder = Path(folder)
+        self.ident = {
+            "format": CACHE_FORMAT,
+            "dataset": ds.format,
+            "root": str(Path(ds.root).resolve()),
+            "split": ds.split,
+            "classes": list(ds.classes),
+            "has_masks": bool(ds.has_masks),
+            "code": _code_fingerprint(ds),
+        }
+        self.path = self.folder / f"{_digest(self.ident)[:24]}.json"
+        self._old: Dict[str, List[Any]] = self._load()
+        self._new: Dict[str, List[Any]] = {}
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.reads = 0
+
+    def _load(self) -> Dict[str, List[Any]]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.info("screening cache %s unreadable (%s): reading every item", self.path, exc)
+            return {}
+        if not isinstance(data, dict) or data.get("ident") != self.ident or not isinstance(data.get("items"), dict):
+            return {}
+        return data["items"]
+
+    def item_key(self, name: str) -> str:
+        """The hash an item's cached result must match (class docstring)."""
+        ds = self.ds
+        tags = ds.file_tags(name)
+        size = ds.expected_size(name)
+        parts = [
+            name,
+            _file_key(ds.image_path(name)),
+            _file_key(ds.mask_path(name)) if ds.has_masks else None,
+            None if tags is None else [int(i) for i in np.nonzero(np.asarray(tags))[0]],
+            None if size is None else [int(v) for v in size],
+        ]
+        return _digest(parts)[:24]
+
+    def inspect(self, index: int) -> ItemReport:
+        """The item's report: from the cache when its key matches, else read (and remembered)."""
+        name = self.ds.names[index]
+        if name in self.ds.listing_problems:
+            return self.ds.inspect(index)[1]  # found without reading a file; never cached
+        key = self.item_key(name)
+        old = self._old.get(name)
+        if old is not None and old[0] == key:
+            try:
+                report = _report_from_json(name, old[1])
+            except (KeyError, TypeError, ValueError):
+                report = None
+            if report is not None:
+                with self._lock:
+                    self._new[name] = old
+                    self.hits += 1
+                return report
+        report = self.ds.inspect(index)[1]
+        with self._lock:
+            self._new[name] = [key, _report_to_json(report)]
+            self.reads += 1
+        return report
+
+    def save(self) -> Optional[Path]:
+        """Write the items seen since loading (atomically); returns the file, or None when
+        nothing changed or the folder is not writable."""
+        if self.reads == 0 and set(self._new) == set(self._old):
+            return None
+        try:
+            write_text_atomic(self.path, json.dumps({"ident": self.ident, "items": self._new}, separators=(",", ":")))
+        except OSError as exc:
+            log.info("screening cache not written (%s): the next start reads every item again", exc)
+            return None
+        self._prune()
+        return self.path
+
+    def _prune(self) -> None:
+        """Remove other cache files untouched for ``CACHE_MAX_AGE_DAYS`` (datasets gone or moved)."""
+        limit = time.time() - CACHE_MAX_AGE_DAYS * 86400
+        try:
+            for f in self.folder.glob("*.json"):
+                if f != self.path and f.stat().st_mtime < limit:
+                    f.unlink()
+        except OSError:
+            pass
+
+
 def screen_for_training(
     datasets: Sequence[Optional[SegmentationDataset]],
     run_dir: Path,
@@ -288,13 +498,26 @@ def screen_for_training(
     progress: bool = True,
     write: bool = True,
     workers: int = 0,
+    cache: bool = True,
 ) -> List[Tuple[str, Problem]]:
     """The check before training. Without ``skip_bad``, broken data raises a
     :class:`VitpcmError` with one line per problem. With it, broken items are dropped from
     their dataset and listed in ``RUN/skipped.txt`` (``split<TAB>name<TAB>kind<TAB>path<TAB>reason``).
+
+    ``cache``: reuse what earlier starts found for unchanged items (:class:`ScreenCache`,
+    in :func:`screen_cache_dir`); only a process with ``write`` (rank 0) updates the file.
     Returns the skipped problems."""
     present = [ds for ds in datasets if ds is not None]
-    reports = [check_dataset(ds, "train" if i == 0 else "val", workers, progress) for i, ds in enumerate(present)]
+    folder = screen_cache_dir() if cache else None
+    reports = []
+    for i, ds in enumerate(present):
+        sc = ScreenCache(ds, folder) if folder is not None else None
+        t0 = time.perf_counter()
+        reports.append(check_dataset(ds, "train" if i == 0 else "val", workers, progress, cache=sc))
+        if sc is not None and write:  # rank 0 speaks and writes for all
+            log.info("split %s: %d item(s) screened in %.1fs, %d unchanged since the last start (%s)", ds.split,
+                     len(ds), time.perf_counter() - t0, sc.hits, sc.path)  # fmt: skip
+            sc.save()
     problems = [(r.split, p) for r in reports for p in r.problems]
     if problems and not skip_bad:
         raise VitpcmError(
