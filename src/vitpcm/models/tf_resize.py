@@ -131,8 +131,10 @@ def tf_bicubic_resize(grid: torch.Tensor, size: Size, channels_last: Optional[bo
     if (in_h, in_w) != (out_h, out_w):
         wy = tf_bicubic_weights(in_h, out_h, x.device).to(dtype)  # [H, h]
         wx = tf_bicubic_weights(in_w, out_w, x.device).to(dtype)  # [W, w]
-        x = torch.einsum("yi,nijc->nyjc", wy, x)  # along the rows first, as TF
-        x = torch.einsum("xj,nyjc->nyxc", wx, x)
+        # full precision even under autocast (bf16 would cost ~1e-2 in the embedding)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = torch.einsum("yi,nijc->nyjc", wy, x)  # along the rows first, as TF
+            x = torch.einsum("xj,nyjc->nyxc", wx, x)
     x = x if channels_last else x.permute(0, 3, 1, 2)
     return x[0] if grid.dim() == 3 else x.contiguous()
 
