@@ -7,6 +7,9 @@ Usage::
 
 What it measures, on N synthetic VOC-sized images (500 x 375, half of them portrait):
 
+The inputs, the authors' path and the agreement live in ``vitpcm.stages.bench_crf`` (shared
+with ``vitpcm bench``, which times both paths end to end with process start).
+
 * ``authors``: the authors' CRF stage as in their ``main.py test --crf`` / ``crf.py``: the
   probabilities scattered into all 21 VOC channels (absent classes 0), pydensecrf's
   ``unary_from_softmax``, ``DenseCRF2D(W, H, 21)``, argmax, PNG; one image after another
@@ -43,84 +46,14 @@ from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from vitpcm.data.synthetic import render_sample  # noqa: E402
-from vitpcm.io import read_mask_png, save_mask_png, save_npz_atomic  # noqa: E402
+from vitpcm.io import save_mask_png  # noqa: E402
 from vitpcm.postprocess.crf import CRFParams, run_crf  # noqa: E402
-
-VOC_CLASSES = 21
-GRID = 60  # patch grid of ViT-PCM at 960 with 16 px patches
-
-
-def make_dataset(folder: Path, n: int, seed: int) -> List[str]:
-    """Write ``folder/images/NAME.jpg`` and ``folder/probs/NAME.npz`` for n VOC-sized images."""
-    import torch
-    import torch.nn.functional as F
-
-    rng = np.random.default_rng(seed)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    (folder / "probs").mkdir(parents=True, exist_ok=True)
-    names = []
-    for i in range(n):
-        w, h = (500, 375) if i % 2 == 0 else (375, 500)
-        image, mask = render_sample(seed * 1000 + i)
-        img = np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC)).astype(np.float32)
-        img = np.clip(img + rng.normal(0, 2.0, img.shape), 0, 255).astype(np.uint8)  # sensor-like noise
-        name = f"img_{i:03d}"
-        Image.fromarray(img).save(folder / "images" / f"{name}.jpg", quality=90)
-        label = np.asarray(Image.fromarray(mask).resize((w, h), Image.NEAREST)).copy()
-        label[label == 255] = 0
-        synthetic = [int(c) for c in np.unique(label) if c != 0]
-        voc = rng.choice(np.arange(1, VOC_CLASSES), size=len(synthetic), replace=False)
-        classes = np.array([0, *sorted(int(v) for v in voc)], dtype=np.int64)
-        index = {0: 0, **{c: 1 + sorted(voc.tolist()).index(int(v)) for c, v in zip(synthetic, voc)}}
-        local = np.vectorize(index.get)(label)  # [H, W] in 0..P-1
-        onehot = torch.from_numpy(np.eye(len(classes), dtype=np.float32)[local]).permute(2, 0, 1)[None]
-        grid = F.adaptive_avg_pool2d(onehot, (GRID, GRID))
-        logits = 4.0 * grid + torch.from_numpy(rng.normal(0, 0.8, grid.shape).astype(np.float32))
-        probs = F.interpolate(logits.softmax(1), size=(h, w), mode="bilinear", align_corners=False)[0]
-        save_npz_atomic(folder / "probs" / f"{name}.npz", probs=probs.numpy().astype(np.float32), classes=classes)
-        names.append(name)
-    return names
-
-
-def authors_one(probs_path: Path, image_path: Path, out_path: Path, num_classes: int, params: CRFParams) -> float:
-    """The authors' CRF of one image: all channels, ``unary_from_softmax``; returns CPU seconds."""
-    import pydensecrf.densecrf as dcrf
-    import pydensecrf.utils as utils
-
-    start = time.process_time()
-    data = np.load(probs_path)
-    probs, classes = data["probs"], data["classes"]
-    full = np.zeros((num_classes, *probs.shape[1:]), dtype=np.float32)  # their dict2preds: absent = 0
-    full[classes] = probs
-    image = np.array(Image.open(image_path).convert("RGB"))
-    c, h, w = full.shape
-    crf = dcrf.DenseCRF2D(w, h, c)
-    crf.setUnaryEnergy(np.ascontiguousarray(utils.unary_from_softmax(full)))
-    crf.addPairwiseGaussian(sxy=params.gauss_sxy, compat=params.gauss_compat)
-    crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb,
-                             rgbim=np.ascontiguousarray(image), compat=params.bilateral_compat)  # fmt: skip
-    q = np.array(crf.inference(params.iterations)).reshape(c, h, w)
-    save_mask_png(out_path, q.argmax(0).astype(np.uint8))
-    return time.process_time() - start
-
-
-def run_authors(
-    probs_dir: Path, images_dir: Path, out_dir: Path, names: List[str], num_classes: int
-) -> Dict[str, float]:
-    from vitpcm.io import find_image
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    cpu = sum(authors_one(probs_dir / f"{n}.npz", find_image(images_dir, n), out_dir / f"{n}.png", num_classes, CRFParams())
-              for n in names)  # fmt: skip
-    wall = time.perf_counter() - start
-    return {"seconds": wall, "seconds_per_image": wall / len(names), "cpu_seconds_per_image": cpu / len(names)}
+from vitpcm.stages.bench_crf import VOC_CLASSES, agreement, run_authors  # noqa: E402
+from vitpcm.stages.bench_crf import make_crf_inputs as make_dataset  # noqa: E402
 
 
 def run_present(probs_dir: Path, images_dir: Path, out_dir: Path, names: List[str], workers: int) -> Dict[str, float]:
@@ -134,18 +67,6 @@ def run_present(probs_dir: Path, images_dir: Path, out_dir: Path, names: List[st
     else:
         result["worker_seconds_per_image"] = summary["seconds_per_image"]
     return result
-
-
-def agreement(dir_a: Path, dir_b: Path, names: List[str]) -> Dict[str, float]:
-    same = total = 0
-    per_image = []
-    for n in names:
-        a, b = read_mask_png(dir_a / f"{n}.png"), read_mask_png(dir_b / f"{n}.png")
-        eq = int((a == b).sum())
-        same, total = same + eq, total + a.size
-        per_image.append(eq / a.size)
-    return {"pixels_equal_pct": 100.0 * same / total, "worst_image_pct": 100.0 * min(per_image),
-            "images_identical": int(sum(p == 1.0 for p in per_image)), "images": len(names)}  # fmt: skip
 
 
 def compare(probs_dir: Path, images_dir: Path, work: Path, names: List[str], num_classes: int) -> Dict[str, object]:

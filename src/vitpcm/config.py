@@ -120,6 +120,9 @@ class TrainConfig:
     seed: int = 1234
     threads: int = 0  # torch CPU threads (0 = torch default)
     log_every: int = 20  # iterations between TensorBoard scalars
+    # torch.compile of each backbone block in place (models/speed.py; state-dict keys unchanged).
+    # Pays off on GPUs for long runs; the first steps compile (seconds to minutes).
+    compile: bool = False
 
 
 @dataclass

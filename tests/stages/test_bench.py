@@ -1,0 +1,95 @@
+"""`vitpcm bench --quick`: every section runs on tiny shapes and the JSON has the documented
+keys and types (timings are not checked: quick mode says nothing about speed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vitpcm.cli import main
+from vitpcm.stages.bench import TARGETS, bench, format_bench
+
+NUMBER = (int, float)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    result = bench("synthetic", quick=True, json_path=out, progress=False, note="test")
+    return result, out
+
+
+def _numbers(section: dict, keys) -> None:
+    for k in keys:
+        assert isinstance(section[k], NUMBER) and not isinstance(section[k], bool), k
+        assert section[k] == section[k], f"{k} is NaN"
+
+
+def test_quick_bench_writes_every_section(quick):
+    result, out = quick
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["quick"] is True and result["device"] == "cpu" and result["note"] == "test"
+    m = result["machine"]
+    for k in ("cpu", "cpus", "cpus_usable", "torch", "timm", "python", "torch_threads", "loadavg_1min"):
+        assert k in m, k
+    assert isinstance(m["timm_fused_attention"], bool)
+    assert isinstance(m["cpu"], str) and m["cpus_usable"] >= 1
+
+    i = result["infer"]
+    _numbers(i, ["pipeline_seconds_per_image", "backbone_seconds_per_image", "infer_ratio", "images_per_second",
+                 "data_seconds_per_image", "data_wait_fraction", "peak_memory_mb"])  # fmt: skip
+    assert i["scale"] == 32 and i["images"] == 2 and len(i["pipeline_seconds_per_image_runs"]) == 2
+    assert i["memory_kind"] == "rss_peak" and i["peak_memory_mb"] > 0
+    assert 0 <= i["data_wait_fraction"] <= 1
+
+    t = result["train"]
+    _numbers(t, ["step_seconds", "floor_seconds", "train_ratio", "images_per_second", "data_wait_fraction",
+                 "peak_memory_mb", "trainable_backbone_parameters"])  # fmt: skip
+    assert t["batch_size"] == 4 and t["forward_inputs"] == 5 and t["steps"] == 2
+    assert len(t["step_seconds_runs"]) == len(t["floor_seconds_runs"]) == 2
+    assert t["trainable_backbone_parameters"] > 0
+
+    c = result["crf"]
+    _numbers(c, ["vitpcm_seconds", "authors_seconds", "crf_speedup", "agreement_pct"])
+    assert c["images"] == 3 and c["process_start_included"] is True
+    assert c["agreement_pct"] > 99.0  # same parameters, present classes vs all channels
+
+    cli = result["cli"]
+    _numbers(cli, ["help_seconds", "crf_help_seconds"])
+
+    assert result["targets"] == TARGETS
+    assert set(result["met"]) == {"infer_ratio", "train_ratio", "crf_speedup", "crf_agreement"}
+    assert all(isinstance(v, bool) for v in result["met"].values())
+    text = format_bench(result)
+    assert "infer_ratio" in text and "train_ratio" in text and "crf_speedup" in text and "quick mode" in text
+
+
+def test_cli_bench_one_section(tmp_path, capsys):
+    out = tmp_path / "cli.json"
+    assert main(["bench", "--quick", "--section", "cli", "--json", str(out), "-q"]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["met"]) == set() and "infer" not in result and result["cli"]["runs"] == 1
+    assert "vitpcm --help" in capsys.readouterr().out
+
+
+def test_bench_help_and_authors_path_import_no_torch(tmp_path):
+    code = (
+        "import sys\n"
+        "from vitpcm.cli import main\n"
+        "import vitpcm.stages.bench, vitpcm.stages.bench_crf\n"
+        "try:\n    main(['bench', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_unknown_section_is_refused():
+    from vitpcm.errors import VitpcmError
+
+    with pytest.raises(VitpcmError, match="unknown bench section"):
+        bench(quick=True, sections=["nope"])
