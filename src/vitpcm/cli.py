@@ -107,10 +107,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from vitpcm.stages.report import report
 
     result = report(args.run, splits=args.split, overrides=args.overrides, samples=args.samples, names=args.names,
-                    seed=args.seed, compare=args.compare, progress=not args.quiet)  # fmt: skip
+                    seed=args.seed, compare=args.compare, segment=args.segment, progress=not args.quiet)  # fmt: skip
     for split, ev in result["evaluations"].items():
         scores = "  ".join(f"{label} mIoU {100 * s['miou']:.2f}" for label, s in ev["results"].items())
         print(f"{split}: {scores}")
+    for split, ev in result.get("verification", {}).items():
+        scores = "  ".join(f"{label} mIoU {100 * s['miou']:.2f}" for label, s in ev["results"].items())
+        print(f"{split} verification: {scores}")
     print(f"wrote {result['report']}")
     return 0
 
@@ -125,19 +128,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
           f"  ({s['total_seconds']:.0f}s in all)")  # fmt: skip
     print(f"report: {s['paths']['report']}")
     print(f"summary: {s['paths']['summary']}")
-    return 0
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from vitpcm.stages.bench import bench, format_bench
-
-    r = bench(args.preset, device=args.device, quick=args.quick, overrides=args.overrides, json_path=args.json,
-              sections=args.section or ("infer", "train", "crf", "cli"), infer_images=args.images,
-              repeats=args.repeats, train_steps=args.steps, batch_size=args.batch, crf_images=args.crf_images,
-              note=args.note, progress=not args.quiet)  # fmt: skip
-    print(format_bench(r))
-    if args.json:
-        print(f"wrote {args.json}")
     return 0
 
 
@@ -250,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--names", nargs="+", help="these images for the sample figures instead")
     p.add_argument("--seed", type=int, default=0, help="seed of the random sample (default 0)")
     p.add_argument("--compare", metavar="ID", help="published row beside ours (see vitpcm evaluate)")
+    p.add_argument("--segment", metavar="SEGRUN",
+                   help="a DeepLab run trained on these pseudo-masks (`vitpcm segment train`): adds the verification"
+                        " section (BPM vs CRF vs DeepLab per class, Fig. S2 rows, Fig. S3 best images)")  # fmt: skip
     p.set_defaults(func=_cmd_report)
 
     p = add("demo", "the whole pipeline on the built-in synthetic set, on a CPU, in minutes")
@@ -259,22 +252,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", type=int, default=100, help="synthetic val images (default 100)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     p.set_defaults(func=_cmd_demo)
-
-    p = add("bench", "measure inference, a training step, the CRF and start-up beside their floors (docs/scaling.md)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP + " (e.g. train.compile=true)")
-    p.add_argument("--preset", default="voc12", help="config preset or YAML whose model and sizes are measured")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N) (default cpu)")
-    p.add_argument("--json", help="write the results as JSON here")
-    p.add_argument("--quick", action="store_true", help="tiny shapes in seconds (checks the bench, not the speed)")
-    p.add_argument("--section", action="append", choices=("infer", "train", "crf", "cli"),
-                   help="only this part (repeatable; default all)")  # fmt: skip
-    p.add_argument("--images", type=int, help="images per inference run (default 3 on a CPU, 20 on a GPU)")
-    p.add_argument("--repeats", type=int, help="inference runs of each side (default 3 on a CPU, 5 on a GPU)")
-    p.add_argument("--steps", type=int, help="measured training steps (default 4 on a CPU, 20 on a GPU)")
-    p.add_argument("--batch", type=int, help="training batch (default 4 on a CPU, the preset's on a GPU)")
-    p.add_argument("--crf-images", type=int, help="VOC-sized images of the CRF comparison (default 50)")
-    p.add_argument("--note", help="free text stored with the results, e.g. 'machine shared with other jobs'")
-    p.set_defaults(func=_cmd_bench)
 
     p = add("config", "print a resolved config (preset + overrides) as YAML")
     p.add_argument("config", help="preset name or YAML path")

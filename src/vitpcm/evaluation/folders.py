@@ -9,7 +9,7 @@ scored: every PNG of the first folder, or a split file (:func:`names_from_split_
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -41,6 +41,7 @@ def evaluate_folders(
     class_names: Sequence[str],
     names: Optional[Sequence[str]] = None,
     progress: bool = True,
+    image_scores: Optional[Dict[str, Dict[str, Dict[str, Any]]]] = None,
 ) -> Dict[str, ConfusionMatrix]:
     """Evaluate several prediction folders ``{label: folder}`` against one ground truth.
 
@@ -48,6 +49,11 @@ def evaluate_folders(
     uint8 mask (a dataset's ``read_mask``: COCO masks drawn from annotations, SBD .mat).
     Every folder is scored on the same names: ``names``, or else the PNGs of the first
     folder (the others must have them all). Each ground-truth mask is read once.
+
+    ``image_scores``: a dict to fill with each image's own score, ``{label: {name: {"miou":
+    mIoU of that image alone (over the classes in its ground truth; NaN when all ignore),
+    "gt_classes": [class indices in its ground truth]}}}`` (the report picks its best images
+    with it).
 
     Returns ``{label: ConfusionMatrix}`` (``[C, C]``, C = ``len(class_names)``).
     """
@@ -91,10 +97,18 @@ def evaluate_folders(
                     f"{folder / (name + '.png')} is {pred.shape[1]}x{pred.shape[0]} but its ground truth is"
                     f" {truth.shape[1]}x{truth.shape[0]}: predictions must be at the original image size"
                 )
+            # per image only when asked: one more bincount-sized matrix per image
+            cm = ConfusionMatrix(len(class_names)) if image_scores is not None else cms[label]
             try:
-                cms[label].update(pred, truth)
+                cm.update(pred, truth)
             except ValueError as exc:
                 raise VitpcmError(f"{folder / (name + '.png')}: {exc}; check --classes") from None
+            if image_scores is not None:
+                cms[label].merge(cm)
+                image_scores.setdefault(label, {})[name] = {
+                    "miou": cm.miou(),
+                    "gt_classes": np.flatnonzero(cm.present()).tolist(),
+                }
     return cms
 
 

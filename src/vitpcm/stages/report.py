@@ -14,6 +14,12 @@ Sections: results per split (BPM ``pseudo/<split>/masks`` and, when complete, CR
 VOC / COCO class lists), per-class IoU bars, confusion matrices, training curves from
 ``logs/metrics.jsonl``, sample figures, links to the files, the resolved config.
 
+With ``segment=SEGRUN`` (a DeepLab run trained on the pseudo-masks: ``SEGRUN/pseudo/<split>/
+masks`` and, after its dense CRF, ``.../crf``) a verification section per split follows:
+BPM vs CRF vs DeepLab per class in one table beside the paper's ViT-PCM DeepLabV2 row
+(``RUN/eval/<split>/verification/``), Fig. S2 rows (image | ground truth | BPM | CRF |
+DeepLab) and a Fig. S3 grid of the best images (highest per-image mIoU of the DeepLab masks).
+
 The figures are drawn by :mod:`vitpcm.viz.figures`, the page by
 :mod:`vitpcm.viz.html`; the dataset (images, ground truth) is read through
 ``vitpcm.data``, imported inside the call.
@@ -25,7 +31,7 @@ import datetime as _dt
 import logging
 import random
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from vitpcm.errors import VitpcmError
 from vitpcm.io import format_names, names_in, read_classes, read_mask_png, write_text_atomic
@@ -43,6 +49,22 @@ def _pick_samples(names: Sequence[str], k: int, chosen: Optional[Sequence[str]],
     return sorted(random.Random(seed).sample(sorted(names), min(k, len(names))))
 
 
+def _dataset(cfg: Any, split: str, cache: Dict[str, Tuple[Any, Optional[str]]]) -> Tuple[Any, Optional[str]]:
+    """The split's dataset (None when it cannot be built) and why not; built once per report
+    (COCO reads its annotation file)."""
+    from vitpcm.data import build_dataset
+
+    if split not in cache:
+        try:
+            cache[split] = (build_dataset(cfg.data, split, require_masks=False), None)
+        except VitpcmError as exc:
+            cache[split] = (
+                None,
+                f"dataset not available ({exc}); pass data.root=PATH to include ground truth and images.",
+            )
+    return cache[split]
+
+
 def _split_section(
     run: RunLayout,
     split: str,
@@ -53,9 +75,10 @@ def _split_section(
     seed: int,
     compare: Optional[str],
     progress: bool,
+    datasets: Dict[str, Tuple[Any, Optional[str]]],
 ) -> Dict[str, Any]:
-    """Evaluate one split, draw its figures; returns {'html': str, 'evaluation': dict or None}."""
-    from vitpcm.data import build_dataset
+    """Evaluate one split, draw its figures; returns {'html': str, 'evaluation': dict or None,
+    'cms': {label: ConfusionMatrix} or None, 'names': the names scored}."""
     from vitpcm.evaluation import evaluate_folders, published_row
     from vitpcm.images import load_rgb
     from vitpcm.postprocess.crf import load_probs
@@ -75,13 +98,12 @@ def _split_section(
         notes.append(f"{crf_rel} holds {len(crf_names & set(mask_names))} of {len(mask_names)} masks"
                      " (an interrupted `vitpcm crf`? rerun it to finish): left out of the tables.")  # fmt: skip
 
-    dataset = None
-    try:
-        dataset = build_dataset(cfg.data, split, require_masks=False)
-    except VitpcmError as exc:
-        notes.append(f"dataset not available ({exc}); pass data.root=PATH to include ground truth and images.")
+    dataset, why = _dataset(cfg, split, datasets)
+    if why:
+        notes.append(why)
     has_gt = dataset is not None and dataset.has_masks
 
+    cms = None
     evaluation = None
     evaluation_html = ""
     if has_gt:
@@ -117,6 +139,136 @@ def _split_section(
         outputs.append(pseudo.summary)
     html_text = page.split_section(split, run.root, evaluation=evaluation_html, samples_title=title, samples=sample_rows,
                                    outputs=outputs, notes=notes)  # fmt: skip
+    return {"html": html_text, "evaluation": evaluation, "cms": cms, "names": mask_names}
+
+
+DEEPLAB = "deeplab"  # the labels of the DeepLab masks in the verification tables
+DEEPLAB_CRF = "deeplab+crf"
+
+
+def _complete(folder: Path, names: Sequence[str]) -> bool:
+    return folder.is_dir() and all((folder / f"{n}.png").is_file() for n in names)
+
+
+def _best_images(scores: Dict[str, Dict[str, Any]], k: int) -> List[Tuple[str, float]]:
+    """The ``k`` names with the highest per-image mIoU among the images whose ground truth
+    has an object (class > 0): an all-background image is trivially perfect."""
+    with_object = {n: s for n, s in scores.items() if any(c > 0 for c in s["gt_classes"]) and s["miou"] == s["miou"]}
+    pool = with_object or {n: s for n, s in scores.items() if s["miou"] == s["miou"]}
+    ranked = sorted(pool.items(), key=lambda item: (-item[1]["miou"], item[0]))
+    return [(n, s["miou"]) for n, s in ranked[:k]]
+
+
+def _verification_section(
+    run: RunLayout,
+    seg: RunLayout,
+    split: str,
+    cfg: Any,
+    classes: List[str],
+    samples: int,
+    names: Optional[Sequence[str]],
+    seed: int,
+    compare: Optional[str],
+    best: int,
+    progress: bool,
+    datasets: Dict[str, Tuple[Any, Optional[str]]],
+    evaluated: Optional[Dict[str, Any]],
+) -> Dict[str, Any]:
+    """BPM vs CRF vs DeepLab on one split; returns {'html': str, 'evaluation': dict or None}.
+
+    ``evaluated``: the split section's result (its BPM / CRF confusion matrices are reused
+    when it scored the same images)."""
+    from vitpcm.evaluation import builtin_list_name, evaluate_folders, full_tables, published_row, published_table
+    from vitpcm.images import load_rgb
+    from vitpcm.stages.evaluate import write_evaluation_files
+    from vitpcm.viz import html as page
+    from vitpcm.viz.figures import figure_best_grid, figure_masks
+
+    seg_pseudo = PseudoLayout(seg.pseudo(split))
+    dl_names = names_in(seg_pseudo.masks, ".png")
+    notes: List[str] = []
+    preds: Dict[str, Path] = {}
+    pseudo = PseudoLayout(run.pseudo(split))
+    if not pseudo.masks.is_dir():
+        notes.append(f"no BPM masks of split {split} in this run: run `vitpcm infer {run.root} --split {split} --crf`"
+                     " to see them beside DeepLab.")  # fmt: skip
+    elif not _complete(pseudo.masks, dl_names):
+        notes.append(f"{page.rel(pseudo.masks, run.root)} lacks some of the {len(dl_names)} images of the DeepLab"
+                     " masks: BPM left out of the table.")  # fmt: skip
+    else:
+        preds["bpm"] = pseudo.masks
+        if _complete(pseudo.crf, dl_names):
+            preds["crf"] = pseudo.crf
+    ours = {DEEPLAB: seg_pseudo.masks}
+    if _complete(seg_pseudo.crf, dl_names):
+        ours[DEEPLAB_CRF] = seg_pseudo.crf
+    elif seg_pseudo.crf.is_dir():
+        notes.append(f"{page.rel(seg_pseudo.crf, run.root)} is incomplete (an interrupted CRF?): left out.")
+    final = DEEPLAB_CRF if DEEPLAB_CRF in ours else DEEPLAB
+    preds.update(ours)
+
+    dataset, why = _dataset(cfg, split, datasets)
+    if why:
+        notes.append(why)
+    has_gt = dataset is not None and dataset.has_masks
+    if dataset is not None and not has_gt:
+        notes.append(f"split {split} has no ground-truth masks: no metrics, no best images.")
+
+    published = None
+    if compare is not None:
+        published = published_row(classes, compare)
+    elif builtin_list_name(classes):
+        try:
+            published = published_row(classes, None, split)
+        except VitpcmError:
+            notes.append(f"the paper gives no DeepLab row for split {split}.")
+
+    evaluation = whole = None
+    scores: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    eval_dir = run.verification(split)
+    if has_gt:
+        reuse = evaluated and evaluated.get("cms") and set(evaluated["names"]) == set(dl_names)
+        todo = {label: folder for label, folder in preds.items() if not (reuse and label in evaluated["cms"])}
+        cms = evaluate_folders(todo, dataset.read_mask, classes, names=dl_names, progress=progress, image_scores=scores)
+        if reuse:
+            cms = {label: (evaluated["cms"][label] if label not in cms else cms[label]) for label in preds}
+        evaluation = write_evaluation_files(cms, classes, eval_dir, published=published)
+        if published is not None and "table" in published and compare in (None, "all"):
+            table = published_table(classes, split)
+            whole = full_tables({lab: evaluation["results"][lab] for lab in ours}, classes, table)
+
+    # Fig. S2 rows: image | ground truth | BPM | CRF | DeepLab
+    fig_dir = run.figures / split
+    rows: List[List[page.Figure]] = []
+    samples_title = ""
+    if dataset is not None and samples > 0 and dl_names:
+        chosen = _pick_samples(dl_names, samples, names, seed)
+        samples_title = (f"Samples, image | ground truth | {' | '.join(preds)} ({len(chosen)} of {len(dl_names)};"
+                         f" {'chosen' if names else f'random, seed {seed}'})")  # fmt: skip
+        for name in chosen:
+            image = load_rgb(dataset.image_path(name))
+            masks = {label: read_mask_png(folder / f"{name}.png") for label, folder in preds.items()}
+            gt = dataset.read_mask(name, image.shape[:2]) if has_gt else None
+            path = figure_masks(image, masks, classes, fig_dir / f"{name}_verification.png", gt=gt, title=name)
+            rows.append([(path, f"{name}: image | ground truth | " + " | ".join(masks))])
+
+    # Fig. S3: the best images of the DeepLab masks
+    best_path = None
+    best_title = best_caption = ""
+    if dataset is not None and has_gt and best > 0 and scores.get(final):
+        picked = _best_images(scores[final], best)
+        items = []
+        for name, miou in picked:
+            image = load_rgb(dataset.image_path(name))
+            items.append((f"{name} · {100 * miou:.1f}", image, read_mask_png(preds[final] / f"{name}.png")))
+        best_title = f"Best {len(items)} of {len(dl_names)} images by per-image mIoU of the {final} masks"
+        best_path = figure_best_grid(items, classes, fig_dir / "verification_best.png", title=best_title)
+        best_caption = "image | mask, per-image mIoU: " + ", ".join(f"{n} {100 * m:.1f}" for n, m in picked)
+
+    outputs = [p for p in (seg_pseudo.masks, seg_pseudo.crf) if p.is_dir()]
+    html_text = page.verification_section(split, run.root, segment=seg.root, evaluation=evaluation, eval_dir=eval_dir,
+                                          whole=whole, samples_title=samples_title, samples=rows,
+                                          best_title=best_title, best=best_path, best_caption=best_caption, outputs=outputs, notes=notes)  # fmt: skip
     return {"html": html_text, "evaluation": evaluation}
 
 
@@ -140,6 +292,8 @@ def report(
     names: Optional[Sequence[str]] = None,
     seed: int = 0,
     compare: Optional[str] = None,
+    segment: Optional[str | Path] = None,
+    best: int = 9,
     progress: bool = True,
 ) -> Dict[str, Any]:
     """Write ``RUN/report.html`` (and ``RUN/figures/``, ``RUN/eval/<split>/``).
@@ -151,8 +305,15 @@ def report(
         samples: random sample figures per split (``names`` picks them instead).
         seed: for the random sample.
         compare: published row id for the tables (default: Table S1 / S2 for VOC / COCO; ``none``).
+        segment: a DeepLab run folder trained on this run's pseudo-masks (its masks in
+            ``SEGRUN/pseudo/<split>/masks``, after CRF ``.../crf``): adds a verification
+            section per split it has (``splits`` limits them too), scored with this run's
+            dataset; its ViT-PCM row is the paper's DeepLabV2 row of that split.
+        best: images in the Fig. S3 grid of the verification (highest per-image mIoU).
 
-    Returns ``{"report": path, "evaluations": {split: what eval/<split>/metrics.json holds}}``.
+    Returns ``{"report": path, "evaluations": {split: what eval/<split>/metrics.json holds},
+    "verification": {split: what eval/<split>/verification/metrics.json holds}}``
+    (``verification`` is empty without ``segment``).
     """
     from vitpcm import __version__
     from vitpcm.config import load_config
@@ -174,16 +335,39 @@ def report(
             raise VitpcmError(f"no pseudo-masks for split(s) {missing} in {layout.pseudo_root}:"
                               f" run `vitpcm infer {layout.root} --split {missing[0]}` first")  # fmt: skip
         found = list(splits)
+    seg = seg_splits = None
+    if segment is not None:
+        seg = RunLayout(segment)
+        if not seg.root.is_dir():
+            raise VitpcmError(
+                f"--segment {seg.root}: folder not found (give the --out folder of `vitpcm segment train`)"
+            )
+        seg_splits = [s for s in seg.pseudo_splits() if not splits or s in splits]
+        if not seg_splits:
+            raise VitpcmError(f"--segment {seg.root}: no DeepLab masks{' of split ' + ', '.join(splits) if splits else ''}"
+                              f" in {seg.pseudo_root}: run `vitpcm segment infer {seg.root} --split val --crf` first")  # fmt: skip
+        if seg.classes.is_file() and read_classes(seg.classes) != classes:
+            raise VitpcmError(f"--segment {seg.root}: its classes.txt differs from this run's class list")
 
     sections: List[str] = []
     evaluations: Dict[str, Any] = {}
+    verification: Dict[str, Any] = {}
+    datasets: Dict[str, Tuple[Any, Optional[str]]] = {}
+    split_results: Dict[str, Dict[str, Any]] = {}
     for split in found:
-        section = _split_section(layout, split, cfg, classes, samples, names, seed, compare, progress)
+        section = _split_section(layout, split, cfg, classes, samples, names, seed, compare, progress, datasets)
         sections.append(section["html"])
+        split_results[split] = section
         if section["evaluation"] is not None:
             evaluations[split] = section["evaluation"]
     if not found:
         sections.append(page.no_pseudo_masks(layout.root))
+    for split in seg_splits or ():
+        section = _verification_section(layout, seg, split, cfg, classes, samples, names, seed, compare, best,
+                                        progress, datasets, split_results.get(split))  # fmt: skip
+        sections.append(section["html"])
+        if section["evaluation"] is not None:
+            verification[split] = section["evaluation"]
 
     # training
     facts = curves = None
@@ -200,6 +384,7 @@ def report(
         config_text += "# report overrides: " + " ".join(overrides) + "\n"
     text = page.render_page(layout.root, version=__version__, backbone=str(cfg.model.backbone), num_classes=len(classes),
                             splits=found, sections=sections, training=training, files=files, config_text=config_text,
-                            written=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"))  # fmt: skip
+                            written=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+                            verification=seg_splits or ())  # fmt: skip
     write_text_atomic(layout.report, text)
-    return {"report": str(layout.report), "evaluations": evaluations}
+    return {"report": str(layout.report), "evaluations": evaluations, "verification": verification}

@@ -7,6 +7,7 @@ imported inside the functions: importing this module costs nothing.
 
 * :func:`figure_heatmaps` (Fig. S1): the image and one heat map per present class.
 * :func:`figure_masks` (Fig. S2): image | ground truth | one or more masks (BPM, CRF, ...).
+* :func:`figure_best_grid` (Fig. S3): a grid of images and their masks (the best ones).
 * :func:`plot_training_curves`: losses, val mIoU and learning rate from ``logs/metrics.jsonl``.
 * :func:`plot_iou_bars`: per-class IoU of one or more prediction folders (and a published row).
 * :func:`plot_confusion`: row-normalised confusion matrix heat map.
@@ -132,6 +133,46 @@ def figure_masks(
     if title:
         fig.suptitle(title, fontsize=9)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.16, top=0.82, wspace=0.05)
+    return save_figure(fig, path)
+
+
+def figure_best_grid(
+    items: Sequence[tuple[str, np.ndarray, np.ndarray]],
+    class_names: Sequence[str],
+    path: str | Path,
+    columns: int = 3,
+    title: str = "",
+    panel: float = 1.9,
+) -> Path:
+    """Fig. S3 style: a grid of ``(caption, image [H, W, 3] uint8, mask [H, W])`` items, each
+    shown as image | mask, ``columns`` items per row; one legend for every class shown."""
+    if not items:
+        raise ValueError("figure_best_grid needs at least one item")
+    columns = max(1, min(columns, len(items)))
+    nrows = math.ceil(len(items) / columns)
+    aspect = max(im.shape[0] / max(im.shape[1], 1) for _, im, _ in items)
+    fig = _figure(panel * 2 * columns, nrows * (panel * aspect + 0.35) + 0.9)
+    axes = fig.subplots(nrows, 2 * columns, squeeze=False)
+    values: set = set()
+    for i, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        item, side = divmod(i % (2 * columns), 2)
+        k = (i // (2 * columns)) * columns + item
+        if k >= len(items):
+            continue
+        caption, image, mask = items[k]
+        if side == 0:
+            ax.imshow(image)
+            ax.set_title(caption, fontsize=7, loc="left")
+        else:
+            ax.imshow(colorize(mask), interpolation="nearest")
+            values |= set(np.unique(mask).tolist())
+    fig.legend(handles=_legend_handles(sorted(values), class_names), loc="lower center",
+               ncol=min(len(values), 8), fontsize=7, frameon=False)  # fmt: skip
+    if title:
+        fig.suptitle(title, fontsize=9)
+    top = 1 - 0.45 / (nrows * (panel * aspect + 0.35) + 0.9)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.5 / fig.get_figheight(), top=top, wspace=0.04, hspace=0.25)
     return save_figure(fig, path)
 
 

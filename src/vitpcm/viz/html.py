@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import base64
 import html
+import os
 from pathlib import Path
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
-from vitpcm.evaluation import comparison_tables
+from vitpcm.evaluation import Table, comparison_tables
 
 CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px auto;max-width:1320px;color:#222;padding:0 16px}
@@ -30,8 +31,12 @@ Figure = Tuple[Optional[Path], str]  # a PNG (None: left out) and its caption
 
 
 def rel(path: Path, base: Path) -> str:
-    """``path`` relative to the report's folder ``base``, with forward slashes."""
-    return path.relative_to(base).as_posix()
+    """``path`` relative to the report's folder ``base``, with forward slashes (``../``
+    for a path beside it, e.g. a DeepLab run next to the ViT-PCM run)."""
+    try:
+        return path.relative_to(base).as_posix()
+    except ValueError:
+        return Path(os.path.relpath(Path(path).resolve(), Path(base).resolve())).as_posix()
 
 
 def inline_image(path: Optional[Path], base: Path, alt: str) -> str:
@@ -107,6 +112,66 @@ def split_section(
     return "\n".join(parts)
 
 
+def verification_section(
+    split: str,
+    base: Path,
+    *,
+    segment: Path,
+    evaluation: Optional[Mapping[str, Any]] = None,
+    eval_dir: Optional[Path] = None,
+    whole: Optional[Tuple[Sequence[Table], str]] = None,
+    samples_title: str = "",
+    samples: Sequence[Sequence[Figure]] = (),
+    best_title: str = "",
+    best: Optional[Path] = None,
+    best_caption: str = "",
+    outputs: Sequence[Path] = (),
+    notes: Sequence[str] = (),
+) -> str:
+    """The verification section of one split: BPM vs CRF vs DeepLab (a run of ``segment``).
+
+    ``evaluation``: what ``eval_dir/metrics.json`` holds (all labels, the published
+    DeepLabV2 row); ``whole``: the paper's whole table with our DeepLab rows
+    (:func:`vitpcm.evaluation.full_tables`); ``samples``: Fig. S2 rows (image | ground truth
+    | BPM | CRF | DeepLab); ``best``: the Fig. S3 grid of the best images (``best_caption``
+    under it: which images, their scores).
+    """
+    parts: List[str] = [
+        f'<h2 id="verification-{html.escape(split)}">Verification: DeepLab, split {html.escape(split)}</h2>',
+        f'<p class="meta">The paper\'s verification step: a segmentation network trained on the pseudo-masks'
+        f" (DeepLab run {link(segment, base)}), scored beside the BPM and CRF masks it learnt from.</p>",
+    ]
+    if evaluation is not None and eval_dir is not None:
+        tables, note = comparison_tables(evaluation["results"], evaluation["classes"], evaluation["published"])
+        files = evaluation["files"]
+        parts += ["<h3>Metrics (percent)</h3>", html_table(*tables[-1], cls="overall"),
+                  "<h3>Per-class IoU: BPM, CRF, DeepLab (percent)</h3>",
+                  '<div class="scroll">' + html_table(*tables[0], cls="perclass") + "</div>"]  # fmt: skip
+        if note:
+            parts.append(f'<p class="note">{html.escape(note)}</p>')
+        bars = eval_dir / files["iou_bars"] if files.get("iou_bars") else None
+        parts.append(inline_image(bars, base, f"{split}: per-class IoU, BPM / CRF / DeepLab"))
+        parts.append("<p>Files: " + ", ".join(link(eval_dir / f, base) for f in ("metrics.json", files["csv"], files["markdown"]))
+                     + ", " + ", ".join(link(eval_dir / c["png"], base) for c in files["confusion"].values() if "png" in c)
+                     + "</p>")  # fmt: skip
+    if whole is not None:
+        tables, note = whole
+        parts.append("<details><summary>The paper's whole table with our DeepLab rows</summary>"
+                     f'<div class="scroll">{html_table(*tables[0], cls="perclass")}</div>'
+                     f'<p class="note">{html.escape(note)}</p></details>')  # fmt: skip
+    if samples:
+        parts.append(f"<h3>{html.escape(samples_title)}</h3>")
+        for row in samples:
+            parts.append('<div class="sample">' + "".join(inline_image(p, base, alt) for p, alt in row) + "</div>")
+    if best is not None:
+        parts.append(f"<h3>{html.escape(best_title)}</h3>")
+        parts.append(inline_image(best, base, best_caption or best_title))
+    parts.append("<p>Outputs: " + ", ".join(link(p, base) for p in outputs) + "</p>")
+    for note in notes:
+        parts.append(f'<p class="note">{html.escape(note)}</p>')
+    return "\n".join(parts)
+
+
 def no_pseudo_masks(run: Path) -> str:
     """The note shown when the run has no pseudo-masks yet."""
     return (f'<p class="note">No pseudo-masks yet: run <code>vitpcm infer {html.escape(str(run))} --split val</code>'
@@ -140,10 +205,13 @@ def render_page(
     files: Sequence[Path],
     config_text: str,
     written: str,
+    verification: Sequence[str] = (),
 ) -> str:
     """The whole page. ``base``: the run folder (links are relative to it); ``files``:
-    what the file list links (those that exist); ``written``: the date line's time."""
+    what the file list links (those that exist); ``written``: the date line's time;
+    ``verification``: the splits with a verification section (after the split sections)."""
     nav = " ".join(f'<a href="#split-{html.escape(s)}">{html.escape(s)}</a>' for s in splits)
+    nav += "".join(f' <a href="#verification-{html.escape(s)}">DeepLab {html.escape(s)}</a>' for s in verification)
     nav += ' <a href="#training">training</a> <a href="#files">files</a> <a href="#config">config</a>'
     file_links = "".join(f"<li>{link(p, base)}</li>" for p in files if p.exists())
     name = html.escape(base.resolve().name)
