@@ -131,6 +131,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from vitpcm.stages.bench import bench, format_bench
+
+    r = bench(args.preset, device=args.device, quick=args.quick, overrides=args.overrides, json_path=args.json,
+              sections=args.section or ("infer", "train", "crf", "cli"), infer_images=args.images,
+              repeats=args.repeats, train_steps=args.steps, batch_size=args.batch, crf_images=args.crf_images,
+              note=args.note, progress=not args.quiet)  # fmt: skip
+    print(format_bench(r))
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     from vitpcm.config import to_yaml
     from vitpcm.stages.config import resolved_config
@@ -252,6 +265,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", type=int, default=100, help="synthetic val images (default 100)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     p.set_defaults(func=_cmd_demo)
+
+    p = add("bench", "measure inference, a training step, the CRF and start-up beside their floors (docs/scaling.md)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP + " (e.g. train.compile=true)")
+    p.add_argument("--preset", default="voc12", help="config preset or YAML whose model and sizes are measured")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N) (default cpu)")
+    p.add_argument("--json", help="write the results as JSON here")
+    p.add_argument("--quick", action="store_true", help="tiny shapes in seconds (checks the bench, not the speed)")
+    p.add_argument("--section", action="append", choices=("infer", "train", "crf", "cli"),
+                   help="only this part (repeatable; default all)")  # fmt: skip
+    p.add_argument("--images", type=int, help="images per inference run (default 3 on a CPU, 20 on a GPU)")
+    p.add_argument("--repeats", type=int, help="inference runs of each side (default 3 on a CPU, 5 on a GPU)")
+    p.add_argument("--steps", type=int, help="measured training steps (default 4 on a CPU, 20 on a GPU)")
+    p.add_argument("--batch", type=int, help="training batch (default 4 on a CPU, the preset's on a GPU)")
+    p.add_argument("--crf-images", type=int, help="VOC-sized images of the CRF comparison (default 50)")
+    p.add_argument("--note", help="free text stored with the results, e.g. 'machine shared with other jobs'")
+    p.set_defaults(func=_cmd_bench)
 
     p = add("config", "print a resolved config (preset + overrides) as YAML")
     p.add_argument("config", help="preset name or YAML path")
