@@ -34,9 +34,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from vitpcm.config import load_config
     from vitpcm.stages.train import train
 
-    cfg = load_config(args.config, args.overrides)
-    out = args.out or str(Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-    result = train(cfg, out, resume=args.resume, progress=not args.quiet, skip_bad=args.skip_bad)
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).exists():  # `train --resume --out RUN key=value`
+        config, overrides = None, [config, *overrides]
+    if args.resume and not args.out:
+        raise VitpcmError("--resume needs --out RUN: the run folder to continue")
+    if config is None and not args.resume:
+        raise VitpcmError("give a config: a preset name (synthetic, voc12, coco14) or a YAML file")
+    out = args.out or str(Path("runs") / f"{Path(config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg = load_config(config, overrides) if config is not None else None  # None: the run's own config
+    result = train(cfg, out, resume=args.resume, overrides=overrides if cfg is None else (), progress=not args.quiet,
+                   skip_bad=args.skip_bad)  # fmt: skip
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
         return 0
     best = result["best_miou"]
@@ -96,10 +104,11 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from vitpcm.stages.data import prepare
 
     result = prepare(args.format, args.root, out=args.out, splits=args.split or ("train", "val"), classes=args.classes,
-                     workers=args.workers, progress=not args.quiet)  # fmt: skip
+                     workers=args.workers, progress=not args.quiet, gt=args.gt)  # fmt: skip
     for split, r in result.items():
+        dropped = f", {r['dropped']} single-valued left out" if "dropped" in r else ""
         print(f"{split}: {r['written']} masks written, {r['kept']} already there, {r['failed']} failed,"
-              f" {r['problems']} items with problems not prepared")  # fmt: skip
+              f" {r['problems']} items with problems not prepared{dropped}")  # fmt: skip
     return 0 if all(r["failed"] == 0 for r in result.values()) else 1
 
 
@@ -128,6 +137,72 @@ def _cmd_demo(args: argparse.Namespace) -> int:
           f"  ({s['total_seconds']:.0f}s in all)")  # fmt: skip
     print(f"report: {s['paths']['report']}")
     print(f"summary: {s['paths']['summary']}")
+    return 0
+
+
+def _cmd_segment_train(args: argparse.Namespace) -> int:
+    from vitpcm.stages.segment import segment_train, segment_train_demo
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:  # `--demo-run DIR key=value`: the preset was left out
+        config, overrides = None, [config, *overrides]
+    if args.demo_run:
+        r = segment_train_demo(args.demo_run, args.out, overrides=overrides, config=config, resume=args.resume,
+                               progress=not args.quiet)  # fmt: skip
+    else:
+        from vitpcm.config import load_config
+
+        if config is None:
+            raise VitpcmError("give a CONFIG (voc12_segment, coco14_segment, synthetic_segment or a YAML file) or --demo-run DIR")
+        cfg = load_config(config, overrides)
+        out = args.out or str(Path("runs") / f"{Path(config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        r = segment_train(cfg, out, args.pseudo, resume=args.resume, progress=not args.quiet)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
+        return 0
+    best = r["best_miou"]
+    print(f"pseudo-masks: {r['images']} images from {r['pseudo']} ({r['missing']} images of the split without a mask,"
+          f" left out); {r['epochs']} epochs = {r['iterations']} steps")  # fmt: skip
+    print(f"run: {r['run']}" + (f"  best val mIoU: {100 * best:.2f}" if best is not None else ""))
+    return 0
+
+
+def _parse_scales(text: Optional[str]) -> Optional[list]:
+    if not text:
+        return None
+    try:
+        scales = [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise VitpcmError(f"--scales {text}: give comma-separated factors, e.g. 0.5,0.75,1.0,1.25,1.5") from None
+    if not scales or min(scales) <= 0:
+        raise VitpcmError(f"--scales {text}: give positive factors, e.g. 0.5,0.75,1.0,1.25,1.5")
+    return scales
+
+
+def _cmd_segment_infer(args: argparse.Namespace) -> int:
+    from vitpcm.stages.segment import segment_infer
+
+    s = segment_infer(args.run, args.split, scales=_parse_scales(args.scales), flip=True if args.flip else None,
+                      crf=args.crf, out=args.out, overrides=args.overrides, device=args.device,
+                      progress=not args.quiet)  # fmt: skip
+    out = Path(s["out"])
+    how = f"scales {s['scales']}{' + flips' if s['flip'] else ''}"
+    print(f"wrote {s['images']} DeepLab masks to {out / 'masks'} ({how})" + (f"  mIoU {100 * s['miou']:.2f}" if "miou" in s else ""))
+    if args.crf:
+        line = f"wrote {s['images']} CRF masks to {s['crf']['out']} ({s['crf']['seconds']:.1f}s)"
+        print(line + (f"  mIoU {100 * s['crf_miou']:.2f}" if "crf_miou" in s else ""))
+    return 0
+
+
+def _cmd_import_keras(args: argparse.Namespace) -> int:
+    from vitpcm.stages.import_keras import import_keras
+
+    s = import_keras(args.weights, args.config, args.overrides, args.out, overwrite=args.overwrite)
+    print(f"wrote {s['run']} ({s['backbone']}, {s['classes']} classes, {s['tensors']} Keras tensors,"
+          f" {s['parameters']:,} parameters) in {s['seconds']:.0f} s")  # fmt: skip
+    if s.get("published"):
+        pub = s["published"]
+        print(f"the authors' BPM mIoU for this file (their README): train {pub.get('train') or '-'} / val {pub.get('val') or '-'}")
+    print(f"next: vitpcm infer {s['run']} --split val data.root=...; vitpcm report {s['run']}")
     return 0
 
 
@@ -175,10 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_synth)
 
     p = add("train", "train ViT-PCM from a config preset or YAML file")
-    p.add_argument("config", help="preset name (synthetic, voc12, coco14) or YAML path")
+    p.add_argument("config", nargs="?", help="preset name (synthetic, voc12, coco14) or YAML path (not with --resume)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     p.add_argument("--out", help="run folder (default runs/<config>-<time>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from checkpoints/last.pt with its own config.yaml; key=value may"
+                        " change only keys that leave the model and the data alone (docs/reliability.md)")  # fmt: skip
     p.add_argument("--skip-bad", action="store_true",
                    help="leave broken data items out (listed in RUN/skipped.txt) instead of refusing to start")  # fmt: skip
     p.set_defaults(func=_cmd_train)
@@ -199,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", action="append", help="split to prepare (repeatable; default train and val)")
     p.add_argument("--classes", help="class list (default: the annotation file's categories, = coco14)")
     p.add_argument("--workers", type=int, default=0, help="processes (default: one per CPU)")
+    p.add_argument("--gt", choices=["vitpcm", "authors"], default="vitpcm",
+                   help="ground truth: vitpcm (crowd = ignore, small over large) or authors (as data.coco_gt;"
+                        " the coco14 preset uses authors)")  # fmt: skip
     p.set_defaults(func=_cmd_prepare)
 
     p = add("infer", "write pseudo-masks and class probabilities for one split of a trained run")
@@ -266,6 +346,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     p.set_defaults(func=_cmd_demo)
 
+    p = add("segment", "verification: train a DeepLab on pseudo-masks (train), then its masks per split (infer)")
+    seg = p.add_subparsers(dest="segment_command", metavar="{train,infer}", required=True)
+    q = seg.add_parser("train", help="train DeepLabV2 (or V3+) on a folder of PNG pseudo-masks",
+                       description="train DeepLabV2 (or V3+) on a folder of PNG pseudo-masks (kazuto1011's recipe)")  # fmt: skip
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    q.add_argument("config", nargs="?", help="preset (voc12_segment, coco14_segment, synthetic_segment) or YAML path")
+    q.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. segment.iterations=1000 data.root=/data/VOC2012")  # fmt: skip
+    q.add_argument("--pseudo", metavar="DIR",
+                   help="PNG masks of data.train_split named after the images, e.g. RUN/pseudo/trainaug/crf")  # fmt: skip
+    q.add_argument("--out", help="run folder (default runs/<config>-<time>; with --demo-run DIR/segment)")
+    q.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
+    q.add_argument("--demo-run", metavar="DIR",
+                   help="reuse a `vitpcm demo` folder: its data and the CRF masks of its train split (preset synthetic_segment)")  # fmt: skip
+    q.set_defaults(func=_cmd_segment_train)
+    q = seg.add_parser("infer", help="DeepLab's masks for one split: multi-scale, flip, dense CRF",
+                       description="DeepLab's masks for one split (RUN/pseudo/SPLIT/{masks,probs,crf}), then"
+                                   " `vitpcm evaluate` as for any folder")  # fmt: skip
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    q.add_argument("run", help="run folder of `vitpcm segment train` (or a checkpoint .pt)")
+    q.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.root=PATH, crf.iterations=5")
+    q.add_argument("--split", default="val", help="split name (default val)")
+    q.add_argument("--scales", metavar="S1,S2,...",
+                   help="input scales whose softmax is averaged, e.g. 0.5,0.75,1.0,1.25,1.5 (default segment.test_scales)")  # fmt: skip
+    q.add_argument("--flip", action="store_true", help="also average horizontal mirrors (default segment.test_flip)")
+    q.add_argument("--crf", action="store_true", help="then the dense CRF into OUT/crf/ (crf.* keys; the paper's numbers)")
+    q.add_argument("--out", help="output folder (default RUN/pseudo/SPLIT)")
+    q.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    q.set_defaults(func=_cmd_segment_infer)
+
+    p = add("import-keras", "convert the authors' released Keras .h5 weights into a run folder (then infer, report)")
+    p.add_argument("weights", metavar="WEIGHTS.h5", help="the authors' ViT-PCM/S or /B weights (ModelCheckpoint .h5)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. model.backbone=vit_small_patch16_384 for the /S file")  # fmt: skip
+    p.add_argument("--config", default="voc12", help="preset or YAML of the dataset the weights were trained on (default voc12)")
+    p.add_argument("--out", required=True, help="run folder to write (config.yaml, classes.txt, checkpoints/)")
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoints of an existing run folder")
+    p.set_defaults(func=_cmd_import_keras)
+
     p = add("bench", "measure inference, a training step, the CRF and start-up beside their floors (docs/scaling.md)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP + " (e.g. train.compile=true)")
     p.add_argument("--preset", default="voc12", help="config preset or YAML whose model and sizes are measured")
@@ -311,9 +430,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         return int(args.func(args) or 0)
-    except VitpcmError as exc:
-        print(f"vitpcm {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except VitpcmError as exc:  # TrainingStopped: label "stopped", exit 128 + signal
+        print(f"vitpcm {args.command}: {getattr(exc, 'label', 'error')}: {exc}", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
         print(f"vitpcm {args.command}: interrupted (finished files are complete; rerun to continue)", file=sys.stderr)
         return 130

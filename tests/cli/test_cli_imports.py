@@ -37,7 +37,7 @@ def _run_cli(argv, cwd: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-COMMANDS = ["synth", "train", "check-data", "prepare", "infer", "crf", "evaluate", "report", "demo", "config"]
+COMMANDS = ["synth", "train", "check-data", "prepare", "infer", "crf", "evaluate", "report", "demo", "config", "import-keras"]
 
 
 def test_help_of_every_command_imports_no_torch(tmp_path):

@@ -26,6 +26,7 @@ ArchBuilder = Callable[[Dict[str, Any]], nn.Module]
 # name -> builder, or "module:attribute" of a builder imported on first use
 _REGISTRY: Dict[str, Union[ArchBuilder, str]] = {
     "vitpcm": "vitpcm.models.registry:_build_vitpcm_from_arch",
+    "deeplab": "vitpcm.models.deeplab:deeplab_from_arch",  # the verification stage (`vitpcm segment`)
 }
 
 
@@ -104,6 +105,9 @@ def build_model(cfg: Any, num_classes: int) -> nn.Module:
         dropout=m.dropout,
         classifier_init_std=m.classifier_init_std,
         backbone_kwargs=OmegaConf.to_container(m.backbone_kwargs, resolve=True),
+        backbone_dropout=float(m.get("backbone_dropout", 0.0)),
+        lstm_dropout=float(m.get("lstm_dropout", 0.0)),
+        pos_embed_resize=str(m.get("pos_embed_resize", "timm")),
     )
     check_sizes(cfg, model.patch_size, str(m.backbone))
     return model

@@ -25,11 +25,19 @@ class HVBiLSTM(nn.Module):
 
     ``[B, h, w, e]`` -> ``[B, h, w, 4 * hidden]`` (row forward/backward, column
     forward/backward states concatenated per patch).
+
+    ``input_dropout``: the authors' Keras ``LSTM(dropout=p)``, in training only. Their LSTMs
+    run Keras's cuDNN-capable path (tanh / sigmoid, no recurrent dropout), which multiplies the
+    whole ``[batch, time, features]`` input by one elementwise mask drawn per call; each
+    direction of a ``Bidirectional`` is its own LSTM, so each draws its own mask. Here: the
+    same, one independent mask per direction of each of the two LSTMs (not constant over
+    time: that is Keras's per-step fallback path, which their configuration never takes).
     """
 
-    def __init__(self, in_dim: int, hidden: int = 192, dropout: float = 0.2) -> None:
+    def __init__(self, in_dim: int, hidden: int = 192, dropout: float = 0.2, input_dropout: float = 0.0) -> None:
         super().__init__()
         self.dropout = nn.Dropout(dropout)
+        self.input_dropout = float(input_dropout)
         self.rows = nn.LSTM(in_dim, hidden, batch_first=True, bidirectional=True)
         self.cols = nn.LSTM(in_dim, hidden, batch_first=True, bidirectional=True)
         self.out_dim = 4 * hidden
@@ -39,11 +47,28 @@ class HVBiLSTM(nn.Module):
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         b, h, w, e = grid.shape
         x = self.dropout(grid)
-        rows, _ = self.rows(x.reshape(b * h, w, e))  # each row is a sequence over w
-        cols, _ = self.cols(x.transpose(1, 2).reshape(b * w, h, e))  # each column, over h
+        rows = self._run(self.rows, x.reshape(b * h, w, e))  # each row is a sequence over w
+        cols = self._run(self.cols, x.transpose(1, 2).reshape(b * w, h, e))  # each column, over h
         rows = rows.reshape(b, h, w, -1)
         cols = cols.reshape(b, w, h, -1).transpose(1, 2)
         return torch.cat([rows, cols], dim=-1)
+
+    def _run(self, lstm: nn.LSTM, seq: torch.Tensor) -> torch.Tensor:
+        """``[N, T, e]`` -> ``[N, T, 2 * hidden]``; with input dropout in training, each
+        direction sees its own dropped copy of ``seq`` (class docstring)."""
+        p = self.input_dropout
+        if p <= 0 or not self.training:
+            return lstm(seq)[0]
+        outs = []
+        for suffix, backward in (("", False), ("_reverse", True)):
+            weights = [getattr(lstm, f"{n}_l0{suffix}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            x = nn.functional.dropout(seq, p, training=True)
+            x = x.flip(1) if backward else x
+            h0 = x.new_zeros(1, x.shape[0], lstm.hidden_size)
+            # one direction of nn.LSTM: (input, (h0, c0), weights, bias, layers, dropout, train, bidirectional, batch_first)
+            out = torch.lstm(x, (h0, h0), weights, True, 1, 0.0, True, False, True)[0]
+            outs.append(out.flip(1) if backward else out)
+        return torch.cat(outs, dim=-1)
 
 
 def _keras_lstm_init(lstm: nn.LSTM) -> None:
@@ -96,6 +121,12 @@ class ViTPCM(nn.Module):
             tokens straight to the classifier (ablation).
         lstm_hidden: hidden units per direction.
         dropout: before the HV-BiLSTM and before the classifier.
+        backbone_dropout: dropout in every backbone block while training (timm's
+            ``proj_drop_rate``: after the attention projection and after both MLP layers,
+            the sites of the authors' vit-keras); frozen blocks drop too, as theirs do.
+        lstm_dropout: dropout on the inputs of each LSTM direction (:class:`HVBiLSTM`).
+        pos_embed_resize: ``timm`` or ``tf`` (TensorFlow's bicubic, :mod:`vitpcm.models.tf_resize`):
+            how position embeddings are resampled to another patch grid.
         classifier_init_std: std of the normal init of W.
         backbone_kwargs: passed to ``timm.create_model``.
     """
@@ -111,6 +142,9 @@ class ViTPCM(nn.Module):
         dropout: float = 0.2,
         classifier_init_std: float = 0.05,
         backbone_kwargs: Optional[Dict[str, Any]] = None,
+        backbone_dropout: float = 0.0,
+        lstm_dropout: float = 0.0,
+        pos_embed_resize: str = "timm",
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -120,13 +154,29 @@ class ViTPCM(nn.Module):
             lstm_hidden=lstm_hidden, dropout=dropout, classifier_init_std=classifier_init_std,
             backbone_kwargs=dict(backbone_kwargs or {}),
         )  # fmt: skip
+        # only when set: checkpoints without them keep the arch of earlier versions
+        if backbone_dropout:
+            self.arch["backbone_dropout"] = float(backbone_dropout)
+        if lstm_dropout:
+            self.arch["lstm_dropout"] = float(lstm_dropout)
+        if pos_embed_resize != "timm":
+            self.arch["pos_embed_resize"] = pos_embed_resize
         self.num_classes = num_classes
-        self.backbone = create_backbone(backbone, pretrained, img_size=img_size, **(backbone_kwargs or {}))
+        timm_kwargs = dict(backbone_kwargs or {})
+        if backbone_dropout:
+            timm_kwargs["proj_drop_rate"] = float(backbone_dropout)
+        self.backbone = create_backbone(backbone, pretrained, img_size=img_size, **timm_kwargs)
+        if pos_embed_resize == "tf":  # TF's bicubic for the position embeddings (imported Keras runs)
+            from vitpcm.models.tf_resize import use_tf_pos_embed_resize
+
+            use_tf_pos_embed_resize(self.backbone)
+        elif pos_embed_resize != "timm":
+            raise ValueError(f"pos_embed_resize must be timm or tf, got {pos_embed_resize!r}")
         # A plain object (not a submodule): no parameters of its own, no extra state-dict keys.
         self._adapter = BackboneAdapter(self.backbone, backbone)
         self.patch_size = self._adapter.patch_size
         width = self._adapter.embed_dim
-        self.conditioning = HVBiLSTM(width, lstm_hidden, dropout) if hv_lstm else None
+        self.conditioning = HVBiLSTM(width, lstm_hidden, dropout, lstm_dropout) if hv_lstm else None
         feat_dim = self.conditioning.out_dim if self.conditioning is not None else width
         self.classifier = PatchClassifier(feat_dim, num_classes, dropout, classifier_init_std)
 

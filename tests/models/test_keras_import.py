@@ -185,9 +185,9 @@ def test_imported_run_matches_keras(imported, expected):
 
     model, info = vitpcm.load_run(run)  # eval mode, as a trained run
     assert not model.training and info["normalisation"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
-    if "pos_embed_resize" in info["arch"]:  # once the model option is wired, the run carries it
-        assert info["arch"]["pos_embed_resize"] == "tf" and uses_tf_pos_embed_resize(model.backbone)
-    use_tf_pos_embed_resize(model.backbone)  # what model.pos_embed_resize=tf does
+    # the imported run carries model.pos_embed_resize=tf: the model rebuilt from it resizes as TF does
+    assert info["arch"]["pos_embed_resize"] == "tf" and uses_tf_pos_embed_resize(model.backbone)
+    assert summary["pos_embed_resize"] == "tf" and info["config"]["model"]["pos_embed_resize"] == "tf"
     for size in (384, 480):
         probs, pooled = _probs(model, expected[f"images_{size}"])
         np.testing.assert_allclose(probs, expected[f"preds_{size}"], atol=1e-5, rtol=0, err_msg=f"@{size}")
@@ -316,3 +316,13 @@ def test_foreign_files_and_existing_runs_are_refused(tmp_path, imported, overrid
     run, _ = imported
     with pytest.raises(VitpcmError, match="already holds checkpoints"):
         import_keras(H5, "voc12", overrides, run)
+
+
+def test_cli_import_keras_then_load(tmp_path, overrides, capsys):
+    from vitpcm.cli import main
+
+    run = tmp_path / "run"
+    assert main(["import-keras", str(H5), *overrides, "--out", str(run), "-q"]) == 0
+    assert "21 classes, 51 Keras tensors" in capsys.readouterr().out
+    assert main(["import-keras", str(H5), "--out", str(tmp_path / "other"), "-q"]) == 2  # /B preset, tiny file
+    assert "add model.backbone_kwargs.embed_dim=32" in capsys.readouterr().err
