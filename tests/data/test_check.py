@@ -179,7 +179,7 @@ def test_check_finds_broken_coco_items(tmp_path):
     data["annotations"].append(dict(data["annotations"][0], id=99, category_id=12))  # 12: no such category
     ann.write_text(json.dumps(data))
     (tmp_path / "val2014" / "COCO_val2014_000000000001.jpg").unlink()
-    cfg = load_config("coco14", [f"data.root={tmp_path}"])
+    cfg = load_config("coco14", [f"data.root={tmp_path}", "data.coco_gt=vitpcm"])  # the fixture is under 256 px
     report = check_config(cfg, workers=1, progress=False)
     assert _kinds(report) == {
         "COCO_train2014_000000000001": "bad-annotation",

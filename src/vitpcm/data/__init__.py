@@ -52,7 +52,7 @@ def build_dataset(
         raise VitpcmError(f"no dataset given: set data.root=PATH ({_ROOT_HINT[fmt]})")
     if fmt == "coco":
         return COCODataset(data_cfg.root, split, classes=data_cfg.classes, transform=transform,
-                           masks=data_cfg.get("masks"), strict=strict)  # fmt: skip
+                           masks=data_cfg.get("masks"), strict=strict, gt=str(data_cfg.get("coco_gt", "vitpcm")))  # fmt: skip
     if fmt == "folder":
         return FolderDataset(data_cfg.root, split, classes=data_cfg.classes, transform=transform,
                              tags=data_cfg.get("tags"), masks=data_cfg.get("masks"), strict=strict)  # fmt: skip

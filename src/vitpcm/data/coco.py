@@ -23,6 +23,14 @@ Tags: every category annotated in the image, crowd regions included (the class i
 and the authors' masks paint crowds with their class). Images without any non-crowd
 annotation are left out of the split, as the authors do (their counts: 81,477 train /
 39,884 val, after also dropping images under 256 px, which vitpcm keeps).
+
+``gt="authors"`` (``data.coco_gt=authors``, the ``coco14`` preset) makes the authors' ground
+truth instead (their ``datasets/parse_coco.py``): every annotation in file order is painted
+where nothing is painted yet (the first one wins), crowd regions with their class; images
+with a side under 256 px, or whose mask holds a single value (nothing annotated, or one
+class everywhere), are left out; tags come from the mask. ``vitpcm prepare coco --gt
+authors`` writes these masks (and records ``authors`` in ``MASKS/gt.txt``; the loader
+refuses masks prepared for the other ground truth).
 """
 
 from __future__ import annotations
@@ -44,6 +52,8 @@ from vitpcm.utils.system import resolve_workers
 
 log = logging.getLogger(__name__)
 BAD_ANNOTATION = "bad-annotation"
+GT_KINDS = ("vitpcm", "authors")
+AUTHORS_MIN_SIDE = 256  # parse_coco.py: images with a side under this are left out
 
 
 def split_dir(split: str) -> str:
@@ -76,11 +86,17 @@ def _to_rle(segm: Any, h: int, w: int) -> Optional[dict]:
     raise ValueError(f"unknown segmentation format {type(segm).__name__}")
 
 
-def rasterize(anns: Sequence[Tuple[int, int, int, Any]], h: int, w: int) -> np.ndarray:
-    """``[H, W]`` uint8 mask from ``(class, iscrowd, ann_id, segmentation)`` tuples:
-    crowd regions 255 first, then instances by decreasing area (module docstring)."""
+def rasterize(anns: Sequence[Tuple[int, int, int, Any]], h: int, w: int, gt: str = "vitpcm") -> np.ndarray:
+    """``[H, W]`` uint8 mask from ``(class, iscrowd, ann_id, segmentation)`` tuples in file order.
+
+    ``gt="vitpcm"``: crowd regions 255 first, then instances by decreasing area. ``"authors"``
+    (their ``_gen_seg_mask``): each annotation, crowds included, painted with its class where
+    the mask is still 0, so the first one in the file wins (module docstring).
+    """
     from pycocotools import mask as mask_utils
 
+    if gt not in GT_KINDS:
+        raise ValueError(f"gt must be one of {GT_KINDS}, got {gt!r}")
     mask = np.zeros((h, w), dtype=np.uint8)
     instances = []
     for cls, crowd, ann_id, segm in anns:
@@ -90,7 +106,9 @@ def rasterize(anns: Sequence[Tuple[int, int, int, Any]], h: int, w: int) -> np.n
             raise VitpcmError(f"cannot rasterise annotation id {ann_id}: {exc}") from None
         if rle is None:
             continue
-        if crowd:
+        if gt == "authors":
+            mask[(mask_utils.decode(rle) > 0) & (mask == 0)] = cls
+        elif crowd:
             mask[mask_utils.decode(rle) > 0] = IGNORE_INDEX
         else:
             instances.append((-int(mask_utils.area(rle)), ann_id, cls, rle))
@@ -109,6 +127,10 @@ class COCODataset(SegmentationDataset):
         masks: folder of prepared masks (``vitpcm prepare coco --out``); default ``ROOT/masks``.
         use_prepared: read prepared PNGs when present (``prepare`` itself sets False).
         strict: raise on listing problems (missing images, duplicate names).
+        gt: ``"vitpcm"`` or ``"authors"`` ground truth and image filter (module docstring).
+        value_filter: with ``gt="authors"``, drop single-valued masks now (rasterising each
+            mask unless prepared ones list the survivors); ``prepare`` sets False and filters
+            while it writes.
     """
 
     format = "coco"
@@ -122,7 +144,12 @@ class COCODataset(SegmentationDataset):
         masks: Optional[str | Path] = None,
         use_prepared: bool = True,
         strict: bool = True,
+        gt: str = "vitpcm",
+        value_filter: bool = True,
     ) -> None:
+        if gt not in GT_KINDS:
+            raise VitpcmError(f"data.coco_gt must be one of {', '.join(GT_KINDS)}, got {gt!r}")
+        self.gt = gt
         root = Path(root)
         if not root.is_dir():
             raise VitpcmError(
@@ -171,6 +198,12 @@ class COCODataset(SegmentationDataset):
                 f"the masks in {masks_root} were prepared for another class list ({made_for}): run"
                 " `vitpcm prepare coco` again with the same classes as data.classes, into an empty --out"
             )
+        prepared_gt = prepared_gt_of(masks_root)
+        if use_prepared and self.prepared_dir.is_dir() and prepared_gt != gt:
+            raise VitpcmError(
+                f"the masks in {masks_root} were prepared with data.coco_gt={prepared_gt}, this run asks for {gt}:"
+                f" run `vitpcm prepare coco --gt {gt}` into another --out and set data.masks to it"
+            )
         self.has_masks = True
         self._images: Dict[str, _Image] = {}
         bad: Dict[str, List[str]] = {}
@@ -194,10 +227,14 @@ class COCODataset(SegmentationDataset):
                     rec.tags.append(cls)
         except (KeyError, TypeError, ValueError) as exc:
             raise VitpcmError(f"{ann_file} is not a valid COCO instances file ({type(exc).__name__}: {exc})") from None
-        dropped = 0
+        dropped = small = 0
         seen: Dict[str, int] = {}
         for rec in by_id.values():
-            if not any(not crowd for _, crowd, _, _ in rec.anns) and rec.file_name not in bad:
+            if gt == "authors":
+                if min(rec.size) < AUTHORS_MIN_SIDE:
+                    small += 1  # parse_coco.py's size filter
+                    continue
+            elif not any(not crowd for _, crowd, _, _ in rec.anns) and rec.file_name not in bad:
                 dropped += 1  # nothing but crowd regions (or nothing at all): no object to learn
                 continue
             name = PurePosixPath(rec.file_name).stem
@@ -207,7 +244,15 @@ class COCODataset(SegmentationDataset):
                 order.append(name)
         del data  # the raw JSON is large; only the compact records stay
         self.names = sorted(order)
-        self.info.append(f"{dropped} images without a non-crowd annotation left out (docs/datasets.md)")
+        if gt == "authors":
+            single = self._single_valued(use_prepared and value_filter, value_filter, bad)
+            self.names = [n for n in self.names if n not in single]
+            self.info.append(
+                f"authors' ground truth: {small} images with a side under {AUTHORS_MIN_SIDE} px and"
+                f" {len(single)} with a single mask value left out (docs/reproduce.md)"
+            )
+        else:
+            self.info.append(f"{dropped} images without a non-crowd annotation left out (docs/datasets.md)")
         for name in self.names:
             rec = self._images[name]
             if seen[name] > 1:
@@ -231,6 +276,31 @@ class COCODataset(SegmentationDataset):
         if strict:
             self.raise_listing_problems()
 
+    def _single_valued(self, use_list: bool, rasterise: bool, bad: Dict[str, List[str]]) -> set:
+        """Names whose authors' mask holds fewer than 2 values. From the list a prepare run
+        wrote (``MASKS/SPLIT.txt``: its survivors) when allowed, else by rasterising each mask."""
+        listed = self.prepared_dir.parent / f"{self.split_dir}.txt"
+        if use_list and self.prepared_dir.is_dir() and listed.is_file():
+            keep = set(listed.read_text(encoding="utf-8").split())
+            return {n for n in self.names if n not in keep}
+        if not rasterise:
+            return set()
+        if len(self.names) > 1000:
+            log.info("%s: rasterising %d masks for the authors' single-value filter (`vitpcm prepare coco"
+                     " --gt authors` once saves this)", self.split_dir, len(self.names))  # fmt: skip
+        out = set()
+        for name in self.names:
+            rec = self._images[name]
+            if rec.file_name in bad:
+                continue  # reported by the check, not filtered
+            try:
+                mask = rasterize(rec.anns, *rec.size, gt="authors")
+            except VitpcmError:
+                continue
+            if len(np.unique(mask)) < 2:
+                out.add(name)
+        return out
+
     def image_path(self, name: str) -> Path:
         return self.image_dir / self._images[name].file_name
 
@@ -242,6 +312,8 @@ class COCODataset(SegmentationDataset):
         return self._images[name].size
 
     def file_tags(self, name: str) -> Optional[np.ndarray]:
+        if self.gt == "authors":
+            return None  # the authors' tags come from their mask
         return tag_vector(self._images[name].tags, self.num_classes)
 
     def read_mask(self, name: str, size: Tuple[int, int]) -> np.ndarray:
@@ -250,9 +322,15 @@ class COCODataset(SegmentationDataset):
             return read_mask_png(self.prepared_dir / f"{name}.png")
         h, w = rec.size
         try:
-            return rasterize(rec.anns, h, w)
+            return rasterize(rec.anns, h, w, gt=self.gt)
         except VitpcmError as exc:
             raise VitpcmError(f"{name}: {exc}") from None
+
+
+def prepared_gt_of(masks_root: Path) -> str:
+    """The ground truth a prepare run wrote into ``masks_root`` (``gt.txt``; before it existed: vitpcm)."""
+    marker = Path(masks_root) / "gt.txt"
+    return marker.read_text(encoding="utf-8").strip() if marker.is_file() else "vitpcm"
 
 
 def _load_json(path: Path) -> Dict[str, Any]:
@@ -272,14 +350,20 @@ _PREPARE: Dict[str, Any] = {}  # the dataset being prepared, inherited by forked
 _POOL_MIN = 64  # fewer masks than this: one process is faster than starting a pool
 
 
+SINGLE_VALUED = "\0single"  # _prepare_one's answer for a mask the authors' filter drops
+
+
 def _prepare_one(name: str) -> str:
     ds: COCODataset = _PREPARE["ds"]
     out: Path = _PREPARE["out"]
     rec = ds._images[name]
     try:
-        save_mask_png(out / f"{name}.png", rasterize(rec.anns, *rec.size))
+        mask = rasterize(rec.anns, *rec.size, gt=ds.gt)
     except VitpcmError as exc:
         return f"{name}: {exc}"
+    if ds.gt == "authors" and len(np.unique(mask)) < 2:
+        return SINGLE_VALUED  # parse_coco.py drops it: no PNG, not in the list
+    save_mask_png(out / f"{name}.png", mask)
     return ""
 
 
@@ -290,10 +374,13 @@ def prepare_coco(
     classes: Optional[str] = None,
     workers: int = 0,
     progress: bool = True,
+    gt: str = "vitpcm",
 ) -> Dict[str, Dict[str, int]]:
     """Rasterise every mask of ``splits`` once into ``OUT/SPLIT/NAME.png`` (default
     ``OUT = ROOT/masks``) and write the split's names to ``OUT/SPLIT.txt`` and the class
     list the PNG values index to ``OUT/classes.txt`` (the loader refuses other lists).
+    ``gt``: ``vitpcm`` or ``authors`` masks (:class:`COCODataset`), recorded in ``OUT/gt.txt``;
+    with ``authors``, single-valued masks are not written nor listed (``dropped``).
 
     Resumable: masks already there are kept (delete ``OUT`` after changing the annotations).
     Each PNG is written atomically. Returns ``{split: {"written", "kept", "failed"}}``.
@@ -304,14 +391,19 @@ def prepare_coco(
     result: Dict[str, Dict[str, int]] = {}
     n_workers = resolve_workers(workers)
     for split in splits:
-        ds = COCODataset(root, split, classes=classes, use_prepared=False, strict=False)
+        ds = COCODataset(root, split, classes=classes, use_prepared=False, strict=False, gt=gt, value_filter=False)
         made_for = out_root / "classes.txt"
         if made_for.is_file() and class_list(made_for) != ds.classes:
             raise VitpcmError(f"{out_root} holds masks made for another class list ({made_for}): choose an empty --out")
+        if (out_root / "classes.txt").is_file() and prepared_gt_of(out_root) != gt:
+            raise VitpcmError(
+                f"{out_root} holds masks made with --gt {prepared_gt_of(out_root)}: choose an empty --out for --gt {gt}"
+            )
         out_dir = out_root / ds.split_dir
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(made_for, "".join(f"{c}\n" for c in ds.classes))
+            write_text_atomic(out_root / "gt.txt", f"{gt}\n")
         except OSError as exc:
             raise VitpcmError(
                 f"cannot write to {out_root} ({exc}): choose a writable --out and set data.masks to it"
@@ -319,19 +411,22 @@ def prepare_coco(
         todo = [n for n in ds.names if n not in ds.listing_problems and not (out_dir / f"{n}.png").is_file()]
         kept = sum((out_dir / f"{n}.png").is_file() for n in ds.names)
         failures: List[str] = []
+        single: List[str] = []
         _PREPARE.update(ds=ds, out=out_dir)
         bar = tqdm(total=len(todo), desc=f"prepare {ds.split_dir}", unit="mask", disable=not progress)
         try:
             if n_workers > 1 and len(todo) > _POOL_MIN and "fork" in multiprocessing.get_all_start_methods():
                 ctx = multiprocessing.get_context("fork")  # workers inherit the parsed annotations
                 with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx) as pool:
-                    for msg in pool.map(_prepare_one, todo, chunksize=32):
-                        failures += [msg] if msg else []
+                    for name, msg in zip(todo, pool.map(_prepare_one, todo, chunksize=32)):
+                        single += [name] if msg == SINGLE_VALUED else []
+                        failures += [msg] if msg and msg != SINGLE_VALUED else []
                         bar.update()
             else:
                 for name in todo:
                     msg = _prepare_one(name)
-                    failures += [msg] if msg else []
+                    single += [name] if msg == SINGLE_VALUED else []
+                    failures += [msg] if msg and msg != SINGLE_VALUED else []
                     bar.update()
         finally:
             bar.close()
@@ -343,7 +438,11 @@ def prepare_coco(
             log.warning(
                 "%s: %d images with problems were not prepared (`vitpcm check-data` lists them)", ds.split_dir, skipped
             )
-        write_text_atomic(out_root / f"{ds.split_dir}.txt", "".join(f"{n}\n" for n in ds.names))
-        result[ds.split_dir] = {"written": len(todo) - len(failures), "kept": kept, "failed": len(failures),
-                                "problems": skipped}  # fmt: skip
+        dropped = set(single)  # a resumed run meets earlier drops again: they never get a PNG
+        listed = [n for n in ds.names if n not in dropped]
+        write_text_atomic(out_root / f"{ds.split_dir}.txt", "".join(f"{n}\n" for n in listed))
+        result[ds.split_dir] = {"written": len(todo) - len(failures) - len(single), "kept": kept,
+                                "failed": len(failures), "problems": skipped}  # fmt: skip
+        if gt == "authors":
+            result[ds.split_dir]["dropped"] = len(ds.names) - len(listed)
     return result

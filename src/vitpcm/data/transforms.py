@@ -15,10 +15,16 @@ Normalisation: every transform ends in :func:`to_model_input` with the backbone'
 ``mean`` / ``std`` on [0, 1] RGB (``input.mean`` / ``input.std``; ``auto`` resolves to timm's
 pretrained config, e.g. CLIP's). The default 0.5 / 0.5 maps to [-1, 1], the authors' ViT,
 bit-identical to the former ``x * 2 - 1``.
+
+Fidelity switches (docs/reproduce.md), each off by default: ``align_corners`` (the authors'
+TF1 bilinear resize, no antialiasing), ``jitter_space="authors"`` (their unclipped 0-255
+colour jitter, :func:`color_jitter_authors`) and :class:`TagRule` (tags from the resized mask,
+background tag only when background is visible).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -62,15 +68,87 @@ def from_model_input(image: torch.Tensor, mean: Triple = HALF, std: Triple = HAL
     return image * s + m
 
 
-def resize_image(image: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of ``[3, H, W]`` (any dtype) to ``size``; float [0, 1] out."""
+def resize_image(image: torch.Tensor, size: Tuple[int, int], align_corners: bool = False) -> torch.Tensor:
+    """Bilinear resize of ``[3, H, W]`` (any dtype) to ``size``; float [0, 1] out.
+
+    ``align_corners=False``: pixel centres, antialiased when shrinking (vitpcm);
+    ``True``: corner pixels on corners and no antialiasing, TF1's ``resize(align_corners=True)``
+    that the authors use.
+    """
     if image.dtype == torch.uint8:
         image = image.float() / 255.0
     if tuple(image.shape[-2:]) == tuple(size):
         return image
-    down = size[0] < image.shape[-2] or size[1] < image.shape[-1]
-    out = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=down)[0]
+    down = (size[0] < image.shape[-2] or size[1] < image.shape[-1]) and not align_corners
+    out = F.interpolate(image[None], size=size, mode="bilinear", align_corners=align_corners, antialias=down)[0]
     return out.clamp_(0.0, 1.0)
+
+
+def resize_mask(mask: torch.Tensor, size: Tuple[int, int], align_corners: bool = False) -> torch.Tensor:
+    """Nearest-neighbour resize of an integer mask ``[H, W]`` to ``size``.
+
+    Source index of output ``i``: ``floor(i * H / h)`` (``align_corners=False``, PyTorch's and
+    TF1's default nearest) or ``round(i * (H - 1) / (h - 1))`` (TF1 with ``align_corners=True``,
+    the authors' mask resize).
+    """
+    out = mask
+    for dim, (n_in, n_out) in enumerate(zip(mask.shape[-2:], size)):
+        if n_in == n_out:
+            continue
+        i = torch.arange(n_out, dtype=torch.float64)
+        if align_corners:
+            idx = torch.round(i * ((n_in - 1) / max(n_out - 1, 1)))
+        else:
+            idx = torch.floor(i * (n_in / n_out))
+        out = out.index_select(dim - 2 + out.dim(), idx.long().clamp_(0, n_in - 1))
+    return out
+
+
+@dataclass(frozen=True)
+class TagRule:
+    """Where a training image's tags come from when its mask is known (``data.*`` keys).
+
+    ``background``: ``"always"`` on (vitpcm) or ``"from_mask"``: on only when the mask shows
+    a background pixel (the authors' ``seg2multihot``). ``source``: keep the dataset's tags
+    (``"original"``: the full-size mask, or the tag file) or read all of them from the mask
+    resized (nearest) to the input side (``"resized"``, the authors: a sliver of an object
+    can vanish, and its tag with it). Samples without a mask keep their tags.
+    """
+
+    background: str = "always"
+    source: str = "original"
+    align_corners: bool = False  # of the nearest resize for source="resized"
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "TagRule":
+        """From a config's ``data.background_tag``, ``data.tags_from``, ``input.align_corners``."""
+        return cls(
+            str(cfg.data.get("background_tag", "always")),
+            str(cfg.data.get("tags_from", "original")),
+            bool(cfg.input.get("align_corners", False)),
+        )
+
+    @property
+    def identity(self) -> bool:
+        return self.background == "always" and self.source == "original"
+
+    def __call__(self, labels: torch.Tensor, mask: Optional[torch.Tensor], size: int) -> torch.Tensor:
+        """``labels`` ``[C]`` -> tags under this rule, ``mask`` ``[H, W]`` (255 = ignore),
+        ``size`` the square side the image is fed at."""
+        if self.identity or mask is None:
+            return labels
+        if self.source == "resized":
+            mask = resize_mask(mask, (size, size), self.align_corners)
+            values = torch.unique(mask)
+            values = values[(values != 255) & (values < labels.numel())]
+            labels = torch.zeros_like(labels)
+            labels[values.long()] = 1.0
+            labels[0] = 1.0  # the background rule below decides
+        else:
+            labels = labels.clone()
+        if self.background == "from_mask":
+            labels[0] = float(bool((mask == 0).any()))
+        return labels
 
 
 def color_jitter(image: torch.Tensor, aug: Any, gen: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -78,7 +156,11 @@ def color_jitter(image: torch.Tensor, aug: Any, gen: Optional[torch.Generator] =
 
     Brightness is an additive delta (TensorFlow's ``random_brightness``); contrast,
     saturation and hue are factors; greyscale with probability ``aug.grayscale``.
+    ``aug.jitter_space="authors"``: :func:`color_jitter_authors` instead (unclipped);
+    otherwise ("clamped", vitpcm) each step stays in [0, 1].
     """
+    if str(getattr(aug, "jitter_space", "clamped")) == "authors":
+        return color_jitter_authors(image, aug, gen)
 
     def uniform(lo: float, hi: float) -> float:
         return float(lo + (hi - lo) * torch.rand((), generator=gen))
@@ -96,6 +178,71 @@ def color_jitter(image: torch.Tensor, aug: Any, gen: Optional[torch.Generator] =
     if aug.grayscale > 0 and uniform(0, 1) < aug.grayscale:
         image = TF.rgb_to_grayscale(image, num_output_channels=3)
     return image.clamp(0, 1)
+
+
+def _tf_rgb_to_hsv(rgb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TensorFlow's RGB -> HSV of its AdjustSaturation / AdjustHue kernels, for any range
+    (h in [0, 1); s = range / max, 0 where max <= 0; v = max)."""
+    r, g, b = rgb.unbind(0)
+    v = rgb.amax(0)
+    rng = v - rgb.amin(0)
+    s = torch.where(v > 0, rng / torch.where(v > 0, v, torch.ones_like(v)), torch.zeros_like(v))
+    norm = 1.0 / (6.0 * torch.where(rng > 0, rng, torch.ones_like(rng)))
+    h = torch.where(r == v, norm * (g - b), torch.where(g == v, norm * (b - r) + 2.0 / 6.0, norm * (r - g) + 4.0 / 6.0))
+    h = torch.where(rng > 0, h, torch.zeros_like(h))
+    h = torch.where(h < 0, h + 1, h)
+    return h, s, v
+
+
+def _tf_hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_tf_rgb_to_hsv`, as TensorFlow's kernels compute it."""
+    c = s * v
+    m = v - c
+    dh = h * 6
+    category = dh.to(torch.int64)  # truncation, as the kernel's static_cast<int>
+    x = c * (1 - (torch.remainder(dh, 2.0) - 1).abs())
+    z = torch.zeros_like(c)
+    table = {0: (c, x, z), 1: (x, c, z), 2: (z, c, x), 3: (z, x, c), 4: (x, z, c), 5: (c, z, x)}
+    out = [z.clone(), z.clone(), z.clone()]
+    for k, channels in table.items():
+        hit = category == k
+        for i in range(3):
+            out[i] = torch.where(hit, channels[i], out[i])
+    return torch.stack(out) + m
+
+
+def color_jitter_authors(image: torch.Tensor, aug: Any, gen: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The authors' ``color_transform`` (TF ``random_*`` on float images in 0-255), on
+    ``[3, H, W]`` floats in [0, 1] units (x / 255: every step is the same up to that scale).
+
+    Nothing is clipped, so values may leave [0, 1] and reach the model outside [-1, 1], as
+    theirs do. Brightness adds ``U(-b, b)`` on the 0-255 scale, i.e. ``U(-b, b) / 255`` here
+    (almost no change at b = 0.2); contrast ``(x - mean_c) * f + mean_c`` with each channel's
+    own mean; saturation scales HSV saturation (clipped to [0, 1] as TF's kernel does), hue
+    shifts HSV hue; greyscale (TF's weights) with probability ``aug.grayscale``.
+    """
+
+    def uniform(lo: float, hi: float) -> float:
+        return float(lo + (hi - lo) * torch.rand((), generator=gen))
+
+    image = image.float()
+    if aug.brightness > 0:
+        image = image + uniform(-aug.brightness, aug.brightness) / 255.0
+    lo, hi = aug.contrast
+    if (lo, hi) != (1.0, 1.0):
+        mean = image.mean(dim=(-2, -1), keepdim=True)
+        image = (image - mean) * uniform(lo, hi) + mean
+    lo, hi = aug.saturation
+    if (lo, hi) != (1.0, 1.0):
+        h, s, v = _tf_rgb_to_hsv(image)
+        image = _tf_hsv_to_rgb(h, (s * uniform(lo, hi)).clamp(0, 1), v)
+    if aug.hue > 0:
+        h, s, v = _tf_rgb_to_hsv(image)
+        image = _tf_hsv_to_rgb(torch.remainder(h + uniform(-aug.hue, aug.hue), 1.0), s, v)
+    if aug.grayscale > 0 and uniform(0, 1) < aug.grayscale:
+        grey = (image * torch.tensor([0.2989, 0.5870, 0.1140])[:, None, None]).sum(0, keepdim=True)
+        image = grey.expand(3, -1, -1).clone()
+    return image
 
 
 def apply_flips(x: torch.Tensor, flips: Sequence[bool] | torch.Tensor) -> torch.Tensor:
@@ -129,15 +276,23 @@ def _random_flips(aug: Any, gen: Optional[torch.Generator] = None) -> torch.Tens
 
 class EvalTransform:
     """Resize to ``size`` x ``size`` and normalise (``mean`` / ``std``, :func:`to_model_input`);
-    the mask stays at the original size."""
+    the mask stays at the original size. ``align_corners``: :func:`resize_image`; ``tags``:
+    a :class:`TagRule` applied to ``labels`` at ``size`` (default: tags unchanged)."""
 
-    def __init__(self, size: int, mean: Triple = HALF, std: Triple = HALF) -> None:
+    def __init__(
+        self, size: int, mean: Triple = HALF, std: Triple = HALF, align_corners: bool = False,
+        tags: Optional[TagRule] = None,
+    ) -> None:  # fmt: skip
         self.size = int(size)
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        self.align_corners, self.tags = bool(align_corners), tags
 
     def __call__(self, sample: Sample) -> Sample:
         out = dict(sample)
-        out["image"] = to_model_input(resize_image(sample["image"], (self.size, self.size)), self.mean, self.std)
+        image = resize_image(sample["image"], (self.size, self.size), self.align_corners)
+        out["image"] = to_model_input(image, self.mean, self.std)
+        if self.tags is not None and "labels" in out:
+            out["labels"] = self.tags(out["labels"], out.get("mask"), self.size)
         return out
 
 
@@ -145,15 +300,18 @@ class MultiScaleTransform:
     """Like :class:`EvalTransform`, for several square sides at once (test-time augmentation):
     ``image_<n>`` ``[3, n, n]`` per side ``n``; the mask stays at the original size."""
 
-    def __init__(self, sizes: Sequence[int], mean: Triple = HALF, std: Triple = HALF) -> None:
+    def __init__(
+        self, sizes: Sequence[int], mean: Triple = HALF, std: Triple = HALF, align_corners: bool = False
+    ) -> None:
         self.sizes = [int(n) for n in sizes]
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        self.align_corners = bool(align_corners)
 
     def __call__(self, sample: Sample) -> Sample:
         out = dict(sample)
         image = out.pop("image")
         for n in self.sizes:
-            out[f"image_{n}"] = to_model_input(resize_image(image, (n, n)), self.mean, self.std)
+            out[f"image_{n}"] = to_model_input(resize_image(image, (n, n), self.align_corners), self.mean, self.std)
         return out
 
 
@@ -164,22 +322,27 @@ class TrainTransform:
     ``et_box`` long [4] = (top, left, bottom, right) in view-1-free pixel coordinates of
     the n x n image, ``et_flips`` bool [3], plus ``labels``, ``name``, ``size``. Both
     images are normalised with ``mean`` / ``std`` (:func:`to_model_input`).
+    ``align_corners``: of every resize (:func:`resize_image`); ``tags``: a :class:`TagRule`
+    for ``labels`` (read at side n); ``aug.jitter_space``: :func:`color_jitter`.
     """
 
     def __init__(
         self, size: int, et_crop: int, et_scale: int, patch_size: int, aug: Any,
-        mean: Triple = HALF, std: Triple = HALF,
+        mean: Triple = HALF, std: Triple = HALF, align_corners: bool = False, tags: Optional[TagRule] = None,
     ) -> None:  # fmt: skip
         if size % patch_size or et_crop % patch_size or et_scale % patch_size:
             raise ValueError("size, et_crop and et_scale must be multiples of the patch size")
         self.size, self.et_crop, self.et_scale, self.patch = size, et_crop, et_scale, patch_size
         self.aug = aug
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        self.align_corners, self.tags = bool(align_corners), tags
+        # the authors' jitter leaves [0, 1]; clamping after the ET resize would undo it
+        self.clamp = str(getattr(aug, "jitter_space", "clamped")) != "authors"
 
     def __call__(self, sample: Sample) -> Sample:
         gen = None  # torch's global RNG: seeded by the trainer, and per worker by DataLoader
         n, s = self.size, self.et_scale
-        base = resize_image(sample["image"], (n, n))
+        base = resize_image(sample["image"], (n, n), self.align_corners)
 
         flips = _random_flips(self.aug, gen)
         view = apply_flips(color_jitter(base, self.aug, gen), flips)
@@ -193,8 +356,11 @@ class TrainTransform:
         else:
             box = (0, 0, n, n)
         et = et[:, box[0] : box[2], box[1] : box[3]]
-        et = F.interpolate(et[None], size=(s, s), mode="bilinear", align_corners=False,
-                           antialias=et.shape[-1] > s)[0].clamp(0, 1)  # fmt: skip
+        ac = self.align_corners
+        et = F.interpolate(et[None], size=(s, s), mode="bilinear", align_corners=ac,
+                           antialias=et.shape[-1] > s and not ac)[0]  # fmt: skip
+        if self.clamp:
+            et = et.clamp(0, 1)
         et_flips = _random_flips(self.aug, gen)
         et = apply_flips(et, et_flips)
 
@@ -204,7 +370,7 @@ class TrainTransform:
             "image_et": to_model_input(et, self.mean, self.std),
             "et_box": torch.tensor(box, dtype=torch.long),
             "et_flips": et_flips,
-            "labels": sample["labels"],
+            "labels": sample["labels"] if self.tags is None else self.tags(sample["labels"], sample.get("mask"), n),
             "name": sample["name"],
             "size": sample["size"],
         }
@@ -217,6 +383,7 @@ def map_to_et_grid(
     et_flips: torch.Tensor,
     patch_size: int,
     et_grid: int,
+    align_corners: bool = False,
 ) -> torch.Tensor:
     """Carry view-1 patch maps onto the ET views' patch grids.
 
@@ -225,6 +392,7 @@ def map_to_et_grid(
         flips, et_flips: ``[B, 3]`` bool records of the two views.
         et_box: ``[B, 4]`` (top, left, bottom, right) pixel box of the ET crop.
         et_grid: side of an ET view's patch grid (s / patch_size).
+        align_corners: of the bilinear resize (the authors: True, TF1's ``resize``).
 
     Returns ``[B, C, et_grid, et_grid]``: undo view 1's flips, crop the box at patch level,
     resize bilinearly to the ET grid, apply the ET flips.
@@ -235,7 +403,7 @@ def map_to_et_grid(
         top, left, bottom, right = (int(v) // patch_size for v in et_box[b])
         g = g[:, top:bottom, left:right]
         if g.shape[-1] != et_grid or g.shape[-2] != et_grid:
-            g = F.interpolate(g[None], size=(et_grid, et_grid), mode="bilinear", align_corners=False)[0]
+            g = F.interpolate(g[None], size=(et_grid, et_grid), mode="bilinear", align_corners=align_corners)[0]
         out.append(apply_flips(g, et_flips[b]))
     return torch.stack(out)
 

@@ -25,9 +25,13 @@ def predict_grid(
     return probs
 
 
-def upsample(probs: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of ``[C, h, w]`` patch maps to an image size ``(H, W)``."""
-    return F.interpolate(probs[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+def upsample(probs: torch.Tensor, size: Tuple[int, int], align_corners: bool = False) -> torch.Tensor:
+    """Bilinear resize of ``[C, h, w]`` patch maps to an image size ``(H, W)``.
+
+    ``align_corners=False``: patch centres at ``d * i + d / 2`` (vitpcm); ``True``: the corner
+    patches pinned to the image corners, TF1's ``resize(align_corners=True)`` (the authors,
+    ``input.align_corners``)."""
+    return F.interpolate(probs[None], size=tuple(size), mode="bilinear", align_corners=align_corners)[0]
 
 
 def present_classes(

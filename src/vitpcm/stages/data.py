@@ -65,13 +65,15 @@ def prepare(
     classes: Optional[str] = None,
     workers: int = 0,
     progress: bool = True,
+    gt: str = "vitpcm",
 ) -> Dict[str, Dict[str, int]]:
-    """Convert a dataset once so training reads it fast (``coco``: rasterise the masks).
+    """Convert a dataset once so training reads it fast (``coco``: rasterise the masks;
+    ``gt``: ``vitpcm`` or ``authors`` ground truth, as ``data.coco_gt``).
 
-    Returns ``{split: {written, kept, failed, problems}}``."""
+    Returns ``{split: {written, kept, failed, problems}}`` (+ ``dropped`` with ``authors``)."""
     from vitpcm.data.coco import prepare_coco
     from vitpcm.errors import VitpcmError
 
     if fmt != "coco":
         raise VitpcmError(f"vitpcm prepare knows the coco format only, got {fmt!r}")
-    return prepare_coco(root, out=out, splits=splits, classes=classes, workers=workers, progress=progress)
+    return prepare_coco(root, out=out, splits=splits, classes=classes, workers=workers, progress=progress, gt=gt)

@@ -18,6 +18,7 @@ One training step (per batch of B images)::
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -25,9 +26,10 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from vitpcm.config import batch_plan
 from vitpcm.data import EvalTransform, TrainTransform, build_dataset, collate
 from vitpcm.data.check import screen_for_training
-from vitpcm.data.transforms import map_to_et_grid, tile_views, untile_grid
+from vitpcm.data.transforms import TagRule, map_to_et_grid, tile_views, untile_grid
 from vitpcm.engine.checkpoint import init_from
 from vitpcm.engine.distributed import all_reduce_sum
 from vitpcm.engine.task import EngineContext, Phase, Task, cosine_lr, eval_mode, trainable_parameters
@@ -55,6 +57,7 @@ def et_targets(
     patch_size: int,
     et_grid: int,
     merge: str = "after",
+    align_corners: bool = False,
 ) -> torch.Tensor:
     """Soft targets for L_ET (the authors' ``compute_cce_loss`` target side).
 
@@ -71,15 +74,29 @@ def et_targets(
         labels: ``[B, C]`` tags.
         flips, et_box, et_flips: the transform records from :class:`TrainTransform`.
         et_grid: patch-grid side of one ET view.
+        align_corners: of the bilinear resize onto the ET grid (``input.align_corners``).
 
     Returns ``[B, C, et_grid, et_grid]``.
     """
     if merge not in ("after", "before"):
         raise ValueError(f"merge must be 'after' or 'before', got {merge!r}")
     probs = probs_view.float()
+    ac = bool(align_corners)
     if merge == "before":
-        return map_to_et_grid(merge_class_labels(probs, labels), flips, et_box, et_flips, patch_size, et_grid)
-    return merge_class_labels(map_to_et_grid(probs, flips, et_box, et_flips, patch_size, et_grid), labels)
+        return map_to_et_grid(merge_class_labels(probs, labels), flips, et_box, et_flips, patch_size, et_grid, ac)
+    return merge_class_labels(map_to_et_grid(probs, flips, et_box, et_flips, patch_size, et_grid, ac), labels)
+
+
+def world_size() -> int:
+    """Processes of this run: torchrun's ``WORLD_SIZE`` (1 without torchrun)."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+
+
+def train_batch_plan(cfg: DictConfig) -> Tuple[int, int]:
+    """``(per-process batch, accumulation steps)``: ``train.batch_size`` and 1, or with
+    ``train.global_batch`` > 0 what :func:`vitpcm.config.batch_plan` makes of it for this
+    world size (global = batch x world x accumulate; docs/reproduce.md#global-batch)."""
+    return batch_plan(int(cfg.train.get("global_batch", 0) or 0), world_size(), int(cfg.train.batch_size))
 
 
 def train_settings(cfg: DictConfig) -> TrainSettings:
@@ -87,7 +104,7 @@ def train_settings(cfg: DictConfig) -> TrainSettings:
     t = cfg.train
     return TrainSettings(
         epochs=int(t.epochs),
-        batch_size=int(t.batch_size),
+        batch_size=train_batch_plan(cfg)[0],
         seed=int(t.seed),
         device=str(t.device),
         threads=int(t.threads),
@@ -132,10 +149,13 @@ class PcmTask(Task):
         d = self.model.patch_size
         mean, std = resolve_normalisation(cfg, self.model.adapter)
         self.train_set = probe
+        ac, tags = bool(cfg.input.align_corners), TagRule.from_config(cfg)  # fidelity switches (docs/reproduce.md)
         self.train_set.transform = TrainTransform(cfg.input.train_size, cfg.input.et_crop, cfg.input.et_scale, d,
-                                                  cfg.augment, mean=mean, std=std)  # fmt: skip
+                                                  cfg.augment, mean=mean, std=std, align_corners=ac, tags=tags)  # fmt: skip
         if self.val_set is not None:
-            self.val_set.transform = EvalTransform(cfg.input.train_size, mean=mean, std=std)
+            self.val_set.transform = EvalTransform(
+                cfg.input.train_size, mean=mean, std=std, align_corners=ac, tags=tags
+            )
         self.et_grid = int(cfg.input.et_scale) // d
 
     def _build_val_set(self, ctx: EngineContext):
@@ -198,6 +218,7 @@ class PcmTask(Task):
                 self.model.patch_size,
                 self.et_grid,
                 merge=str(lc.et_merge),
+                align_corners=bool(self.cfg.input.align_corners),
             )
             tiled, count = tile_views(batch["image_et"].to(device, non_blocking=True))
             inputs = torch.cat([images, tiled], dim=0)
@@ -217,6 +238,10 @@ class PcmTask(Task):
             terms["reg"] = reg_loss(self.model.classifier.weight, float(lc.reg_weight))
         loss = sum(terms.values())
         return loss, {k: float(v.detach()) for k, v in terms.items()}
+
+    def accumulate_steps(self) -> int:
+        """Batches per optimizer step: 1, or what ``train.global_batch`` needs (:func:`train_batch_plan`)."""
+        return train_batch_plan(self.cfg)[1]
 
     def divergence_hint(self) -> str:
         return "lower train.lr / train.warmup_lr or check the data"
@@ -243,7 +268,8 @@ class PcmTask(Task):
             with ctx.autocast():
                 grid = predict_grid(self.model, batch["image"].to(ctx.device), batch["labels"].to(ctx.device))
             for i in range(grid.shape[0]):
-                pred = upsample(grid[i].float(), batch["size"][i]).argmax(0).cpu().numpy()
+                pred = upsample(grid[i].float(), batch["size"][i], bool(self.cfg.input.align_corners))
+                pred = pred.argmax(0).cpu().numpy()
                 cm.update(pred, batch["mask"][i].numpy())
         total = torch.from_numpy(cm.matrix).to(ctx.device)
         cm.matrix = all_reduce_sum(total, dist).cpu().numpy()
