@@ -17,6 +17,12 @@ from typing import Any, Mapping
 
 from vitpcm.errors import VitpcmError
 
+# How big an image the CRF solves at full resolution (pixels, H x W): a larger one is solved
+# at a reduced size and its marginals upsampled (vitpcm.postprocess.crf). One dense CRF needs
+# roughly (600 + 80 P) bytes per pixel for P labels (docs/reliability.md), so 4 MP bounds a
+# worker near 3 GiB, while VOC (0.19 MP) and COCO (0.31 MP) images are never reduced.
+DEFAULT_MAX_PIXELS = 4_000_000
+
 
 @dataclass
 class CRFParams:
