@@ -181,3 +181,15 @@ def test_map_to_et_grid_align_corners():
     out = map_to_et_grid(grid, no, box, no, 8, 3, align_corners=True)
     assert out[0, 0, 0, 0] == 0 and out[0, 0, -1, -1] == 15
     assert map_to_et_grid(grid, no, box, no, 8, 3)[0, 0, 0, 0] > 0
+
+
+def test_cli_prepare_coco_gt_authors(coco, tmp_path, monkeypatch, capsys):
+    from vitpcm.cli import main
+
+    monkeypatch.setattr(coco_module, "AUTHORS_MIN_SIDE", 0)
+    root = tmp_path / "coco"
+    shutil.copytree(coco, root)
+    assert main(["prepare", "coco", "--root", str(root), "--gt", "authors", "--workers", "1", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "train2014: 3 masks written" in out and "1 single-valued left out" in out
+    assert (root / "masks" / "gt.txt").read_text().strip() == "authors"
