@@ -149,22 +149,28 @@ def check_dataset(
     def one(i: int) -> ItemReport:
         if cache is None:
             return ds.inspect(i)[1]  # drop the sample at once: only the report is kept
-        return cache.inspect(i)
+        return cache.read(i)
 
     n = len(ds)
+    # cache hits first, in this thread (a stat and a hash each: threads would only add overhead)
+    found = {i: r for i in range(n) if (r := cache.lookup(i)) is not None} if cache is not None else {}
+    todo = [i for i in range(n) if i not in found]
+    items: Dict[int, ItemReport] = dict(found)
     bar = tqdm(total=n, desc=f"check {ds.split}", unit="img", disable=not progress)
+    bar.update(len(found))
     try:
-        if resolve_workers(workers) > 1 and n > 1:
+        if resolve_workers(workers) > 1 and len(todo) > 1:
             with ThreadPoolExecutor(max_workers=resolve_workers(workers)) as pool:
-                for item in pool.map(one, range(n)):
-                    report.items.append(item)
+                for i, item in zip(todo, pool.map(one, todo)):
+                    items[i] = item
                     bar.update()
         else:
-            for i in range(n):
-                report.items.append(one(i))
+            for i in todo:
+                items[i] = one(i)
                 bar.update()
     finally:
         bar.close()
+    report.items = [items[i] for i in range(n)]
     if cache is not None:
         report.from_cache = cache.hits
     return report
@@ -414,6 +420,7 @@ class ScreenCache:
         self.path = self.folder / f"{_digest(self.ident)[:24]}.json"
         self._old: Dict[str, List[Any]] = self._load()
         self._new: Dict[str, List[Any]] = {}
+        self._keys: Dict[str, str] = {}  # keys computed by lookup() for the items read after it
         self._lock = threading.Lock()
         self.hits = 0
         self.reads = 0
@@ -444,28 +451,42 @@ class ScreenCache:
         ]
         return _digest(parts)[:24]
 
-    def inspect(self, index: int) -> ItemReport:
-        """The item's report: from the cache when its key matches, else read (and remembered)."""
+    def lookup(self, index: int) -> Optional[ItemReport]:
+        """The item's cached report when its key still matches, else None (nothing is read)."""
         name = self.ds.names[index]
         if name in self.ds.listing_problems:
-            return self.ds.inspect(index)[1]  # found without reading a file; never cached
+            return None  # found without reading a file; never cached
         key = self.item_key(name)
         old = self._old.get(name)
-        if old is not None and old[0] == key:
-            try:
-                report = _report_from_json(name, old[1])
-            except (KeyError, TypeError, ValueError):
-                report = None
-            if report is not None:
-                with self._lock:
-                    self._new[name] = old
-                    self.hits += 1
-                return report
+        if old is None or old[0] != key:
+            self._keys[name] = key
+            return None
+        try:
+            report = _report_from_json(name, old[1])
+        except (KeyError, TypeError, ValueError):
+            self._keys[name] = key
+            return None
+        with self._lock:
+            self._new[name] = old
+            self.hits += 1
+        return report
+
+    def read(self, index: int) -> ItemReport:
+        """Read the item (:meth:`SegmentationDataset.inspect`) and remember its report."""
+        name = self.ds.names[index]
         report = self.ds.inspect(index)[1]
+        if name in self.ds.listing_problems:
+            return report
+        key = self._keys.get(name) or self.item_key(name)
         with self._lock:
             self._new[name] = [key, _report_to_json(report)]
             self.reads += 1
         return report
+
+    def inspect(self, index: int) -> ItemReport:
+        """The item's report: from the cache when its key matches, else read (and remembered)."""
+        report = self.lookup(index)
+        return report if report is not None else self.read(index)
 
     def save(self) -> Optional[Path]:
         """Write the items seen since loading (atomically); returns the file, or None when
