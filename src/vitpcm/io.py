@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator, List, Sequence, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -77,24 +80,237 @@ def class_list(spec: PathLike) -> List[str]:
     return read_classes(spec)
 
 
+class DiskError(VitpcmError, OSError):
+    """A file could not be written: full disk, quota, read-only or forbidden folder, file-size
+    limit. A :class:`VitpcmError` (one line in the CLI) and an :class:`OSError` (code that
+    catches write failures keeps working); ``errno`` is the system's."""
+
+    def __str__(self) -> str:
+        # the message alone: OSError's own form would be "[Errno 28] None: 'file'" once errno is set
+        return str(self.args[0]) if self.args else super().__str__()
+
+
+# errno -> (what happened, what to do); only these are turned into a DiskError
+_SPACE = "free some space there or write elsewhere"
+_WRITABLE = "make the folder writable or write elsewhere"
+_DISK_ERRNOS = {
+    errno.ENOSPC: ("no space left on device", _SPACE),
+    errno.EDQUOT: ("disk quota exceeded", _SPACE),
+    errno.EROFS: ("read-only file system", _WRITABLE),
+    errno.EACCES: ("permission denied", _WRITABLE),
+    errno.EPERM: ("operation not permitted", _WRITABLE),
+    errno.EFBIG: ("file too large (a file-size limit, see ulimit -f)", "raise the limit or write elsewhere"),
+}
+
+
+def disk_error(exc: OSError, path: PathLike, unchanged: Optional[bool] = None) -> Optional[DiskError]:
+    """A one-line :class:`DiskError` naming ``path``'s folder for a write failure, or None when
+    ``exc`` is not a disk/permission problem (then the caller re-raises it unchanged).
+    ``unchanged``: say that the previous file is intact (default: when ``path`` exists)."""
+    known = _DISK_ERRNOS.get(getattr(exc, "errno", None) or -1)
+    if known is None:
+        return None
+    reason, fix = known
+    path = Path(path)
+    kept = path.is_file() if unchanged is None else unchanged
+    err = DiskError(
+        f"cannot write {path.name} in {path.parent}: {reason}"
+        f"{' (the previous ' + path.name + ' is unchanged)' if kept else ''}: {fix}"
+    )
+    err.errno = exc.errno
+    err.filename = str(path)
+    return err
+
+
+# Temporaries of atomic writes: ``.NAME.PID-RANDOM.tmp`` beside NAME (the PID tells a leftover
+# of a killed process from a write in progress).
+_TMP_SUFFIX = ".tmp"
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``.
 
-    A crash or kill while writing leaves the old file (or none), never a half-written one.
+    A crash or kill while writing leaves the old file (or none), never a half-written one;
+    a kill -9 can leave the temporary ``.NAME.PID-XXXX.tmp`` (hidden; removed by
+    :func:`remove_temporaries`). A full disk, a read-only or forbidden folder raise one-line
+    :class:`DiskError` (also an ``OSError``) naming the folder.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=_TMP_SUFFIX, dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+    except OSError as exc:
+        raise (disk_error(exc, path) or exc) from None
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        try:
+            yield tmp_path
+            os.replace(tmp_path, path)
+        except OSError as exc:
+            # only failures of this write (not e.g. a missing input the body was reading)
+            mine = getattr(exc, "filename", None) in (None, str(tmp_path), str(path))
+            err = disk_error(exc, path) if mine and not isinstance(exc, DiskError) else None
+            if err is None:
+                raise
+            raise err from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def remove_temporaries(folder: PathLike, only_dead: bool = True) -> List[Path]:
+    """Delete the atomic-write temporaries (``.NAME.PID-XXXX.tmp``, and the older
+    ``.NAME.XXXX.tmp``) directly in ``folder`` that a killed process left behind. With
+    ``only_dead`` a temporary whose PID still runs on this machine is kept (a write in
+    progress); older names without a PID are always removed. Returns the removed paths."""
+    folder = Path(folder)
+    removed: List[Path] = []
+    if not folder.is_dir():
+        return removed
+    for tmp in folder.glob(f".*{_TMP_SUFFIX}"):
+        pid = _pid_of_temporary(tmp.name)
+        if only_dead and pid is not None and pid != os.getpid() and pid_alive(pid):
+            continue
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _pid_of_temporary(name: str) -> Optional[int]:
+    stem = name[: -len(_TMP_SUFFIX)]
+    token = stem.rsplit(".", 1)[-1]
+    head = token.split("-", 1)[0]
+    return int(head) if "-" in token and head.isdigit() else None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (a zombie counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    try:  # a zombie (killed, not yet reaped) holds no lock and writes nothing
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+class FolderLock:
+    """One writer per folder: an exclusive ``flock`` on ``path`` holding the owner's PID,
+    host, start time and command as JSON.
+
+    The kernel drops the lock when its process dies (kill -9 included), so a lock left by
+    a dead process is simply taken over; its old content is returned by :meth:`acquire` so
+    the caller can say so. A live holder makes :meth:`acquire` raise :class:`VitpcmError`
+    at once, naming the PID and host. Where the file system refuses ``flock`` the PID and
+    host in the file decide (a live PID on this host holds the folder).
+    """
+
+    def __init__(self, path: PathLike, what: str = "process") -> None:
+        self.path = Path(path)
+        self.what = what
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> Optional[Dict[str, Any]]:
+        """Take the lock; returns the previous holder's record when it was a stale lock of a
+        process that is gone (None for a free folder). Raises when another process holds it."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        except OSError as exc:
+            raise (disk_error(exc, self.path, unchanged=False) or exc) from None
+        try:
+            previous = _read_lock_record(fd)
+            if not _flock(fd):
+                raise VitpcmError(self._held_message(previous))
+            if previous is None:
+                stale = None
+            elif previous.get("pid") == os.getpid() and previous.get("host") == socket.gethostname():
+                stale = None  # our own (a second Trainer in the same process after the first ended)
+            else:
+                stale = previous
+            record = {"pid": os.getpid(), "host": socket.gethostname(),
+                      "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": _command_line()}  # fmt: skip
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return stale
+
+    def _held_message(self, holder: Optional[Dict[str, Any]]) -> str:
+        who = "another process"
+        if holder:
+            who = f"PID {holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('started', '?')}"
+        return (
+            f"{self.path.parent} is in use by another {self.what} ({who}): one process writes a folder"
+            f" at a time; wait for it to end or choose another folder"
+        )
+
+    def release(self) -> None:
+        """Empty the file and drop the lock (the file stays: deleting it would race with a
+        process opening it)."""
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, 0)
+        except OSError:
+            pass
+        finally:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+
+def _flock(fd: int) -> bool:
+    """Try an exclusive non-blocking lock; False when another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: fall back to the PID check
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:  # the file system has no flock (some network mounts): PID and host decide
+        record = _read_lock_record(fd)
+        if record and record.get("host") == socket.gethostname() and record.get("pid") != os.getpid():
+            return not pid_alive(int(record.get("pid", 0) or 0))
+        return True
+
+
+def _read_lock_record(fd: int) -> Optional[Dict[str, Any]]:
+    try:
+        data = os.pread(fd, 65536, 0)
+    except OSError:
+        return None
+    if not data.strip():
+        return None
+    try:
+        record = json.loads(data.decode("utf-8"))
+    except ValueError:  # torn or foreign content: a holder we cannot name
+        record = None
+    return record if isinstance(record, dict) else {"pid": "?", "host": "?"}
+
+
+def _command_line() -> str:
+    import sys
+
+    return " ".join([os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]])[:500]
 
 
 def write_text_atomic(path: PathLike, text: str) -> None:

@@ -5,8 +5,10 @@ A run folder (``vitpcm train --out RUN``) holds::
     config.yaml               the resolved config
     classes.txt               the class list the model was trained with
     skipped.txt               with --skip-bad: the items left out
-    checkpoints/last.pt       every epoch; checkpoints/best.pt: best val mIoU
+    .lock                     PID and host of the process training it (one writer at a time)
+    checkpoints/last.pt       every epoch (and train.checkpoint_every steps); best.pt: best val mIoU
     logs/metrics.jsonl        one JSON object per epoch; logs/events.*: TensorBoard
+    logs/resumes.jsonl        one JSON object per --resume (position, changed keys)
     pseudo/SPLIT/masks/       BPM palette PNGs; probs/NAME.npz; crf/NAME.png; summary.json
     eval/SPLIT/               per_class.csv/.md, metrics.json, confusion_*.npy/.png;
                               verification/ the same for BPM / CRF / DeepLab (report --segment)
@@ -55,6 +57,11 @@ class RunLayout:
     def report(self) -> Path:
         return self.root / "report.html"
 
+    @property
+    def lock(self) -> Path:
+        """``.lock``: PID and host of the process writing the run (one writer at a time)."""
+        return self.root / ".lock"
+
     # --- checkpoints and logs ---------------------------------------------------------
     @property
     def checkpoints(self) -> Path:
@@ -71,6 +78,11 @@ class RunLayout:
     @property
     def metrics(self) -> Path:
         return self.logs / "metrics.jsonl"
+
+    @property
+    def resumes(self) -> Path:
+        """``logs/resumes.jsonl``: one JSON object per ``--resume``: when, from where, what changed."""
+        return self.logs / "resumes.jsonl"
 
     # --- per-split outputs ------------------------------------------------------------
     def pseudo(self, split: str) -> Path:
