@@ -7,14 +7,15 @@ the registry (:func:`vitpcm.models.registry.create_model`).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from vitpcm.errors import VitpcmError
-from vitpcm.io import atomic_path
+from vitpcm.io import atomic_path, disk_error
 from vitpcm.runs import RunLayout
 
 FORMAT_VERSION = 1
@@ -50,7 +51,9 @@ def save_checkpoint(path: str | Path, state: Dict[str, Any], check_finite: bool 
 
     With ``check_finite`` (default) a state holding a NaN or infinite tensor is refused
     with :class:`NonFiniteState` before anything is written: a diverged run never replaces
-    its last good checkpoint.
+    its last good checkpoint. The bytes reach the disk (fsync) before the rename. A full
+    disk, a read-only folder or a file-size limit raise one-line
+    :class:`vitpcm.io.DiskError` naming the folder; the previous file stays as it was.
     """
     if check_finite:
         bad = non_finite_tensors({"model": state.get("model"), "optimizer": state.get("optimizer")})
@@ -59,7 +62,44 @@ def save_checkpoint(path: str | Path, state: Dict[str, Any], check_finite: bool 
             raise NonFiniteState(f"non-finite values in {shown}: {path} not written")
     state = dict(state, format_version=FORMAT_VERSION)
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
+        sink = _Sink(fd)
+        try:
+            torch.save(state, sink)
+            os.fsync(fd)
+        except Exception as exc:
+            # torch reports a failed write as "enforce fail at inline_container.cc": the
+            # sink kept the system's error (ENOSPC, EROFS, EFBIG, ...), which says what happened
+            cause = sink.error or (exc if isinstance(exc, OSError) else None)
+            err = disk_error(cause, path) if cause is not None else None
+            if err is None:
+                raise
+            raise err from None
+        finally:
+            os.close(fd)
+
+
+class _Sink:
+    """A file-like object for ``torch.save`` that writes every byte (short writes retried)
+    and remembers the ``OSError`` of a failed write."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.error: Optional[OSError] = None
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                done += os.write(self.fd, view[done:])
+        except OSError as exc:
+            self.error = exc
+            raise
+        return done
+
+    def flush(self) -> None:
+        pass
 
 
 def read_checkpoint(path: str | Path) -> Dict[str, Any]:
@@ -76,6 +116,17 @@ def read_checkpoint(path: str | Path) -> Dict[str, Any]:
     if not isinstance(state, dict) or "arch" not in state or "model" not in state:
         raise VitpcmError(f"{path} is not a vitpcm checkpoint (no 'arch'/'model' entries)")
     return state
+
+
+def checkpoint_config(path: str | Path) -> Optional[Dict[str, Any]]:
+    """The config dict stored in a checkpoint (``state["config"]``), or None. Reads the file
+    memory-mapped, so a large checkpoint costs no copy of its tensors."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # not a zip checkpoint (mmap needs one), or unreadable
+        state = read_checkpoint(path)
+    config = state.get("config") if isinstance(state, dict) else None
+    return dict(config) if isinstance(config, dict) else None
 
 
 def find_run_checkpoint(run: str | Path, which: str = "best") -> Path:

@@ -17,6 +17,12 @@ The trainer calls a task in this order::
                  loss, terms = task.train_step(model_for_forward, batch, ctx)
       then:      scores = task.validate(ctx)                    {"miou": ..} or None
                  task.checkpoint_extras()                       "arch", "classes", "config", ...
+                 task.state_dict()                              optional, {} by default
+    on resume:   task.load_state_dict(state)                    after setup
+
+The trainer keeps what makes a resume exact for every task (docs/reliability.md): the
+position in the epoch, the step, the random generators, and (``train.deterministic``)
+per-item seeds for whatever the dataset draws; a task only adds what is its own.
 
 A step returns the loss *tensor* (the trainer checks it is finite before ``backward``,
 scales it for accumulation and AMP, and steps the optimizer) and a dict of float terms
@@ -233,6 +239,16 @@ class Task:
     def divergence_hint(self) -> str:
         """What to try when the loss is not finite (ends the error line)."""
         return "lower the learning rate or check the data"
+
+    # -- optional: state of the task itself ----------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """What the task must carry across a resume besides the model, the optimizer, the
+        position in the data and the random generators (all kept by the trainer). Stored in
+        every checkpoint when not empty. Default: nothing."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Put back what :meth:`state_dict` returned (called on resume, after :meth:`setup`)."""
 
 
 def trainable_parameters(model: nn.Module) -> List[nn.Parameter]:

@@ -4,44 +4,63 @@ What it does for every task:
 
 * processes and devices: DDP under ``torchrun`` (``engine/distributed.py``), one process
   otherwise; AMP on CUDA (bf16 where supported, fp16 with a grad scaler elsewhere);
-* data: a shuffled loader per epoch (seeded by ``seed + epoch``; DistributedSampler under
-  torchrun), ``drop_last`` only when a rank has at least two full batches;
+* data: a shuffled loader per epoch (the order of ``RandomSampler`` seeded ``seed + epoch``,
+  ``DistributedSampler``'s under torchrun; :class:`~vitpcm.engine.sampling.EpochSampler`),
+  ``drop_last`` only when a rank has at least two full batches;
 * phases: at each phase start the task sets the trainable parameters and a *fresh*
   optimizer is built (as the authors recompile the Keras model); the task's schedule sets
   the learning rate before every batch; optional gradient accumulation;
 * divergence: the loss is checked *before* ``backward`` on every step (on every rank at
-  once under DDP) and a non-finite loss stops the run with one line naming the epoch, the
-  step and the last good checkpoint; a state with non-finite tensors is never saved;
-* the run folder (through :class:`vitpcm.runs.RunLayout`): ``config.yaml``,
-  ``classes.txt``, ``checkpoints/last.pt`` every epoch (atomic), ``checkpoints/best.pt``
-  when the task's metric improves, one ``logs/metrics.jsonl`` row per epoch (epoch means
-  all-reduced over ranks), TensorBoard when installed, tqdm bars on rank 0;
-* ``resume``: weights, epoch, best score and (within the same phase) the optimizer
-  state from ``last.pt``; metrics rows of epochs that run again are dropped. An existing
-  run without ``resume`` is refused.
+  once under DDP): a non-finite loss, or one above ``max_loss``, stops the run with one
+  line naming the epoch, the step and the last good checkpoint; a state with non-finite
+  tensors is never saved;
+* the run folder (through :class:`vitpcm.runs.RunLayout`): one writer at a time
+  (``RUN/.lock``, PID and host; a lock left by a dead process is taken over with a note),
+  ``config.yaml``, ``classes.txt``, ``checkpoints/last.pt`` every epoch and every
+  ``checkpoint_every`` steps (atomic; model, optimizer, phase, position in the epoch,
+  random generators), ``checkpoints/best.pt`` when the task's metric improves, one
+  ``logs/metrics.jsonl`` row per epoch (epoch means all-reduced over ranks), TensorBoard
+  when installed, tqdm bars on rank 0;
+* pre-emption: SIGTERM or SIGINT saves ``last.pt`` after the current step and stops with
+  :class:`TrainingStopped` (a second signal acts at once);
+* ``resume``: continues from ``last.pt`` exactly where it stopped, mid-epoch too: weights,
+  optimizer (same phase), epoch, position in the epoch, step, best score, the epoch's
+  running sums and the random generators; metrics rows of epochs that run again are
+  dropped. With ``deterministic`` (CPU) a run killed at any moment and resumed ends with
+  the weights of an uninterrupted run (docs/reliability.md). An existing run without
+  ``resume`` is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import logging
 import math
+import os
 import random
+import signal
+import socket
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.distributed
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader
 
 from vitpcm.engine.checkpoint import non_finite_tensors, read_checkpoint, save_checkpoint
 from vitpcm.engine.distributed import all_reduce_sum, barrier, cleanup, init_distributed
+from vitpcm.engine.sampling import EpochSampler, SeededItems, preserved_rng, rng_state, set_rng_state
 from vitpcm.engine.task import EngineContext, Phase, Task, count_parameters
 from vitpcm.errors import VitpcmError
-from vitpcm.io import write_text_atomic
+from vitpcm.io import DiskError, FolderLock, disk_error, remove_temporaries, write_text_atomic
 from vitpcm.runs import RunLayout
 
 log = logging.getLogger(__name__)
@@ -61,6 +80,12 @@ class TrainSettings:
         val_every: epochs between validations (0 = never); the last epoch always validates.
         log_every: batches between TensorBoard scalars.
         num_workers: data-loader worker processes.
+        deterministic: per-item seeded augmentation (independent of workers and resumes),
+            deterministic torch algorithms, validation outside the training generators: a
+            run resumed from any checkpoint ends as the uninterrupted run (on the CPU).
+        checkpoint_every: also save ``last.pt`` every this many steps (batches) inside an
+            epoch (0 = at epoch ends only).
+        max_loss: a finite loss above this counts as divergence (0 = no limit).
     """
 
     epochs: int
@@ -72,6 +97,21 @@ class TrainSettings:
     val_every: int = 1
     log_every: int = 20
     num_workers: int = 0
+    deterministic: bool = False
+    checkpoint_every: int = 0
+    max_loss: float = 0.0
+
+
+class TrainingStopped(VitpcmError):
+    """Training stopped on SIGTERM / SIGINT after saving ``last.pt``; the CLI exits with
+    ``exit_code`` (128 + the signal number) and says how to continue."""
+
+    label = "stopped"
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+        self.exit_code = 128 + int(signum)
 
 
 def seed_everything(seed: int) -> None:
@@ -85,6 +125,9 @@ def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % (2**32)
     np.random.seed(seed)
     random.seed(seed)
+    # Ctrl-C reaches the whole process group: the main process saves a checkpoint after
+    # the current step and ends the workers itself
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class Trainer:
@@ -94,9 +137,12 @@ class Trainer:
         task: what is trained (datasets, model, step, validation).
         run_dir: the run folder.
         settings: the loop's knobs.
-        resume: continue the run in ``run_dir`` from ``checkpoints/last.pt``.
+        resume: continue the run in ``run_dir`` from ``checkpoints/last.pt`` (a run folder
+            whose first checkpoint was never written starts from the beginning).
         progress: tqdm bars (rank 0 only).
         config_text: written to ``RUN/config.yaml`` (the resolved config), when given.
+        resume_changes: on resume, the settings that differ from the run's
+            (``{key: (old, new)}``); recorded in ``logs/resumes.jsonl``.
     """
 
     def __init__(
@@ -108,6 +154,7 @@ class Trainer:
         resume: bool = False,
         progress: bool = True,
         config_text: Optional[str] = None,
+        resume_changes: Optional[Mapping[str, Tuple[Any, Any]]] = None,
     ) -> None:
         self.task = task
         self.settings = settings
@@ -117,19 +164,72 @@ class Trainer:
         self.dist, self.device = init_distributed(settings.device)
         if settings.threads > 0:
             torch.set_num_threads(int(settings.threads))
+        self._deterministic_before = torch.are_deterministic_algorithms_enabled()
+        if settings.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
         seed_everything(int(settings.seed) + self.dist.rank)
 
+        # one writer per run folder, before anything is read or written there
+        self._lock = FolderLock(self.layout.lock, "vitpcm train") if self.dist.main else None
+        self._finalizer = None
+        failure: Optional[BaseException] = None
+        if self._lock is not None:
+            try:
+                stale = self._lock.acquire()
+                self._finalizer = weakref.finalize(self, self._lock.release)
+                if stale:
+                    log.warning("%s: took over the lock of PID %s on %s (started %s), which is no longer running",
+                                self.run_dir, stale.get("pid"), stale.get("host"), stale.get("started"))  # fmt: skip
+            except BaseException as exc:  # every rank must stop, not only rank 0
+                failure = exc
+        if self._agree(failure is not None):
+            raise failure if failure is not None else VitpcmError(f"{self.run_dir} is in use by another process")
+        try:
+            self._init(task, settings, resume, config_text, resume_changes)
+        except OSError as exc:
+            self.close()
+            raise self._disk_error(exc) from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _disk_error(self, exc: OSError) -> OSError:
+        """A write failure in the run folder as one line naming the folder (else ``exc``)."""
+        name = getattr(exc, "filename", None)
+        if isinstance(exc, DiskError):
+            return exc
+        inside = name is not None and Path(name).resolve().is_relative_to(self.run_dir.resolve())
+        write_only = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+        if inside or (name is None and write_only):
+            return disk_error(exc, Path(name) if name else self.run_dir / "(a file)") or exc
+        return exc
+
+    def _init(self, task, settings, resume, config_text, resume_changes) -> None:
         last = self.layout.checkpoint("last")
         if last.is_file() and not resume:
             raise VitpcmError(
                 f"{self.run_dir} already holds a training run: pass --resume to continue it, or choose another --out"
             )
         if resume and not last.is_file():
-            raise VitpcmError(f"--resume: {last} not found, nothing to resume")
+            if not self.layout.config.is_file():
+                raise VitpcmError(f"--resume: {last} not found, nothing to resume")
+            if self.dist.main:
+                log.info("--resume: %s holds no checkpoint yet (stopped before its first save): starting from the"
+                         " beginning", self.run_dir)  # fmt: skip
+            resume = False
+        if self.dist.main:
+            # a kill during a save leaves its temporary file; under the lock nothing else writes here
+            gone = remove_temporaries(self.layout.checkpoints, only_dead=False)
+            gone += remove_temporaries(self.layout.root) + remove_temporaries(self.layout.logs)
+            if gone:
+                log.info("removed %d unfinished temporary file(s) of a killed save: %s", len(gone),
+                         ", ".join(p.name for p in gone[:3]))  # fmt: skip
 
         self.use_amp = bool(settings.amp) and self.device.type == "cuda"
         self.ctx = EngineContext(
-            device=self.device, dist=self.dist, run=self.layout, progress=progress, amp=self.use_amp
+            device=self.device, dist=self.dist, run=self.layout, progress=self.progress, amp=self.use_amp
         )
         task.setup(self.ctx)  # datasets and model: the task's random draws happen here, after seeding
         self.model = task.model
@@ -147,14 +247,16 @@ class Trainer:
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.ddp: Optional[torch.nn.Module] = None
         self.saved: Optional[Path] = None  # the last good checkpoint (named in divergence errors)
-        self._resume_state: Optional[Dict[str, Any]] = None
+        self.global_step = 0
+        self._saved_step = 0
+        self._resume_state: Optional[Dict[str, Any]] = None  # optimizer of the resumed phase
+        self._position: Optional[Dict[str, Any]] = None  # where the resumed run stopped
+        self._stop_signal: Optional[int] = None
+        self._old_handlers: Dict[int, Any] = {}
         if resume:
-            state = read_checkpoint(last)
-            self.model.load_state_dict(state["model"])
-            self.start_epoch = int(state["epoch"])
-            self.best = float(state.get(f"best_{self.metric}", -math.inf))
-            self._resume_state = state
-            self.saved = last
+            self._load_resume(last, resume_changes or {})
+        else:
+            self.global_step = 0
 
         if self.dist.main:
             self.layout.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -163,10 +265,97 @@ class Trainer:
                 write_text_atomic(self.layout.config, config_text)
             if task.classes is not None:
                 write_text_atomic(self.layout.classes, "\n".join(task.classes) + "\n")
-        self.writer = self._tensorboard()
+        self.writer = self._tensorboard(purge_step=self.global_step + 1 if resume else None)
+
+    # ----------------------------------------------------------------- resume
+    def _load_resume(self, last: Path, changes: Mapping[str, Tuple[Any, Any]]) -> None:
+        """Read ``last.pt``: weights, best score, position; optimizer, generators and the
+        epoch's sums are applied when the loop reaches them."""
+        state = read_checkpoint(last)
+        bad = non_finite_tensors(state["model"])
+        if bad:  # written before vitpcm checked what it saves
+            raise VitpcmError(
+                f"--resume: {last} holds non-finite weights ({bad[0]}{' and more' if len(bad) > 1 else ''}): the run"
+                " had diverged when it was saved; start a new run (lower learning rate) or resume from a copy of an"
+                " earlier checkpoint"
+            )
+        self._load_weights(state["model"], last)
+        self.best = float(state.get(f"best_{self.metric}", -math.inf))
+        position = dict(state.get("position") or {})
+        if not position:  # checkpoints written before positions were stored: an epoch end
+            position = {"epoch": int(state["epoch"]), "batch": 0}
+        self.start_epoch = int(position["epoch"])
+        batch = int(position.get("batch", 0))
+        steps = self._steps_per_epoch()
+        if batch:
+            mismatch = self._position_mismatch(position, steps)
+            if mismatch:
+                raise VitpcmError(
+                    f"--resume: {last} was saved in the middle of epoch {self.start_epoch + 1} with {mismatch}: the"
+                    " position in the epoch would not mean the same; resume with the run's own settings"
+                )
+        self.global_step = int(position.get("step", self.start_epoch * steps + batch))
+        self._saved_step = self.global_step
+        self._resume_state = state
+        self._position = {**position, "batch": batch, "steps": steps, "rng": state.get("rng"),
+                          "progress": state.get("progress")}  # fmt: skip
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.task.load_state_dict(state.get("task_state") or {})
+        self.saved = last
+        where = (
+            f"epoch {self.start_epoch + 1}, batch {batch}/{steps}" if batch else f"the end of epoch {self.start_epoch}"
+        )
+        if self.dist.main:
+            log.info("resuming %s from %s (step %d)", self.run_dir, where, self.global_step)
+            for key, (old, new) in changes.items():
+                log.info("--resume: %s %s -> %s", key, old, new)
+            record = {
+                "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "checkpoint": str(last),
+                "epoch": self.start_epoch,
+                "batch": batch,
+                "step": self.global_step,
+                "changed": {k: {"from": old, "to": new} for k, (old, new) in changes.items()},
+            }
+            self.layout.logs.mkdir(parents=True, exist_ok=True)
+            with open(self.layout.resumes, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record, default=str) + "\n")
+
+    def _position_mismatch(self, position: Mapping[str, Any], steps: int) -> Optional[str]:
+        """What differs between a mid-epoch position and this run (None: nothing)."""
+        now = {"batch_size": int(self.settings.batch_size), "world": self.dist.world, "samples": len(self.task.train_set),
+               "steps": steps, "accumulate": self.accumulate}  # fmt: skip
+        names = {"batch_size": "batch size", "world": "processes", "samples": "training items", "steps": "batches per epoch",
+                 "accumulate": "accumulation steps"}  # fmt: skip
+        for key, value in now.items():
+            if key in position and int(position[key]) != value:
+                return f"{names[key]} {position[key]} (now {value})"
+        return None
+
+    def _load_weights(self, weights: Mapping[str, torch.Tensor], path: Path) -> None:
+        """``load_state_dict`` with one line instead of a size-mismatch line per tensor."""
+        try:
+            self.model.load_state_dict(weights)
+        except RuntimeError:
+            own = self.model.state_dict()
+            shapes = [k for k, v in weights.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+            missing = [k for k in own if k not in weights]
+            unexpected = [k for k in weights if k not in own]
+            example = ""
+            if shapes:
+                k = shapes[0]
+                example = f", e.g. {k}: {list(weights[k].shape)} in the checkpoint, {list(own[k].shape)} here"
+            raise VitpcmError(
+                f"--resume: {path} does not fit the model this config builds ({len(shapes)} tensor(s) of another"
+                f" shape{example}; {len(missing)} missing, {len(unexpected)} unexpected): the model settings changed;"
+                " resume with the run's own config, or train a new run with another --out"
+            ) from None
 
     # ----------------------------------------------------------------- setup helpers
-    def _tensorboard(self):
+    def _tensorboard(self, purge_step: Optional[int] = None):
         if not self.dist.main:
             return None
         try:
@@ -174,29 +363,43 @@ class Trainer:
         except Exception:  # tensorboard not installed: metrics.jsonl still has everything
             log.info("tensorboard is not installed; logging to metrics.jsonl only")
             return None
-        return SummaryWriter(log_dir=str(self.layout.logs))
+        # purge_step: the steps a killed run logged after its checkpoint are logged again
+        return SummaryWriter(log_dir=str(self.layout.logs), purge_step=purge_step)
 
-    def _loader(self, epoch: int) -> DataLoader:
+    def _per_rank(self) -> int:
+        return math.ceil(len(self.task.train_set) / self.dist.world)
+
+    def _drop_last(self) -> bool:
+        return self._per_rank() >= 2 * int(self.settings.batch_size)  # keep every image of a tiny set
+
+    def _steps_per_epoch(self) -> int:
+        n, bs = self._per_rank(), int(self.settings.batch_size)
+        return n // bs if self._drop_last() else math.ceil(n / bs)
+
+    def _loader(self, epoch: int, skip: int = 0) -> DataLoader:
+        """The epoch's loader from batch ``skip`` on."""
         s = self.settings
         bs = int(s.batch_size)
         data = self.task.train_set
-        if self.dist.enabled:
-            sampler = DistributedSampler(data, self.dist.world, self.dist.rank, shuffle=True, seed=int(s.seed))
-            sampler.set_epoch(epoch)
-        else:
-            gen = torch.Generator().manual_seed(int(s.seed) + epoch)
-            sampler = RandomSampler(data, generator=gen)
-        per_rank = math.ceil(len(data) / self.dist.world)
+        deterministic = bool(s.deterministic)
+        sampler = EpochSampler(len(data), int(s.seed), epoch, self.dist.rank, self.dist.world, start=skip * bs,
+                               tagged=deterministic)  # fmt: skip
+        generator = None
+        if deterministic:  # worker seeds from the epoch, not from the global generator
+            data = SeededItems(data, int(s.seed))
+            generator = torch.Generator()
+            generator.manual_seed(int(s.seed) * 1009 + epoch)
         return DataLoader(
             data,
             batch_size=bs,
             sampler=sampler,
             num_workers=int(s.num_workers),
             collate_fn=self.task.collate_fn,
-            drop_last=per_rank >= 2 * bs,  # keep every image of a tiny set; else even batches
+            drop_last=self._drop_last(),
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
             worker_init_fn=_seed_worker,
+            generator=generator,
         )
 
     def _phase_at(self, epoch: int) -> Phase:
@@ -220,6 +423,8 @@ class Trainer:
         state = self._resume_state
         if state is not None and state.get("phase") == phase.name and "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
+            for group in self.optimizer.param_groups:  # the lr of this run (it may be a changed one)
+                group["lr"] = self.lr * float(group.get("lr_scale", 1.0))
         self._resume_state = None
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -239,6 +444,52 @@ class Trainer:
             group["lr"] = lr * float(group.get("lr_scale", 1.0))
         self.lr = float(lr)
 
+    # ----------------------------------------------------------------- signals
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM / SIGINT: finish the step, save, stop (only possible in the main thread)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._old_handlers[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._on_signal)
+
+    def _restore_signal_handlers(self) -> None:
+        for signum, handler in self._old_handlers.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._old_handlers = {}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._stop_signal is None:
+            self._stop_signal = signum
+            # a second signal acts as it would without vitpcm (SIGINT: KeyboardInterrupt)
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(signum, self._old_handlers.get(signum) or signal.SIG_DFL)
+            if self.dist.main:
+                os.write(2, f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping"
+                            " (send it again to stop at once)\n".encode())  # fmt: skip
+
+    def _agree(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any (always ``flag`` without DDP)."""
+        if not self.dist.enabled:
+            return bool(flag)
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return bool(all_reduce_sum(t, self.dist).item() > 0)
+
+    def _stopped(self, epoch: int, batch: int, steps: int, saved: bool = True) -> TrainingStopped:
+        signum = self._stop_signal or signal.SIGTERM
+        name = signal.Signals(signum).name
+        at = f"epoch {epoch + 1}, batch {batch}/{steps}" if batch else f"the end of epoch {epoch}"
+        if saved and self.saved is not None:
+            what = f"saved {self.saved} at {at}"
+        elif self.saved is not None:
+            what = f"the last checkpoint is {self.saved}"
+        else:
+            what = "no checkpoint was written yet"
+        return TrainingStopped(
+            f"{name} received: {what}; continue with `vitpcm train --resume --out {self.run_dir}`", signum
+        )
+
     # ----------------------------------------------------------------- one batch
     def _diverged(self, what: str, epoch: int, where: str) -> VitpcmError:
         if self.saved is not None:
@@ -249,26 +500,37 @@ class Trainer:
             last = "no checkpoint was written yet"
         return VitpcmError(f"{what} at epoch {epoch + 1}{where}: {self.task.divergence_hint()}; {last}")
 
+    def _window_end(self, it: int, steps: int) -> bool:
+        return (it + 1) % self.accumulate == 0 or it + 1 == steps
+
     def _backward_step(self, batch: Any, epoch: int, it: int, steps: int, global_step: int) -> Dict[str, float]:
-        """Forward (through the task), the finiteness check, backward, and the optimizer step
+        """Forward (through the task), the divergence check, backward, and the optimizer step
         at the end of each accumulation window. Returns the batch's float terms."""
-        window_end = (it + 1) % self.accumulate == 0 or it + 1 == steps
+        window_end = self._window_end(it, steps)
         if it % self.accumulate == 0:
             self.optimizer.zero_grad(set_to_none=True)
         # between accumulated batches DDP need not all-reduce gradients
         sync = contextlib.nullcontext() if window_end or not self.dist.enabled else self.ddp.no_sync()
+        limit = float(self.settings.max_loss or 0.0)
         with sync:
             loss, terms = self.task.train_step(self.ddp, batch, self.ctx)
-            check = loss.detach().float().reshape(1)
+            value = loss.detach().float().reshape(1)
+            bad = ~torch.isfinite(value)
+            if limit > 0:
+                bad = bad | (value.abs() > limit)
+            check = bad.float()
             if self.dist.enabled:  # every rank stops together (a lone raise would hang the others)
                 check = all_reduce_sum(check.clone(), self.dist)
-            if not bool(torch.isfinite(check).all()):
-                value = loss.detach().float().item()
-                what = (
-                    f"the loss became {value}"
-                    if not math.isfinite(value)
-                    else "the loss became non-finite on another rank"
-                )
+            if bool(check.item() > 0):
+                mine = float(value.item())
+                if not math.isfinite(mine):
+                    what = f"the loss became {mine}"
+                elif limit > 0 and abs(mine) > limit:
+                    what = f"the loss reached {mine:.4g}, above the limit {limit:g} (train.max_loss)"
+                elif limit > 0:
+                    what = f"the loss became non-finite or above {limit:g} (train.max_loss) on another rank"
+                else:
+                    what = "the loss became non-finite on another rank"
                 raise self._diverged(what, epoch, f", batch {it + 1}/{steps} (step {global_step})")
             scaled = loss / self.accumulate if self.accumulate > 1 else loss
             if self.scaler is not None and self.scaler.is_enabled():
@@ -287,20 +549,34 @@ class Trainer:
 
     # ----------------------------------------------------------------- loop
     def fit(self) -> Dict[str, Any]:
-        """Train from ``start_epoch`` to ``settings.epochs``. Returns ``{"run", "best_<metric>",
-        "epochs", "history"}`` (history: the metrics.jsonl rows of the epochs run here)."""
+        """Train from where the run stands to ``settings.epochs``. Returns ``{"run",
+        "best_<metric>", "epochs", "history"}`` (history: the metrics.jsonl rows of the
+        epochs run here). SIGTERM / SIGINT save ``last.pt`` after the current step and raise
+        :class:`TrainingStopped`."""
+        self._install_signal_handlers()
         try:
             history = self._epochs()
-        finally:  # also on a divergence stop: TensorBoard flushed, process group left
+        except OSError as exc:  # full disk, read-only run folder: one line naming the folder
+            raise self._disk_error(exc) from None
+        finally:  # also on a divergence stop: TensorBoard flushed, process group left, lock freed
+            self._restore_signal_handlers()
             if self.writer is not None:
                 self.writer.close()
             cleanup(self.dist)
+            self.close()
         return {
             "run": str(self.run_dir),
             f"best_{self.metric}": None if self.best == -math.inf else self.best,
             "epochs": int(self.settings.epochs),
             "history": history,
         }
+
+    def close(self) -> None:
+        """Release the run folder (done by :meth:`fit`; call it for a Trainer never fitted)."""
+        if self.settings.deterministic:
+            torch.use_deterministic_algorithms(self._deterministic_before, warn_only=True)
+        if self._finalizer is not None:
+            self._finalizer()
 
     def _epochs(self) -> List[Dict[str, Any]]:
         from tqdm import tqdm
@@ -311,30 +587,49 @@ class Trainer:
         if self.dist.main:
             self.layout.truncate_metrics(self.start_epoch)
         history: List[Dict[str, Any]] = []
-        global_step = self.start_epoch * max(1, len(self._loader(0)))
         for epoch in range(self.start_epoch, epochs):
             self._enter_phase(epoch)
             self.task.train_mode(self.model)
-            loader = self._loader(epoch)
+            position, self._position = self._position, None
+            skip = int(position["batch"]) if position else 0
+            if position and not skip:
+                self._restore_rng(position)  # an epoch end: before the new epoch draws anything
+            steps = self._steps_per_epoch()
+            batches = iter(self._loader(epoch, skip))
+            if position and skip:
+                self._restore_rng(position)  # mid-epoch: after the loader drew its seed, as it had then
             sums: Dict[str, float] = {}
-            n = 0
+            n, seconds = 0, 0.0
+            if position and skip and position.get("progress"):
+                progress = position["progress"]
+                sums, n, seconds = dict(progress["sums"]), int(progress["n"]), float(progress["seconds"])
             t0 = time.time()
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs} ({self.phase.name})", unit="batch",
-                       disable=not (self.progress and self.dist.main), leave=False)  # fmt: skip
-            steps = len(loader)
-            for it, batch in enumerate(bar):
+            bar = tqdm(total=steps, initial=skip, desc=f"epoch {epoch + 1}/{epochs} ({self.phase.name})",
+                       unit="batch", disable=not (self.progress and self.dist.main), leave=False)  # fmt: skip
+            for it in range(skip, steps):
+                batch = self._next_batch(batches, epoch, it, steps, sums, n, seconds + time.time() - t0)
                 self._set_lr(epoch + it / max(steps, 1))
-                global_step += 1
-                record = self._backward_step(batch, epoch, it, steps, global_step)
+                self.global_step += 1
+                record = self._backward_step(batch, epoch, it, steps, self.global_step)
                 n += 1
                 for k, v in record.items():
                     sums[k] = sums.get(k, 0.0) + v
+                bar.update(1)
                 bar.set_postfix(loss=f"{sums['loss'] / n:.4f}")
-                if self.writer is not None and global_step % max(1, int(s.log_every)) == 0:
+                if self.writer is not None and self.global_step % max(1, int(s.log_every)) == 0:
                     for k, v in record.items():
-                        self.writer.add_scalar(f"train/{k}", v, global_step)
+                        self.writer.add_scalar(f"train/{k}", v, self.global_step)
+                if it + 1 < steps and self._window_end(it, steps):
+                    stop = self._agree(self._stop_signal is not None)
+                    due = s.checkpoint_every > 0 and self.global_step - self._saved_step >= int(s.checkpoint_every)
+                    if stop or due:
+                        self._save_position(epoch, it + 1, steps, sums, n, seconds + time.time() - t0)
+                    if stop:
+                        bar.close()
+                        raise self._stopped(epoch, it + 1, steps)
             bar.close()
-            train_time = time.time() - t0
+            train_time = seconds + (time.time() - t0)
+            del batches
             if self.dist.enabled:  # epoch means over every rank's batches
                 keys = sorted(sums)
                 packed = all_reduce_sum(
@@ -344,7 +639,10 @@ class Trainer:
                 n = int(packed[-1].item())
             scores: Optional[Dict[str, float]] = None
             if s.val_every > 0 and ((epoch + 1) % s.val_every == 0 or epoch + 1 == epochs):
-                scores = self.task.validate(self.ctx)
+                # deterministic: validation draws nothing from the training generators
+                guard = preserved_rng(self.device.type == "cuda") if s.deterministic else contextlib.nullcontext()
+                with guard:
+                    scores = self.task.validate(self.ctx)
                 self.task.train_mode(self.model)
             value = None if scores is None else scores.get(self.metric)
             row: Dict[str, Any] = {"epoch": epoch + 1, "phase": self.phase.name, "lr": self.lr}
@@ -353,7 +651,7 @@ class Trainer:
             row.update({f"val_{k}": v for k, v in (scores or {}).items() if k != self.metric})
             row["seconds"] = round(train_time, 2)
             history.append(row)
-            self._checkpoint(epoch, row, value)
+            self._checkpoint(epoch, row, value, steps)
             if self.dist.main:
                 self.layout.append_metrics(row)
                 if self.writer is not None:
@@ -364,37 +662,114 @@ class Trainer:
                 shown = f", val {self.task.metric_label} {100 * value:.2f}" if value is not None else ""
                 log.info("epoch %d/%d: loss %.4f%s (%.1fs)", epoch + 1, epochs, row["loss"], shown, train_time)
             barrier(self.dist)
+            if epoch + 1 < epochs and self._agree(self._stop_signal is not None):
+                raise self._stopped(epoch + 1, 0, steps)
         return history
 
-    def _checkpoint(self, epoch: int, row: Dict[str, Any], value: Optional[float]) -> None:
-        """``last.pt`` every epoch; ``best.pt`` (without the optimizer) when the metric improves
-        or the task cannot validate. A state with non-finite tensors stops the run instead
-        (checked on every rank, so all of them stop)."""
+    def _next_batch(
+        self, batches: Iterator[Any], epoch: int, it: int, steps: int, sums: Dict[str, float], n: int, seconds: float
+    ) -> Any:
+        """The next batch; when a stop signal also ended the loader's workers, save the
+        position reached (at a window boundary) and stop."""
+        try:
+            return next(batches)
+        except Exception:
+            if self._stop_signal is None:
+                raise
+            saved = False
+            if it > 0 and it % self.accumulate == 0 and self.global_step > self._saved_step:
+                self._save_position(epoch, it, steps, sums, n, seconds)
+                saved = True
+            raise self._stopped(epoch, it, steps, saved=saved) from None
+
+    def _restore_rng(self, position: Mapping[str, Any]) -> None:
+        states = position.get("rng")
+        if not states:
+            return
+        if len(states) != self.dist.world:
+            if self.dist.main:
+                log.warning("--resume: the checkpoint holds the random generators of %d process(es), this run has %d:"
+                            " the rest of the run draws other random numbers", len(states), self.dist.world)  # fmt: skip
+            return
+        set_rng_state(states[self.dist.rank])
+
+    # ----------------------------------------------------------------- checkpoints
+    def _gather_rng(self) -> Optional[List[Dict[str, Any]]]:
+        """Every rank's generator states, on rank 0 (None elsewhere)."""
+        mine = rng_state()
+        if not self.dist.enabled:
+            return [mine]
+        out: Optional[List[Any]] = [None] * self.dist.world if self.dist.main else None
+        torch.distributed.gather_object(mine, out, dst=0)
+        return out
+
+    def _state(self, epoch_done: int, position: Dict[str, Any]) -> Dict[str, Any]:
+        """The common part of a checkpoint (``{}`` off rank 0), checked for non-finite tensors
+        on every rank first: a diverged state is never saved."""
         model_state = self.model.state_dict()
         optimizer_state = self.optimizer.state_dict()
         bad = non_finite_tensors({"model": model_state, "optimizer": optimizer_state})
         if bad:
+            where = f", batch {position['batch']}/{position['steps']}" if position.get("batch") else ""
             raise self._diverged(f"the weights became non-finite ({bad[0]}{' and more' if len(bad) > 1 else ''})",
-                                 epoch, " (not saved)")  # fmt: skip
-        improved = value is not None and value > self.best
-        if improved:
-            self.best = float(value)
-        last = self.layout.checkpoint("last")
+                                 position["epoch"] if position.get("batch") else epoch_done - 1,
+                                 f"{where} (not saved)")  # fmt: skip
+        rng = self._gather_rng()
         if not self.dist.main:
-            self.saved = last  # rank 0 writes it; every rank names it in errors
-            return
+            return {}
         state = {
             **self.task.checkpoint_extras(),
             "model": model_state,
             "optimizer": optimizer_state,
             "phase": self.phase.name,
-            "epoch": epoch + 1,
+            "epoch": epoch_done,
             f"best_{self.metric}": self.best,
-            f"val_{self.metric}": value,
-            "metrics": row,
+            "position": position,
+            "rng": rng,
+            "deterministic": bool(self.settings.deterministic),
         }
-        save_checkpoint(last, state, check_finite=False)  # checked above
+        task_state = self.task.state_dict()
+        if task_state:
+            state["task_state"] = task_state
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def _position_record(self, epoch: int, batch: int, steps: int) -> Dict[str, Any]:
+        return {"epoch": epoch, "batch": batch, "step": self.global_step, "steps": steps,
+                "batch_size": int(self.settings.batch_size), "world": self.dist.world,
+                "samples": len(self.task.train_set), "accumulate": self.accumulate}  # fmt: skip
+
+    def _save_position(
+        self, epoch: int, batch: int, steps: int, sums: Dict[str, float], n: int, seconds: float
+    ) -> None:
+        """``last.pt`` in the middle of epoch ``epoch`` (0-based) after ``batch`` batches."""
+        state = self._state(epoch, self._position_record(epoch, batch, steps))
+        last = self.layout.checkpoint("last")
+        if self.dist.main:
+            state.update({f"val_{self.metric}": None, "metrics": None,
+                          "progress": {"sums": dict(sums), "n": int(n), "seconds": float(seconds)}})  # fmt: skip
+            save_checkpoint(last, state, check_finite=False)  # checked in _state
         self.saved = last
+        self._saved_step = self.global_step
+        barrier(self.dist)
+
+    def _checkpoint(self, epoch: int, row: Dict[str, Any], value: Optional[float], steps: int) -> None:
+        """``last.pt`` at the end of epoch ``epoch``; ``best.pt`` (without the optimizer) when the
+        metric improves or the task cannot validate. A state with non-finite tensors stops the
+        run instead (checked on every rank, so all of them stop)."""
+        state = self._state(epoch + 1, self._position_record(epoch + 1, 0, steps))
+        improved = value is not None and value > self.best
+        if improved:
+            self.best = float(value)
+        last = self.layout.checkpoint("last")
+        self.saved = last  # rank 0 writes it; every rank names it in errors
+        self._saved_step = self.global_step
+        if not self.dist.main:
+            return
+        state.update({f"best_{self.metric}": self.best, f"val_{self.metric}": value, "metrics": row})
+        save_checkpoint(last, state, check_finite=False)  # checked in _state
         if improved or not self.task.has_validation:
-            state.pop("optimizer")
+            for key in ("optimizer", "rng", "scaler", "progress"):
+                state.pop(key, None)
             save_checkpoint(self.layout.checkpoint("best"), state, check_finite=False)

@@ -112,6 +112,9 @@ def train_settings(cfg: DictConfig) -> TrainSettings:
         val_every=int(t.val_every),
         log_every=int(t.log_every),
         num_workers=int(cfg.data.num_workers),
+        deterministic=bool(t.deterministic),
+        checkpoint_every=int(t.checkpoint_every),
+        max_loss=float(t.max_loss),
     )
 
 
