@@ -322,8 +322,11 @@ def write_json_atomic(path: PathLike, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def save_mask_png(path: PathLike, mask: np.ndarray) -> None:
-    """Write an ``[H, W]`` integer mask as a palette PNG (PASCAL colours), atomically."""
+def save_mask_png(path: PathLike, mask: np.ndarray, text: Optional[Dict[str, str]] = None) -> None:
+    """Write an ``[H, W]`` integer mask as a palette PNG (PASCAL colours), atomically.
+
+    ``text``: PNG text chunks (``tEXt``), e.g. what made the mask, so a rerun can tell a
+    finished mask from a stale one (:func:`read_png_text`); image readers ignore them."""
     if mask.ndim != 2:
         raise ValueError(f"mask must be [H, W], got shape {mask.shape}")
     if mask.size and (mask.min() < 0 or mask.max() > 255):
@@ -331,9 +334,30 @@ def save_mask_png(path: PathLike, mask: np.ndarray) -> None:
     img = Image.fromarray(mask.astype(np.uint8), mode="P")
     img.putpalette(_PALETTE)
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    pnginfo = None
+    if text:
+        from PIL.PngImagePlugin import PngInfo
+
+        pnginfo = PngInfo()
+        for key, value in text.items():
+            pnginfo.add_text(key, value)
+    img.save(buf, format="PNG", pnginfo=pnginfo)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buf.getvalue())
+
+
+def read_png_text(path: PathLike) -> Optional[Dict[str, str]]:
+    """The text chunks of a PNG (header only, no pixel decoding); None when the file is
+    missing or not a readable PNG."""
+    try:
+        with Image.open(path) as img:
+            if img.format != "PNG":
+                return None
+            # img.info holds the chunks before the pixels (where save_mask_png puts them);
+            # img.text would decode the whole image to look for chunks after them
+            return {str(k): v for k, v in img.info.items() if isinstance(v, str)}
+    except (OSError, SyntaxError, ValueError):
+        return None
 
 
 def save_npz_atomic(path: PathLike, **arrays: np.ndarray) -> None:
@@ -386,7 +410,9 @@ def read_names(path: PathLike) -> List[str]:
     """Read a split list: one image per line. The first token of a line may be a bare name
     or a path (``/JPEGImages/x.jpg /SegmentationClassAug/x.png`` -> ``x``); a second column
     (VOC's ``x  1`` class lists, SBD's mask path) is ignored. A UTF-8 byte-order mark is
-    dropped; blank lines are skipped."""
+    dropped; blank lines are skipped. A line whose rest is neither such a column (a number,
+    a path) is most likely a name with a space, which names cannot hold: that is logged as a
+    warning naming the line, as only its first word is used."""
     path = Path(path)
     if not path.is_file():
         raise VitpcmError(f"split list {path} not found")
@@ -394,7 +420,31 @@ def read_names(path: PathLike) -> List[str]:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise VitpcmError(f"cannot read split list {path}: {exc}") from None
-    return [item_name(line.split()[0]) for line in lines if line.strip()]
+    names, spaced = [], []
+    for number, line in enumerate(lines, 1):
+        tokens = line.split()
+        if not tokens:
+            continue
+        names.append(item_name(tokens[0]))
+        if len(tokens) > 1 and not (len(tokens) == 2 and _second_column(tokens[1])):
+            spaced.append((number, line.strip()))
+    if spaced:
+        import logging
+
+        number, line = spaced[0]
+        logging.getLogger(__name__).warning(
+            "split list %s: %d line(s) hold a space, e.g. line %d %r: only %r is used as the name (names"
+            " cannot contain spaces; rename the files, or a second column must be a number or a path)",
+            path, len(spaced), number, line, item_name(line.split()[0]),
+        )  # fmt: skip
+    return names
+
+
+def _second_column(token: str) -> bool:
+    """A second column of a known list format: VOC's ``-1`` / ``0`` / ``1``, SBD's mask path."""
+    if token.lstrip("-").isdigit():
+        return True
+    return "/" in token or "\\" in token  # "my photo.jpg": a name with a space, not a column
 
 
 def find_image(folder: PathLike, name: str) -> Path:

@@ -184,6 +184,11 @@ class PseudoLayout:
     def confusion(self) -> Path:
         return self.root / "confusion.npy"
 
+    @property
+    def skipped(self) -> Path:
+        """``skipped.txt``: with ``vitpcm infer --skip-bad``, the items left out (as the run's)."""
+        return self.root / "skipped.txt"
+
 
 def read_metrics_file(path: PathLike) -> List[Dict[str, Any]]:
     """JSON lines of a metrics file; unreadable lines (a torn last write) are skipped."""
