@@ -107,7 +107,7 @@ def test_run_crf_errors_name_the_file(tmp_path):
     with pytest.raises(VitpcmError, match=r"im1.png is 40x30 but .*im1.npz is 48x36"):
         run_crf(tmp_path / "probs", tmp_path / "images", tmp_path / "o", workers=2, progress=False)
     (tmp_path / "images" / "im1.png").unlink()
-    with pytest.raises(VitpcmError, match="no image for im1 in"):
+    with pytest.raises(VitpcmError, match=r"no image for 1 name\(s\) in .*: im1;"):
         run_crf(tmp_path / "probs", tmp_path / "images", tmp_path / "o", workers=1, progress=False)
     Image.fromarray(_scene(1)[0]).save(tmp_path / "images" / "im1.png")
     np.savez(tmp_path / "probs" / "im1.npz", other=np.zeros(3))

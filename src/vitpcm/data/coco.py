@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -48,6 +47,7 @@ import numpy as np
 from vitpcm.data.base import DUPLICATE_NAME, MISSING_IMAGE, Sample, SegmentationDataset, tag_vector
 from vitpcm.errors import VitpcmError
 from vitpcm.io import IGNORE_INDEX, class_list, read_mask_png, save_mask_png, write_text_atomic
+from vitpcm.utils.pools import process_pool
 from vitpcm.utils.system import resolve_workers
 
 log = logging.getLogger(__name__)
@@ -417,7 +417,7 @@ def prepare_coco(
         try:
             if n_workers > 1 and len(todo) > _POOL_MIN and "fork" in multiprocessing.get_all_start_methods():
                 ctx = multiprocessing.get_context("fork")  # workers inherit the parsed annotations
-                with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx) as pool:
+                with process_pool(n_workers, mp_context=ctx) as pool:  # workers die with this process
                     for name, msg in zip(todo, pool.map(_prepare_one, todo, chunksize=32)):
                         single += [name] if msg == SINGLE_VALUED else []
                         failures += [msg] if msg and msg != SINGLE_VALUED else []

@@ -19,7 +19,6 @@ from __future__ import annotations
 import colorsys
 import json
 import math
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -29,6 +28,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from vitpcm.errors import VitpcmError
 from vitpcm.io import IGNORE_INDEX, atomic_path, save_mask_png, write_text_atomic
+from vitpcm.utils.pools import process_pool
 from vitpcm.utils.system import resolve_workers
 
 CLASSES = ("background", "sun", "leaf", "brick", "star", "ring")
@@ -252,7 +252,7 @@ def generate(
     n_workers = resolve_workers(workers)
     bar = tqdm(total=len(jobs), desc="synth", unit="img", disable=not progress)
     if n_workers > 1 and len(jobs) > 16:
-        with ProcessPoolExecutor(max_workers=n_workers) as pool:
+        with process_pool(n_workers) as pool:  # the workers die with this process (kill -9 too)
             for _ in pool.map(_write_one, jobs, chunksize=8):
                 bar.update()
     else:

@@ -39,6 +39,15 @@ def crf_params_from_overrides(overrides: Sequence[str] = ()) -> Tuple[CRFParams,
     return CRFParams.from_config(cfg.crf), int(cfg.crf.workers)
 
 
+def crf_section_from_overrides(overrides: Sequence[str] = ()) -> Any:
+    """``crf.key=value`` overrides -> the config's whole ``crf`` section (parameters,
+    ``workers``, ``max_pixels``, ``memory_budget``), validated. Other keys are an error."""
+    from vitpcm.config import load_config
+
+    crf_params_from_overrides(overrides)  # the same check and message
+    return load_config(None, overrides).crf
+
+
 def refine_folders(
     probs: PathLike,
     images: Optional[PathLike],
@@ -74,14 +83,13 @@ def refine_folders(
     if overrides:
         if params is not None:
             raise ValueError("give params or overrides, not both")
-        params, cfg_workers = crf_params_from_overrides(overrides)
-        if workers is None:
-            workers = cfg_workers
+        params = crf_section_from_overrides(overrides)
     if workers is None:
         workers = int(getattr(params, "workers", 0) or 0)
     if split_file is not None and names is None:
         names = names_from_split_file(split_file)
-    return run_crf(probs, images, out, params=CRFParams.from_config(params), workers=workers, names=names,
+    # params goes on as given: a config section also carries max_pixels and memory_budget
+    return run_crf(probs, images, out, params=params, workers=workers, names=names,
                    overwrite=overwrite, progress=progress, image_paths=image_paths)  # fmt: skip
 
 
@@ -94,14 +102,22 @@ def refine_pseudo(
     ground truth the CRF masks are scored against). ``overwrite``: recompute every mask
     (right after inference: the probabilities were just rewritten).
 
-    Returns ``{"out", "seconds", "workers"}`` and ``miou`` when the split has masks.
+    Under torchrun (``RANK`` / ``WORLD_SIZE``) each rank refines its share of the images
+    (:func:`vitpcm.postprocess.crf.run_crf`); rank 0 returns once all are done and scores
+    the whole folder, the other ranks return their own counts without a score.
+
+    Returns ``{"out", "seconds", "workers", "computed", "skipped", "reduced"}`` and ``miou``
+    when the split has masks.
     """
+    from vitpcm.utils.shard import Shard
+
     files = PseudoLayout(pseudo)
     result = refine_folders(files.probs, None, files.crf, params=cfg.crf, workers=int(cfg.crf.workers),
                             names=dataset.names, overwrite=overwrite, progress=progress,
                             image_paths={n: dataset.image_path(n) for n in dataset.names})  # fmt: skip
-    info: Dict[str, Any] = {"out": str(files.crf), "seconds": result["seconds"], "workers": result["workers"]}
-    if dataset.has_masks:
+    info: Dict[str, Any] = {"out": str(files.crf)}
+    info.update({k: result[k] for k in ("seconds", "workers", "computed", "skipped", "reduced") if k in result})
+    if dataset.has_masks and Shard.from_env().main:
         cm = evaluate_folders({"crf": files.crf}, dataset.read_mask, dataset.classes, names=dataset.names,
                               progress=False)["crf"]  # fmt: skip
         info["miou"] = cm.miou()
