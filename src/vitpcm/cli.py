@@ -56,9 +56,16 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     from vitpcm.stages.infer import infer
 
     s = infer(args.run, args.split, out=args.out, scale=args.scale, overrides=args.overrides, device=args.device,
-              save_probs=not args.no_probs, progress=not args.quiet, tta=True if args.tta else None, crf=args.crf)  # fmt: skip
+              save_probs=not args.no_probs, progress=not args.quiet, tta=True if args.tta else None, crf=args.crf,
+              skip_bad=args.skip_bad, overwrite=args.overwrite)  # fmt: skip
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
+        return 0
     out = Path(s["out"])
-    print(f"wrote {s['images']} masks to {out / 'masks'}" + (f"  mIoU {100 * s['miou']:.2f}" if "miou" in s else ""))
+    resumed = f" ({s['resumed']} already done)" if s.get("resumed") else ""
+    score = f"  mIoU {100 * s['miou']:.2f}" if "miou" in s else ""
+    print(f"wrote {s['images']} masks to {out / 'masks'}{resumed}{score}")
+    if s.get("skipped"):
+        print(f"skipped {s['skipped']} broken item(s): listed in {out / 'skipped.txt'}")
     if args.crf:
         line = f"wrote {s['images']} CRF masks to {s['crf']['out']} ({s['crf']['seconds']:.1f}s)"
         print(line + (f"  mIoU {100 * s['crf_miou']:.2f}" if "crf_miou" in s else ""))
@@ -70,6 +77,8 @@ def _cmd_crf(args: argparse.Namespace) -> int:
 
     s = refine_folders(args.probs, args.images, args.out, overrides=args.overrides, workers=args.workers,
                        split_file=args.split_file, overwrite=args.overwrite, progress=not args.quiet)  # fmt: skip
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all ranks
+        return 0
     print(f"wrote {s['computed']} CRF masks to {s['out']} ({s['skipped']} already done;"
           f" {s['seconds']:.1f}s with {s['workers']} worker(s))")  # fmt: skip
     return 0
@@ -294,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average over infer.tta_scales and horizontal flips (infer.tta_flip)")  # fmt: skip
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave broken items out (listed in OUT/skipped.txt) instead of stopping")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true",
+                   help="recompute every image (default: a rerun keeps the finished ones)")  # fmt: skip
     p.set_defaults(func=_cmd_infer)
 
     p = add("crf", "refine pseudo-masks with the dense CRF (the paper's parameters; crf.* overrides)")

@@ -4,7 +4,10 @@
 
     OUT/masks/NAME.png   palette PNG at the original image size (class indices)
     OUT/probs/NAME.npz   probs [P, H, W] float32 of the P present classes, classes [P] int64
+                         (an image whose longer side exceeds infer.max_side: probs at a
+                         reduced size, longer side = max_side, and size [2] = its (H, W))
     OUT/summary.json     what was run, and the mIoU when the split has masks
+    OUT/skipped.txt      with --skip-bad: the items left out (split, name, kind, file, reason)
     OUT/crf/NAME.png     with --crf: the masks after the dense CRF (vitpcm.postprocess.crf)
 
 With ``--tta`` (``infer.tta``; not in the paper) the per-patch distributions are averaged
@@ -12,31 +15,50 @@ over the scales ``infer.tta_scales`` (factors of the inference side, snapped to 
 of the patch size) and, with ``infer.tta_flip``, their horizontal mirrors, each resized to
 the finest of those patch grids; the average is merged with the tags and upsampled as
 without TTA.
+
+Reliability (docs/reliability.md):
+
+* Resumable: a rerun skips every image whose mask is finished: newer than the checkpoint
+  and stamped (:mod:`vitpcm.utils.stamps`) with the same settings (checkpoint, scale, TTA,
+  data, ...), with its npz when probabilities are written. Each image's npz is written
+  (atomically) before its PNG, so a PNG implies its npz. ``overwrite`` recomputes all.
+* Bad items are found before any model work: every item still to do is read once
+  (``vitpcm check-data``'s check, with its cache) and all problems are reported together;
+  ``skip_bad`` leaves them out and lists them in ``OUT/skipped.txt``.
+* Nothing is created before that check passed; a stage that fails before its first
+  output removes the folders it created.
+* Under ``torchrun`` each rank takes ``names[rank::world]``; the confusion matrices are
+  summed with ``all_reduce`` and rank 0 writes the summary. The files are those of a
+  one-process run.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from vitpcm.data import EvalTransform, build_dataset, collate
-from vitpcm.data.transforms import MultiScaleTransform
+from vitpcm.data.transforms import MultiScaleTransform, TagRule
 from vitpcm.engine.checkpoint import find_run_checkpoint
-from vitpcm.engine.distributed import resolve_device
+from vitpcm.engine.distributed import Dist, resolve_device
 from vitpcm.errors import VitpcmError
 from vitpcm.evaluation import ConfusionMatrix
-from vitpcm.io import save_mask_png, save_npz_atomic, write_json_atomic
+from vitpcm.io import atomic_path, read_mask_png, save_mask_png, save_npz_atomic, write_json_atomic, write_text_atomic
 from vitpcm.models.backbone import resolve_normalisation
 from vitpcm.models.predict import predict_tta, present_classes, tta_sizes, upsample
 from vitpcm.models.vitpcm import ViTPCM, merge_class_labels
 from vitpcm.runs import PseudoLayout, RunLayout, run_of_checkpoint
 from vitpcm.stages.load import load_model
+from vitpcm.utils.folders import output_folders
+from vitpcm.utils.shard import Shard
+from vitpcm.utils.stamps import digest, read_stamp, stamp
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +83,8 @@ def infer(
     tta: Optional[bool] = None,
     crf: bool = False,
     progress: bool = True,
+    skip_bad: bool = False,
+    overwrite: bool = False,
 ) -> Dict[str, Any]:
     """Write pseudo-masks (and present-class probabilities) for one split of a trained run.
 
@@ -73,80 +97,282 @@ def infer(
         tta: test-time augmentation (module docstring); default ``infer.tta``.
         crf: then refine the masks with the dense CRF (``crf`` config section) into
             ``OUT/crf/``; needs the probabilities.
+        skip_bad: leave broken items out (listed in ``OUT/skipped.txt``) instead of stopping.
+        overwrite: recompute every image (default: keep the finished ones, module docstring).
 
-    Returns the summary dict (also written to ``OUT/summary.json``); it holds ``miou``
-    (and with ``crf`` ``crf_miou``) when the split has masks.
+    Returns the summary dict (also written to ``OUT/summary.json`` by rank 0); it holds
+    ``miou`` (and with ``crf`` ``crf_miou``) when the split has masks.
     """
-    from vitpcm.config import load_config, load_saved_config
+    from vitpcm.config import run_config
+    from vitpcm.engine.checkpoint import checkpoint_config
 
+    shard = Shard.from_env()  # a wrong RANK / WORLD_SIZE fails here, before any work
     ckpt_path = find_run_checkpoint(run, "best")
     layout = run_of_checkpoint(ckpt_path) or RunLayout(ckpt_path.parent)
-    cfg = load_saved_config(layout.config, overrides) if layout.config.is_file() else load_config(None, overrides)
+    # the run's own config: config.yaml, else the copy in the checkpoint (never library defaults)
+    cfg = run_config(layout, overrides, stored=lambda: checkpoint_config(ckpt_path))
     scale = int(scale or cfg.infer.scale)
 
     tta = bool(cfg.infer.tta) if tta is None else bool(tta)
     if crf and not save_probs:
         raise VitpcmError("--crf needs the probabilities: drop --no-probs")
 
-    dataset = build_dataset(cfg.data, split, require_masks=False)
+    # strict=False: a missing file is one more problem of the check below, listed with the rest
+    dataset = build_dataset(cfg.data, split, require_masks=False, strict=False)
     model, state = load_model(ckpt_path, expected_classes=dataset.classes)
     check_scale(scale, model.patch_size)
     sizes = tta_sizes(scale, cfg.infer.tta_scales, model.patch_size) if tta else [scale]
-    dev = resolve_device(device)
-    model.to(dev).eval()
+    dist_info, dev, own_group = _join(device, shard)
+    try:
+        return _infer(cfg, layout, ckpt_path, dataset, model, split, scale, sizes, tta, dev, shard, dist_info,
+                      out=out, save_probs=save_probs, crf=crf, progress=progress, skip_bad=skip_bad,
+                      overwrite=overwrite)  # fmt: skip
+    finally:
+        if own_group:
+            import torch.distributed as dist
 
-    files = PseudoLayout(out if out is not None else layout.pseudo(split))
-    files.masks.mkdir(parents=True, exist_ok=True)
-    if save_probs:
-        files.probs.mkdir(parents=True, exist_ok=True)
-    mean, std = resolve_normalisation(cfg, model.adapter)
-    dataset.transform = MultiScaleTransform(sizes, mean, std) if tta else EvalTransform(scale, mean=mean, std=std)
-    loader = DataLoader(
-        dataset, batch_size=1, shuffle=False, num_workers=min(int(cfg.data.num_workers), 4), collate_fn=collate
-    )
-    cm = ConfusionMatrix(dataset.num_classes) if dataset.has_masks else None
-    merge = bool(cfg.infer.merge_labels)
-    start = time.time()
-
-    from tqdm import tqdm
-
-    threshold = float(cfg.infer.present_threshold)
-    flip = bool(cfg.infer.tta_flip) if tta else False
-    desc = f"infer {split}@{scale}" + (f" tta {sizes}{' +flip' if flip else ''}" if tta else "")
-    bar = tqdm(loader, desc=desc, unit="img", disable=not progress)
-    merged = 0
-    for batch in bar:
-        merged += _infer_batch(model, batch, dev, merge, threshold, files, save_probs, cm, sizes if tta else None, flip)
-    bar.close()
-
-    summary: Dict[str, Any] = {
-        "run": str(layout.root),
-        "out": str(files.root),
-        "checkpoint": str(ckpt_path),
-        "split": split,
-        "scale": scale,
-        "images": len(dataset),
-        "merged_with_tags": merged,  # images whose tags were folded in (0: none known, or infer.merge_labels=false)
-        "seconds": round(time.time() - start, 2),
-        "classes": dataset.classes,
-        "tta": {"sizes": sizes, "flip": flip} if tta else None,
-    }
-    if cm is not None:
-        result = cm.summary(dataset.classes)
-        summary.update(miou=result["miou"], iou=result["iou"])
-        np.save(files.confusion, cm.matrix)
-    if crf:
-        from vitpcm.stages.refine import refine_pseudo
-
-        # overwrite: the probabilities were just rewritten, every CRF mask is stale anyway
-        summary["crf"] = refine_pseudo(cfg, dataset, files.root, overwrite=True, progress=progress)
-        if "miou" in summary["crf"]:
-            summary["crf_miou"] = summary["crf"].pop("miou")
-    write_json_atomic(files.summary, summary)
-    return summary
+            dist.destroy_process_group()
 
 
 run_inference = infer  # the name of this stage before vitpcm.stages existed (README, benchmarks)
+
+
+def _join(device: str, shard: Shard) -> Tuple[Dist, torch.device, bool]:
+    """The device, and the process group under torchrun (gloo on CPUs, nccl on GPUs).
+    Returns whether this call created the group (then it also ends it)."""
+    if not shard.enabled:
+        return Dist(), resolve_device(device), False
+    import os
+
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    created = not dist.is_initialized()
+    if created:
+        from datetime import timedelta
+
+        # long: ranks meet after screening and after the CRF, whose shards may end minutes apart
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(hours=6))
+    return Dist(rank=shard.rank, world=shard.world, local_rank=local_rank), dev, created
+
+
+def _gather(obj: Any, info: Dist) -> List[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` (``[obj]`` in one process)."""
+    if not info.enabled:
+        return [obj]
+    import torch.distributed as dist
+
+    out: List[Any] = [None] * info.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _barrier(info: Dist) -> None:
+    if info.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _settings(cfg: Any, ckpt_path: Path, scale: int, sizes: Sequence[int], tta: bool, flip: bool,
+              mean: Any, std: Any) -> Dict[str, Any]:  # fmt: skip
+    """Everything besides the image that decides its mask and probabilities (the stamp)."""
+    from omegaconf import OmegaConf
+
+    st = ckpt_path.stat()
+    data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "num_workers"}
+    return {
+        "checkpoint": [str(ckpt_path.resolve()), st.st_size, st.st_mtime_ns],
+        "scale": scale,
+        "tta": [list(sizes), flip] if tta else None,
+        "infer": {k: cfg.infer[k] for k in ("merge_labels", "present_threshold", "max_side")},
+        "input": {
+            "mean": list(map(float, mean)),
+            "std": list(map(float, std)),
+            "align_corners": bool(cfg.input.align_corners),
+        },  # fmt: skip
+        "data": data,
+    }
+
+
+def _finished(name: str, files: PseudoLayout, key: str, save_probs: bool, ckpt_mtime: int) -> bool:
+    """The image's outputs are complete and were made with these settings (module docstring)."""
+    png = files.masks / f"{name}.png"
+    record = read_stamp(png)
+    if record is None or record.get("stage") != "infer" or record.get("key") != key:
+        return False
+    if save_probs and not (record.get("probs") and (files.probs / f"{name}.npz").is_file()):
+        return False
+    try:
+        return png.stat().st_mtime_ns >= ckpt_mtime
+    except FileNotFoundError:
+        return False
+
+
+def _screen(dataset: Any, names: Sequence[str], full: bool, progress: bool) -> List[Tuple[str, str, str, str]]:
+    """Read each of ``names`` once (``vitpcm check-data``'s check); returns its problems as
+    ``(name, kind, path, message)``. The screening cache is used when every name of the
+    split is screened (a subset would shrink it)."""
+    from vitpcm.data.check import ScreenCache, check_dataset, screen_cache_dir
+
+    sub = copy.copy(dataset)
+    sub.names = list(names)
+    sub.transform = None
+    cache = None
+    if full:
+        folder = screen_cache_dir()
+        cache = ScreenCache(sub, folder) if folder is not None else None
+    report = check_dataset(sub, "extra", 0, progress, cache=cache)
+    if cache is not None:
+        cache.save()
+    return [(p.name, p.kind, p.path, p.message) for p in report.problems]
+
+
+def _infer(
+    cfg: Any,
+    layout: RunLayout,
+    ckpt_path: Path,
+    dataset: Any,
+    model: ViTPCM,
+    split: str,
+    scale: int,
+    sizes: List[int],
+    tta: bool,
+    dev: torch.device,
+    shard: Shard,
+    dist_info: Dist,
+    *,
+    out: Optional[str | Path],
+    save_probs: bool,
+    crf: bool,
+    progress: bool,
+    skip_bad: bool,
+    overwrite: bool,
+) -> Dict[str, Any]:
+    from tqdm import tqdm
+
+    model.to(dev).eval()
+    files = PseudoLayout(out if out is not None else layout.pseudo(split))
+    mean, std = resolve_normalisation(cfg, model.adapter)
+    ac = bool(cfg.input.align_corners)  # fidelity switch: the authors' TF1 resampling (docs/reproduce.md)
+    flip = bool(cfg.infer.tta_flip) if tta else False
+    key = digest(_settings(cfg, ckpt_path, scale, sizes, tta, flip, mean, std))
+    ckpt_mtime = ckpt_path.stat().st_mtime_ns
+
+    # 1. what is left to do: this rank's share, less the finished images
+    names = list(dataset.names)
+    mine = shard.take(names)
+    done = [] if overwrite else [n for n in mine if _finished(n, files, key, save_probs, ckpt_mtime)]
+    done_set = set(done)
+    todo = [n for n in mine if n not in done_set]
+    if done:
+        log.info("infer %s: %d of %d images already done (same checkpoint and settings), %d to go",
+                 split, len(done), len(mine), len(todo))  # fmt: skip
+
+    # 2. every item still to do read once, all problems together, before anything is written
+    t_screen = time.time()
+    problems = _screen(dataset, todo, full=len(todo) == len(names), progress=progress) if todo else []
+    problems = [p for part in _gather(problems, dist_info) for p in part]
+    screen_seconds = time.time() - t_screen
+    if problems and not skip_bad:
+        raise VitpcmError(
+            f"{len(problems)} problem(s) in split '{split}' ({len({p[0] for p in problems})} item(s)), nothing"
+            " inferred; fix them or pass --skip-bad to leave these items out:\n"
+            + "\n".join(f"[{split}] {path}: {message}" for _, _, path, message in problems)
+        )
+    bad = sorted({p[0] for p in problems})
+    if bad:
+        dataset.drop(bad)
+        todo = [n for n in todo if n not in set(bad)]
+        log.warning("split %s: skipping %d broken item(s) of %d (list in %s)", split, len(bad), len(names),
+                    files.skipped)  # fmt: skip
+    if not dataset.names:
+        raise VitpcmError(f"every item of split '{split}' is broken: nothing to infer")
+
+    cm = ConfusionMatrix(dataset.num_classes) if dataset.has_masks else None
+    merge = bool(cfg.infer.merge_labels)
+    threshold = float(cfg.infer.present_threshold)
+    max_side = int(cfg.infer.max_side)
+    folders = [files.masks] + ([files.probs] if save_probs else [])
+    start = time.time()
+    merged = 0
+    with output_folders(*folders):
+        if shard.main:
+            if bad:
+                write_text_atomic(files.skipped, "".join(f"{split}\t{n}\t{k}\t{p}\t{m}\n" for n, k, p, m in problems))
+            else:
+                files.skipped.unlink(missing_ok=True)  # from an earlier run whose bad items are fixed now
+        # 3. the finished images only count in the score
+        if cm is not None:
+            for name in done:
+                pred = read_mask_png(files.masks / f"{name}.png")
+                cm.update(pred, dataset.read_mask(name, pred.shape))
+
+        # 4. the model over the rest
+        sub = copy.copy(dataset)
+        sub.names = todo
+        sub.transform = (MultiScaleTransform(sizes, mean, std, align_corners=ac) if tta
+                         else EvalTransform(scale, mean=mean, std=std, align_corners=ac, tags=TagRule.from_config(cfg)))  # fmt: skip
+        loader = DataLoader(sub, batch_size=1, shuffle=False, num_workers=min(int(cfg.data.num_workers), 4),
+                            collate_fn=collate)  # fmt: skip
+        desc = f"infer {split}@{scale}" + (f" tta {sizes}{' +flip' if flip else ''}" if tta else "")
+        desc += f" [{shard.rank}/{shard.world}]" if shard.enabled else ""
+        bar = tqdm(loader, desc=desc, unit="img", disable=not progress or not todo)
+        text = stamp("infer", key, probs=bool(save_probs))
+        for batch in bar:
+            merged += _infer_batch(model, batch, dev, merge, threshold, files, save_probs, cm, sizes if tta else None,
+                                   flip, align_corners=ac, max_side=max_side, text=text)  # fmt: skip
+        bar.close()
+        seconds = time.time() - start
+
+        # 5. one summary for all ranks
+        if cm is not None and dist_info.enabled:
+            total = torch.from_numpy(cm.matrix.copy())
+            import torch.distributed as dist
+
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+            cm.matrix = total.numpy()
+        counts = _gather((len(todo), len(done), merged), dist_info)
+        summary: Dict[str, Any] = {
+            "run": str(layout.root),
+            "out": str(files.root),
+            "checkpoint": str(ckpt_path),
+            "split": split,
+            "scale": scale,
+            "images": len(dataset.names),
+            "computed": sum(c[0] for c in counts),  # this call; the others were finished already
+            "resumed": sum(c[1] for c in counts),
+            "skipped": len(bad),  # broken items left out (--skip-bad; listed in skipped.txt)
+            "merged_with_tags": sum(c[2] for c in counts),  # computed images whose tags were folded in
+            "seconds": round(seconds, 2),
+            "screen_seconds": round(screen_seconds, 2),
+            "classes": dataset.classes,
+            "tta": {"sizes": sizes, "flip": flip} if tta else None,
+            "max_side": max_side,
+        }
+        if shard.enabled:
+            summary["ranks"] = shard.world
+        if cm is not None:
+            result = cm.summary(dataset.classes)
+            summary.update(miou=result["miou"], iou=result["iou"])
+            if shard.main:
+                with atomic_path(files.confusion) as tmp, open(tmp, "wb") as f:
+                    np.save(f, cm.matrix)
+        if crf:
+            from vitpcm.stages.refine import refine_pseudo
+
+            _barrier(dist_info)  # every rank's probabilities are on disk before any CRF reads them
+            # finished CRF masks are kept: a rewritten npz is newer than its mask, which makes it stale
+            summary["crf"] = refine_pseudo(cfg, dataset, files.root, overwrite=overwrite, progress=progress)
+            if "miou" in summary["crf"]:
+                summary["crf_miou"] = summary["crf"].pop("miou")
+        if shard.main:
+            write_json_atomic(files.summary, summary)
+    _barrier(dist_info)  # the summary exists when any rank returns
+    return summary
 
 
 @torch.inference_mode()
@@ -161,11 +387,16 @@ def _infer_batch(
     cm: Optional[ConfusionMatrix],
     sizes: Optional[Sequence[int]] = None,
     flip: bool = False,
+    align_corners: bool = False,
+    max_side: int = 0,
+    text: Optional[Dict[str, str]] = None,
 ) -> int:
-    """Predict one batch; write each image's mask (and probabilities); update ``cm``.
-    Returns how many of its images were merged with their tags.
+    """Predict one batch; write each image's probabilities, then its mask (so a mask implies
+    its npz); update ``cm``. Returns how many of its images were merged with their tags.
 
     ``sizes``: the TTA input sides (``image_<n>`` keys of the batch); None: plain ``image``.
+    ``max_side``: an image whose longer side exceeds it keeps its probabilities at a reduced
+    size (module docstring); 0 = never. ``text``: the stamp of the mask PNGs.
     """
     labels = batch.get("labels")
     if sizes:
@@ -176,17 +407,31 @@ def _infer_batch(
     if merge and labels is not None:
         grid = merge_class_labels(grid, labels.to(dev))
     for i, name in enumerate(batch["name"]):
-        full = upsample(grid[i], batch["size"][i])
-        mask = full.argmax(0).to(torch.uint8).cpu().numpy()
-        save_mask_png(files.masks / f"{name}.png", mask)
+        tags = labels[i] if (merge and labels is not None) else None
+        height, width = (int(v) for v in batch["size"][i])
+        extra: Dict[str, np.ndarray] = {}
+        if max_side and max(height, width) > max_side:
+            # big image: probabilities at a reduced size; the mask at full size over the kept classes
+            f = max_side / max(height, width)
+            small_size = (max(1, round(height * f)), max(1, round(width * f)))
+            small = upsample(grid[i], small_size, align_corners)
+            keep = present_classes(small, tags, pooled[i].float(), threshold)
+            stored = small[keep]
+            mask = keep[upsample(grid[i][keep], (height, width), align_corners).argmax(0)].to(torch.uint8).cpu().numpy()
+            extra["size"] = np.array([height, width], dtype=np.int64)
+        else:
+            full = upsample(grid[i], (height, width), align_corners)
+            mask = full.argmax(0).to(torch.uint8).cpu().numpy()
+            keep = present_classes(full, tags, pooled[i].float(), threshold) if save_probs else None
+            stored = full[keep] if save_probs else None
         if save_probs:
-            tags = labels[i] if (merge and labels is not None) else None
-            keep = present_classes(full, tags, pooled[i].float(), threshold)
             save_npz_atomic(
                 files.probs / f"{name}.npz",
-                probs=full[keep].cpu().numpy().astype(np.float32),
+                probs=stored.cpu().numpy().astype(np.float32),
                 classes=keep.cpu().numpy().astype(np.int64),
+                **extra,
             )
+        save_mask_png(files.masks / f"{name}.png", mask, text)
         if cm is not None:
             cm.update(mask, batch["mask"][i].numpy())
     return len(batch["name"]) if (merge and labels is not None) else 0
