@@ -15,7 +15,7 @@ import numpy as np
 
 from vitpcm.errors import VitpcmError
 from vitpcm.evaluation.confusion import ConfusionMatrix
-from vitpcm.io import format_names, names_in, read_mask_png, read_names
+from vitpcm.io import IGNORE_INDEX, format_names, names_in, read_mask_png, read_names
 
 GroundTruth = Union[str, Path, Callable[[str, Tuple[int, int]], np.ndarray]]
 
@@ -90,6 +90,7 @@ def evaluate_folders(
             truth = read_mask_png(gt_dir / f"{name}.png")
         else:
             truth = gt(name, next(iter(preds_of.values())).shape)  # type: ignore[operator]
+        _check_truth_values(truth, len(class_names), gt_dir / f"{name}.png" if gt_dir is not None else None, name)
         for label, folder in pred_dirs.items():
             pred = preds_of[label]
             if pred.shape != truth.shape:
@@ -110,6 +111,18 @@ def evaluate_folders(
                     "gt_classes": np.flatnonzero(cm.present()).tolist(),
                 }
     return cms
+
+
+def _check_truth_values(truth: np.ndarray, num_classes: int, path: Optional[Path], name: str) -> None:
+    """A ground-truth value beyond the class list is the ground truth's (or the list's)
+    fault: name that file, not the prediction compared with it."""
+    top = int(truth[truth != IGNORE_INDEX].max(initial=0))
+    if top >= num_classes:
+        where = str(path) if path is not None else f"the ground truth of {name}"
+        raise VitpcmError(
+            f"{where}: ground-truth value {top} outside the {num_classes} classes of the class list;"
+            " give the class list the ground truth was made with (--classes)"
+        )
 
 
 def names_from_split_file(path: str | Path) -> List[str]:
