@@ -225,23 +225,45 @@ def color_jitter_authors(image: torch.Tensor, aug: Any, gen: Optional[torch.Gene
     def uniform(lo: float, hi: float) -> float:
         return float(lo + (hi - lo) * torch.rand((), generator=gen))
 
+    lo_c, hi_c = aug.contrast
+    lo_s, hi_s = aug.saturation
+    return jitter_authors_with(
+        image,
+        brightness=uniform(-aug.brightness, aug.brightness) if aug.brightness > 0 else None,
+        contrast=uniform(lo_c, hi_c) if (lo_c, hi_c) != (1.0, 1.0) else None,
+        saturation=uniform(lo_s, hi_s) if (lo_s, hi_s) != (1.0, 1.0) else None,
+        hue=uniform(-aug.hue, aug.hue) if aug.hue > 0 else None,
+        grey=bool(aug.grayscale > 0 and uniform(0, 1) < aug.grayscale),
+    )
+
+
+def jitter_authors_with(
+    image: torch.Tensor,
+    brightness: Optional[float] = None,
+    contrast: Optional[float] = None,
+    saturation: Optional[float] = None,
+    hue: Optional[float] = None,
+    grey: bool = False,
+) -> torch.Tensor:
+    """:func:`color_jitter_authors` with given factors (None: step skipped), in TF's order:
+    ``adjust_brightness`` (delta on the 0-255 scale), ``adjust_contrast``, ``adjust_saturation``,
+    ``adjust_hue``, ``rgb_to_grayscale``; ``[3, H, W]`` in x / 255 units, nothing clipped.
+    Matches TensorFlow 2 to ~1e-6 (``benchmarks/fidelity_tf_check.py``)."""
     image = image.float()
-    if aug.brightness > 0:
-        image = image + uniform(-aug.brightness, aug.brightness) / 255.0
-    lo, hi = aug.contrast
-    if (lo, hi) != (1.0, 1.0):
+    if brightness is not None:
+        image = image + brightness / 255.0
+    if contrast is not None:
         mean = image.mean(dim=(-2, -1), keepdim=True)
-        image = (image - mean) * uniform(lo, hi) + mean
-    lo, hi = aug.saturation
-    if (lo, hi) != (1.0, 1.0):
+        image = (image - mean) * contrast + mean
+    if saturation is not None:
         h, s, v = _tf_rgb_to_hsv(image)
-        image = _tf_hsv_to_rgb(h, (s * uniform(lo, hi)).clamp(0, 1), v)
-    if aug.hue > 0:
+        image = _tf_hsv_to_rgb(h, (s * saturation).clamp(0, 1), v)
+    if hue is not None:
         h, s, v = _tf_rgb_to_hsv(image)
-        image = _tf_hsv_to_rgb(torch.remainder(h + uniform(-aug.hue, aug.hue), 1.0), s, v)
-    if aug.grayscale > 0 and uniform(0, 1) < aug.grayscale:
-        grey = (image * torch.tensor([0.2989, 0.5870, 0.1140])[:, None, None]).sum(0, keepdim=True)
-        image = grey.expand(3, -1, -1).clone()
+        image = _tf_hsv_to_rgb(torch.remainder(h + hue, 1.0), s, v)
+    if grey:
+        grey_map = (image * torch.tensor([0.2989, 0.5870, 0.1140])[:, None, None]).sum(0, keepdim=True)
+        image = grey_map.expand(3, -1, -1).clone()
     return image
 
 
