@@ -18,7 +18,7 @@ NUMBER = (int, float)
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    result = bench("synthetic", quick=True, json_path=out, progress=False, note="test")
+    result = bench("synthetic", quick=True, json_path=out, progress=False, note="test", threads=1)
     return result, out
 
 
@@ -40,20 +40,23 @@ def test_quick_bench_writes_every_section(quick):
 
     i = result["infer"]
     _numbers(i, ["pipeline_seconds_per_image", "backbone_seconds_per_image", "infer_ratio", "images_per_second",
-                 "data_seconds_per_image", "data_wait_fraction", "peak_memory_mb"])  # fmt: skip
+                 "data_seconds_per_image", "data_wait_fraction", "peak_memory_mb", "pipeline_cpu_seconds_per_image",
+                 "backbone_cpu_seconds_per_image", "infer_ratio_cpu"])  # fmt: skip
     assert i["scale"] == 32 and i["images"] == 2 and len(i["pipeline_seconds_per_image_runs"]) == 2
     assert i["memory_kind"] == "rss_peak" and i["peak_memory_mb"] > 0
     assert 0 <= i["data_wait_fraction"] <= 1
 
     t = result["train"]
     _numbers(t, ["step_seconds", "floor_seconds", "train_ratio", "images_per_second", "data_wait_fraction",
-                 "peak_memory_mb", "trainable_backbone_parameters"])  # fmt: skip
+                 "peak_memory_mb", "trainable_backbone_parameters", "step_cpu_seconds", "floor_cpu_seconds",
+                 "train_ratio_cpu"])  # fmt: skip
     assert t["batch_size"] == 4 and t["forward_inputs"] == 5 and t["steps"] == 2
     assert len(t["step_seconds_runs"]) == len(t["floor_seconds_runs"]) == 2
     assert t["trainable_backbone_parameters"] > 0
 
     c = result["crf"]
-    _numbers(c, ["vitpcm_seconds", "authors_seconds", "crf_speedup", "agreement_pct"])
+    _numbers(c, ["vitpcm_seconds", "authors_seconds", "crf_speedup", "agreement_pct", "vitpcm_cpu_seconds",
+                 "authors_cpu_seconds", "crf_cpu_ratio"])  # fmt: skip
     assert c["images"] == 3 and c["process_start_included"] is True
     assert c["agreement_pct"] > 99.0  # same parameters, present classes vs all channels
 

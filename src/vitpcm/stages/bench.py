@@ -286,6 +286,8 @@ def bench_infer(cfg: Any, work: Path, device: str, images: int, repeats: int) ->
 
     cfg = resolve_config(cfg)
     dataset = build_dataset(cfg.data, "val", require_masks=False)
+    seg = Path(cfg.data.root) / "ImageSets" / "Segmentation"
+    (seg / "one.txt").write_text(dataset.names[0] + "\n")  # a one-image split: the stage's fixed cost
     run = work / "run"
     model = _write_run(cfg, run, dataset.num_classes, dataset.classes)
     dev = resolve_device(device)
@@ -296,28 +298,43 @@ def bench_infer(cfg: Any, work: Path, device: str, images: int, repeats: int) ->
     overrides = [f"data.num_workers={int(cfg.data.num_workers)}"]
     mem_pipe, mem_bare = PeakMemory(dev), PeakMemory(dev)
 
-    def bare() -> float:
-        start = time.perf_counter()
+    def bare() -> tuple:
+        start, cpu = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             for _ in range(images):
                 backbone.forward_features(x)
             _sync(dev)
-        return (time.perf_counter() - start) / images
+        return (time.perf_counter() - start) / images, (time.process_time() - cpu) / images
 
-    def pipeline() -> float:
-        s = infer(run, "val", out=work / "pseudo", scale=scale, device=device, overrides=overrides, progress=False)
-        return float(s["seconds"]) / int(s["images"])
+    def stage(split: str) -> tuple:
+        cpu = time.process_time()
+        s = infer(run, split, out=work / f"pseudo_{split}", scale=scale, device=device, overrides=overrides,
+                  progress=False)  # fmt: skip
+        return float(s["seconds"]) / int(s["images"]), time.process_time() - cpu
+
+    def pipeline() -> tuple:
+        """Wall: the stage's own loop time per image. CPU: (stage on N images - stage on 1
+        image) / (N - 1), which removes the fixed part (checkpoint, dataset, loader)."""
+        wall, cpu_n = stage("val")
+        cpu_1 = stage("one")[1] if images > 1 else 0.0
+        return wall, (cpu_n - cpu_1) / max(images - 1, 1)
 
     with torch.inference_mode():  # warm-up: first-call allocations, kernel selection
         backbone.forward_features(x)
-    pipeline()
+    stage("one")
     pipe_times: List[float] = []
     bare_times: List[float] = []
+    pipe_cpu: List[float] = []
+    bare_cpu: List[float] = []
     for _ in range(repeats):
         with mem_pipe.measure():
-            pipe_times.append(pipeline())
+            wall, cpu = pipeline()
+        pipe_times.append(wall)
+        pipe_cpu.append(cpu)
         with mem_bare.measure():
-            bare_times.append(bare())
+            wall, cpu = bare()
+        bare_times.append(wall)
+        bare_cpu.append(cpu)
 
     # what the loop waits for data: read + resize + normalise, timed alone (no loader workers
     # on the CPU: the loop waits exactly this long; with workers it is an upper bound)
@@ -328,6 +345,7 @@ def bench_infer(cfg: Any, work: Path, device: str, images: int, repeats: int) ->
     data_s = (time.perf_counter() - start) / len(dataset)
 
     pipe, floor = _median(pipe_times), _median(bare_times)
+    pipe_c, floor_c = _median(pipe_cpu), _median(bare_cpu)
     return {
         "scale": scale,
         "tokens": (scale // model.patch_size) ** 2,
@@ -338,18 +356,26 @@ def bench_infer(cfg: Any, work: Path, device: str, images: int, repeats: int) ->
         "pipeline_seconds_per_image": _r(pipe),
         "backbone_seconds_per_image": _r(floor),
         "infer_ratio": _r(floor / pipe),
+        "pipeline_cpu_seconds_per_image": _r(pipe_c),
+        "backbone_cpu_seconds_per_image": _r(floor_c),
+        "infer_ratio_cpu": _r(floor_c / pipe_c),
         "images_per_second": _r(1.0 / pipe),
         "backbone_images_per_second": _r(1.0 / floor),
         "data_seconds_per_image": _r(data_s),
         "data_wait_fraction": _r(min(1.0, data_s / pipe)),
         "data_wait_method": "read + transform timed alone"
-        + ("; the loader has no workers, so the loop waits this long" if not int(cfg.data.num_workers)
-           else "; loader workers overlap it, so this is an upper bound"),  # fmt: skip
+        + (
+            "; the loader has no workers, so the loop waits this long"
+            if not int(cfg.data.num_workers)
+            else "; loader workers overlap it, so this is an upper bound"
+        ),  # fmt: skip
         "peak_memory_mb": round(mem_pipe.peak_mb, 1),
         "backbone_peak_memory_mb": round(mem_bare.peak_mb, 1),
         "memory_kind": mem_pipe.kind,
         "pipeline_seconds_per_image_runs": [_r(t) for t in pipe_times],
         "backbone_seconds_per_image_runs": [_r(t) for t in bare_times],
+        "pipeline_cpu_seconds_per_image_runs": [_r(t) for t in pipe_cpu],
+        "backbone_cpu_seconds_per_image_runs": [_r(t) for t in bare_cpu],
     }
 
 
@@ -411,16 +437,19 @@ def bench_train(cfg: Any, work: Path, device: str, steps: int, warmup: int = 1) 
 
     def full_step(batch: Any) -> float:
         start = time.perf_counter()
+        cpu0[0] = time.process_time()
         opt.zero_grad(set_to_none=True)
         loss, _ = task.train_step(model, batch, ctx)
         if not bool(torch.isfinite(loss.detach())):  # the engine's check before backward (a sync)
             raise RuntimeError("non-finite loss in the benchmark step")
         backward(loss, opt)
         _sync(dev)
+        cpu0[0] = time.process_time() - cpu0[0]
         return time.perf_counter() - start
 
     def floor_step(batch: Any) -> float:
         start = time.perf_counter()
+        cpu0[0] = time.process_time()
         images = batch["image"].to(dev, non_blocking=True)
         opt_floor.zero_grad(set_to_none=True)
         inputs = images
@@ -433,8 +462,11 @@ def bench_train(cfg: Any, work: Path, device: str, steps: int, warmup: int = 1) 
             tokens = backbone.forward_features(inputs)
         backward(tokens.float().mean(), opt_floor)
         _sync(dev)
+        cpu0[0] = time.process_time() - cpu0[0]
         return time.perf_counter() - start
 
+    cpu0 = [0.0]  # CPU seconds of the last step (set by full_step / floor_step)
+    cpu: Dict[str, List[float]] = {"full": [], "floor": []}
     mem_full, mem_floor = PeakMemory(dev), PeakMemory(dev)
     it = batches()
     waits: List[float] = []
@@ -450,10 +482,14 @@ def bench_train(cfg: Any, work: Path, device: str, steps: int, warmup: int = 1) 
             if which == "full":
                 with mem_full.measure():
                     times["full"] = full_step(batch)
+                times["full_cpu"] = cpu0[0]
             else:
                 with mem_floor.measure():
                     times["floor"] = floor_step(batch)
+                times["floor_cpu"] = cpu0[0]
         if i >= warmup:
+            cpu["full"].append(times["full_cpu"])
+            cpu["floor"].append(times["floor_cpu"])
             waits.append(wait)
             fulls.append(times["full"])
             floors.append(times["floor"])
@@ -475,6 +511,9 @@ def bench_train(cfg: Any, work: Path, device: str, steps: int, warmup: int = 1) 
         "step_seconds": _r(full),
         "floor_seconds": _r(floor),
         "train_ratio": _r(floor / full),
+        "step_cpu_seconds": _r(_median(cpu["full"])),
+        "floor_cpu_seconds": _r(_median(cpu["floor"])),
+        "train_ratio_cpu": _r(_median(cpu["floor"]) / _median(cpu["full"])),
         "images_per_second": _r(bs / (full + _median(waits))),
         "images_per_second_without_data_wait": _r(bs / full),
         "floor_images_per_second": _r(bs / floor),
@@ -486,6 +525,8 @@ def bench_train(cfg: Any, work: Path, device: str, steps: int, warmup: int = 1) 
         "step_seconds_runs": [_r(t) for t in fulls],
         "floor_seconds_runs": [_r(t) for t in floors],
         "data_wait_seconds_runs": [_r(t) for t in waits],
+        "step_cpu_seconds_runs": [_r(t) for t in cpu["full"]],
+        "floor_cpu_seconds_runs": [_r(t) for t in cpu["floor"]],
     }
 
 
@@ -497,12 +538,21 @@ def _vitpcm_command() -> List[str]:
 
 
 def _timed(cmd: Sequence[str]) -> float:
+    return _timed_cpu(cmd)[0]
+
+
+def _timed_cpu(cmd: Sequence[str]) -> tuple:
+    """Run ``cmd``; (wall seconds, CPU seconds of it and every process it started)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
-    return seconds
+    return seconds, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 
 def bench_crf(work: Path, images: int, repeats: int = 1, sizes: Optional[Sequence[tuple]] = None) -> Dict[str, Any]:
@@ -521,10 +571,13 @@ def bench_crf(work: Path, images: int, repeats: int = 1, sizes: Optional[Sequenc
                    str(folder / "authors"), str(VOC_CLASSES)]  # fmt: skip
     ours: List[float] = []
     theirs: List[float] = []
+    cpu: Dict[str, List[float]] = {"ours": [], "authors": []}
     for r in range(repeats):
         pair = (("ours", ours_cmd), ("authors", authors_cmd))
         for which, cmd in pair if r % 2 == 0 else pair[::-1]:
-            (ours if which == "ours" else theirs).append(_timed(cmd))
+            wall, used = _timed_cpu(cmd)
+            (ours if which == "ours" else theirs).append(wall)
+            cpu[which].append(used)
     agree = agreement(folder / "vitpcm", folder / "authors", names)
     import numpy as np
 
@@ -540,6 +593,9 @@ def bench_crf(work: Path, images: int, repeats: int = 1, sizes: Optional[Sequenc
         "vitpcm_seconds": _r(o, 3),
         "authors_seconds": _r(a, 3),
         "crf_speedup": _r(a / o, 3),
+        "vitpcm_cpu_seconds": _r(_median(cpu["ours"]), 3),
+        "authors_cpu_seconds": _r(_median(cpu["authors"]), 3),
+        "crf_cpu_ratio": _r(_median(cpu["authors"]) / _median(cpu["ours"]), 3),
         "agreement_pct": _r(agree["pixels_equal_pct"], 4),
         "agreement_worst_image_pct": _r(agree["worst_image_pct"], 4),
         "images_identical": agree["images_identical"],
@@ -579,6 +635,7 @@ def bench(
     crf_repeats: int = 1,
     cli_runs: Optional[int] = None,
     workers: Optional[int] = None,
+    threads: Optional[int] = None,
     note: Optional[str] = None,
     progress: bool = True,
 ) -> Dict[str, Any]:
@@ -596,6 +653,8 @@ def bench(
         crf_images / crf_repeats: VOC-sized images of the CRF section (default 50; quick 3).
         cli_runs: runs of each ``--help`` (default 5; quick 1).
         workers: data-loader workers (default: 0 on the CPU, the preset's on a GPU).
+        threads: torch CPU threads (default torch's). On a machine shared with other jobs,
+            1 avoids a second thread waiting for a busy core at every parallel region.
         note: free text stored with the results (e.g. "machine shared with other jobs").
         progress: log each section as it starts.
 
@@ -621,6 +680,12 @@ def bench(
         infer_images, repeats = infer_images or (20 if gpu else 3), repeats or (5 if gpu else 3)
         train_steps = train_steps or (20 if gpu else 4)
         crf_images, cli_runs = crf_images or 50, cli_runs or 5
+    old_threads = None
+    if threads:
+        import torch
+
+        old_threads = torch.get_num_threads()
+        torch.set_num_threads(int(threads))  # restored at the end
     started = time.time()
     result: Dict[str, Any] = {
         "what": "vitpcm bench: each stage beside its floor, measured side by side in one process",
@@ -672,6 +737,10 @@ def bench(
                 result["cli"] = bench_cli(cli_runs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if old_threads is not None:
+            import torch
+
+            torch.set_num_threads(old_threads)
     result["machine"]["loadavg_1min_after"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     result["seconds"] = round(time.time() - started, 1)
     result["targets"] = dict(TARGETS)
@@ -700,18 +769,18 @@ def format_bench(result: Dict[str, Any]) -> str:
         i = result["infer"]
         lines.append(f"infer @{i['scale']}: pipeline {i['pipeline_seconds_per_image']:.3f} s/img"
                      f" ({i['images_per_second']:.2f} img/s), backbone {i['backbone_seconds_per_image']:.3f} s/img;"
-                     f" infer_ratio {i['infer_ratio']:.3f}; data wait {100 * i['data_wait_fraction']:.1f}%;"
+                     f" infer_ratio {i['infer_ratio']:.3f} (CPU seconds: {i['infer_ratio_cpu']:.3f}); data wait {100 * i['data_wait_fraction']:.1f}%;"
                      f" peak {i['peak_memory_mb']:.0f} MiB ({i['memory_kind']})")  # fmt: skip
     if "train" in result:
         t = result["train"]
         lines.append(f"train @{t['size']} batch {t['batch_size']}: step {t['step_seconds']:.3f} s"
                      f" ({t['images_per_second']:.2f} img/s), floor {t['floor_seconds']:.3f} s;"
-                     f" train_ratio {t['train_ratio']:.3f}; data wait {100 * t['data_wait_fraction']:.1f}%;"
+                     f" train_ratio {t['train_ratio']:.3f} (CPU seconds: {t['train_ratio_cpu']:.3f}); data wait {100 * t['data_wait_fraction']:.1f}%;"
                      f" peak {t['peak_memory_mb']:.0f} MiB ({t['memory_kind']})")  # fmt: skip
     if "crf" in result:
         c = result["crf"]
         lines.append(f"crf on {c['images']} images: vitpcm {c['vitpcm_seconds']:.2f} s, authors {c['authors_seconds']:.2f} s;"
-                     f" crf_speedup {c['crf_speedup']:.2f}; agreement {c['agreement_pct']:.3f}%")  # fmt: skip
+                     f" crf_speedup {c['crf_speedup']:.2f} (CPU seconds: {c['crf_cpu_ratio']:.2f}x); agreement {c['agreement_pct']:.3f}%")  # fmt: skip
     if "cli" in result:
         c = result["cli"]
         lines.append(f"cli: vitpcm --help {c['help_seconds']:.2f} s, vitpcm crf --help {c['crf_help_seconds']:.2f} s")
