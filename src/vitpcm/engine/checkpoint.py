@@ -148,6 +148,12 @@ def find_run_checkpoint(run: str | Path, which: str = "best") -> Path:
 def init_from(model: nn.Module, path: str | Path) -> None:
     """Initialise ``model`` from another vitpcm checkpoint (same architecture and classes)."""
     state = read_checkpoint(path)
+    bad = non_finite_tensors(state["model"])
+    if bad:
+        raise VitpcmError(
+            f"model.init_from: {path} holds non-finite weights ({bad[0]}{' and more' if len(bad) > 1 else ''}):"
+            " its run had diverged; start from another checkpoint"
+        )
     theirs = int(state["arch"].get("num_classes", -1))
     if theirs != getattr(model, "num_classes", theirs):
         raise VitpcmError(

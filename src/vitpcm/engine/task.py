@@ -214,6 +214,11 @@ class Task:
             ``loss``: a scalar tensor to minimise (no ``backward`` here);
             ``terms``: float values averaged per epoch into metrics.jsonl (the trainer adds
             ``"loss"`` itself).
+
+        Before a checkpoint is saved (with ``max_loss``) the trainer calls this once more on
+        the last batch, under ``torch.no_grad()`` with the model in eval mode, to check that
+        the weights about to be saved have not exploded: keep it free of side effects beyond
+        the returned values.
         """
         raise NotImplementedError
 

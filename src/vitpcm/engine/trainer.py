@@ -58,7 +58,7 @@ from torch.utils.data import DataLoader
 from vitpcm.engine.checkpoint import non_finite_tensors, read_checkpoint, save_checkpoint
 from vitpcm.engine.distributed import all_reduce_sum, barrier, cleanup, init_distributed
 from vitpcm.engine.sampling import EpochSampler, SeededItems, preserved_rng, rng_state, set_rng_state
-from vitpcm.engine.task import EngineContext, Phase, Task, count_parameters
+from vitpcm.engine.task import EngineContext, Phase, Task, count_parameters, eval_mode
 from vitpcm.errors import VitpcmError
 from vitpcm.io import DiskError, FolderLock, disk_error, remove_temporaries, write_text_atomic
 from vitpcm.runs import RunLayout
@@ -253,6 +253,7 @@ class Trainer:
         self._position: Optional[Dict[str, Any]] = None  # where the resumed run stopped
         self._stop_signal: Optional[int] = None
         self._old_handlers: Dict[int, Any] = {}
+        self._pending_config: Optional[str] = None
         if resume:
             self._load_resume(last, resume_changes or {})
         else:
@@ -261,7 +262,11 @@ class Trainer:
         if self.dist.main:
             self.layout.checkpoints.mkdir(parents=True, exist_ok=True)
             self.layout.logs.mkdir(parents=True, exist_ok=True)
-            if config_text is not None:
+            if config_text is not None and resume and resume_changes and self.layout.config.is_file():
+                # changed on resume: config.yaml keeps describing the last checkpoint until the
+                # first save of this run (a resume that diverges at once leaves it as it was)
+                self._pending_config = config_text
+            elif config_text is not None:
                 write_text_atomic(self.layout.config, config_text)
             if task.classes is not None:
                 write_text_atomic(self.layout.classes, "\n".join(task.classes) + "\n")
@@ -606,8 +611,9 @@ class Trainer:
             t0 = time.time()
             bar = tqdm(total=steps, initial=skip, desc=f"epoch {epoch + 1}/{epochs} ({self.phase.name})",
                        unit="batch", disable=not (self.progress and self.dist.main), leave=False)  # fmt: skip
+            batch = None
             for it in range(skip, steps):
-                batch = self._next_batch(batches, epoch, it, steps, sums, n, seconds + time.time() - t0)
+                batch = self._next_batch(batches, epoch, it, steps, sums, n, seconds + time.time() - t0, batch)
                 self._set_lr(epoch + it / max(steps, 1))
                 self.global_step += 1
                 record = self._backward_step(batch, epoch, it, steps, self.global_step)
@@ -623,7 +629,7 @@ class Trainer:
                     stop = self._agree(self._stop_signal is not None)
                     due = s.checkpoint_every > 0 and self.global_step - self._saved_step >= int(s.checkpoint_every)
                     if stop or due:
-                        self._save_position(epoch, it + 1, steps, sums, n, seconds + time.time() - t0)
+                        self._save_position(epoch, it + 1, steps, sums, n, seconds + time.time() - t0, batch)
                     if stop:
                         bar.close()
                         raise self._stopped(epoch, it + 1, steps)
@@ -651,7 +657,7 @@ class Trainer:
             row.update({f"val_{k}": v for k, v in (scores or {}).items() if k != self.metric})
             row["seconds"] = round(train_time, 2)
             history.append(row)
-            self._checkpoint(epoch, row, value, steps)
+            self._checkpoint(epoch, row, value, steps, batch)
             if self.dist.main:
                 self.layout.append_metrics(row)
                 if self.writer is not None:
@@ -667,7 +673,15 @@ class Trainer:
         return history
 
     def _next_batch(
-        self, batches: Iterator[Any], epoch: int, it: int, steps: int, sums: Dict[str, float], n: int, seconds: float
+        self,
+        batches: Iterator[Any],
+        epoch: int,
+        it: int,
+        steps: int,
+        sums: Dict[str, float],
+        n: int,
+        seconds: float,
+        previous: Any,
     ) -> Any:
         """The next batch; when a stop signal also ended the loader's workers, save the
         position reached (at a window boundary) and stop."""
@@ -678,7 +692,7 @@ class Trainer:
                 raise
             saved = False
             if it > 0 and it % self.accumulate == 0 and self.global_step > self._saved_step:
-                self._save_position(epoch, it, steps, sums, n, seconds)
+                self._save_position(epoch, it, steps, sums, n, seconds, previous)
                 saved = True
             raise self._stopped(epoch, it, steps, saved=saved) from None
 
@@ -694,6 +708,31 @@ class Trainer:
         set_rng_state(states[self.dist.rank])
 
     # ----------------------------------------------------------------- checkpoints
+    def _check_before_save(self, last_batch: Any, epoch: int, where: str) -> None:
+        """With ``max_loss``: the weights about to be saved must still give a loss under it on
+        the last batch. The loss of a step is checked before its update, so without this an
+        exploding last update (finite weights, a loss of 1e11 on the next forward) would
+        become the "last good" checkpoint. One forward without gradient, in eval mode (no
+        dropout, no batch-norm statistics), the random generators left as they were."""
+        limit = float(self.settings.max_loss or 0.0)
+        if limit <= 0 or last_batch is None:
+            return
+        with torch.no_grad(), preserved_rng(self.device.type == "cuda"), eval_mode(self.model):
+            loss, _ = self.task.train_step(self.model, last_batch, self.ctx)
+        value = loss.detach().float().reshape(1)
+        bad = (~torch.isfinite(value) | (value.abs() > limit)).float()
+        if self.dist.enabled:
+            bad = all_reduce_sum(bad.clone(), self.dist)
+        if bool(bad.item() > 0):
+            mine = float(value.item())
+            what = (
+                f"the weights after step {self.global_step} give a loss of {mine:.4g} on its batch, above the limit"
+                f" {limit:g} (train.max_loss)"
+                if not (math.isfinite(mine) and abs(mine) <= limit)
+                else "the weights diverged on another rank"
+            )
+            raise self._diverged(what, epoch, where)
+
     def _gather_rng(self) -> Optional[List[Dict[str, Any]]]:
         """Every rank's generator states, on rank 0 (None elsewhere)."""
         mine = rng_state()
@@ -735,29 +774,37 @@ class Trainer:
             state["scaler"] = self.scaler.state_dict()
         return state
 
+    def _write_pending_config(self) -> None:
+        if self._pending_config is not None:
+            write_text_atomic(self.layout.config, self._pending_config)
+            self._pending_config = None
+
     def _position_record(self, epoch: int, batch: int, steps: int) -> Dict[str, Any]:
         return {"epoch": epoch, "batch": batch, "step": self.global_step, "steps": steps,
                 "batch_size": int(self.settings.batch_size), "world": self.dist.world,
                 "samples": len(self.task.train_set), "accumulate": self.accumulate}  # fmt: skip
 
     def _save_position(
-        self, epoch: int, batch: int, steps: int, sums: Dict[str, float], n: int, seconds: float
+        self, epoch: int, batch: int, steps: int, sums: Dict[str, float], n: int, seconds: float, last_batch: Any
     ) -> None:
         """``last.pt`` in the middle of epoch ``epoch`` (0-based) after ``batch`` batches."""
+        self._check_before_save(last_batch, epoch, f", batch {batch}/{steps} (step {self.global_step}, not saved)")
         state = self._state(epoch, self._position_record(epoch, batch, steps))
         last = self.layout.checkpoint("last")
         if self.dist.main:
             state.update({f"val_{self.metric}": None, "metrics": None,
                           "progress": {"sums": dict(sums), "n": int(n), "seconds": float(seconds)}})  # fmt: skip
             save_checkpoint(last, state, check_finite=False)  # checked in _state
+            self._write_pending_config()
         self.saved = last
         self._saved_step = self.global_step
         barrier(self.dist)
 
-    def _checkpoint(self, epoch: int, row: Dict[str, Any], value: Optional[float], steps: int) -> None:
+    def _checkpoint(self, epoch: int, row: Dict[str, Any], value: Optional[float], steps: int, last_batch: Any) -> None:
         """``last.pt`` at the end of epoch ``epoch``; ``best.pt`` (without the optimizer) when the
-        metric improves or the task cannot validate. A state with non-finite tensors stops the
-        run instead (checked on every rank, so all of them stop)."""
+        metric improves or the task cannot validate. A state with non-finite tensors, or weights
+        whose loss explodes, stop the run instead (checked on every rank, so all of them stop)."""
+        self._check_before_save(last_batch, epoch, " (not saved)")
         state = self._state(epoch + 1, self._position_record(epoch + 1, 0, steps))
         improved = value is not None and value > self.best
         if improved:
@@ -769,6 +816,7 @@ class Trainer:
             return
         state.update({f"best_{self.metric}": self.best, f"val_{self.metric}": value, "metrics": row})
         save_checkpoint(last, state, check_finite=False)  # checked in _state
+        self._write_pending_config()
         if improved or not self.task.has_validation:
             for key in ("optimizer", "rng", "scaler", "progress"):
                 state.pop(key, None)
