@@ -71,8 +71,8 @@ def test_second_screening_reads_nothing(data, tmp_path, reads, cache_dir):
     assert reads == {"image": 6, "mask": 6}
     files = list(cache_dir.glob("*.json"))
     assert len(files) == 1
-    stored = json.loads(files[0].read_text())
-    assert stored["ident"]["split"] == "train" and len(stored["items"]) == 6
+    ident, items = (json.loads(line) for line in files[0].read_text().splitlines())
+    assert ident["split"] == "train" and len(items) == 6
     mtime = files[0].stat().st_mtime_ns
 
     reads.update(image=0, mask=0)
@@ -178,4 +178,14 @@ def test_corrupt_cache_file_is_ignored(data, tmp_path, reads, cache_dir):
     reads.update(image=0, mask=0)
     _screen(data, tmp_path / "run")
     assert reads["image"] == 6
-    assert json.loads(f.read_text())["items"]  # rewritten whole
+    assert len(json.loads(f.read_text().splitlines()[1])) == 6  # rewritten whole
+
+
+def test_cache_of_a_removed_dataset_is_pruned(data, tmp_path, reads, cache_dir):
+    gone = tmp_path / "gone"
+    shutil.copytree(data, gone)
+    _screen(gone, tmp_path / "run")
+    (stale,) = cache_dir.glob("*.json")
+    shutil.rmtree(gone)
+    _screen(data, tmp_path / "run")  # writing another entry prunes the one whose dataset is gone
+    assert not stale.exists() and len(list(cache_dir.glob("*.json"))) == 1

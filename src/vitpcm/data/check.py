@@ -312,7 +312,7 @@ def format_report(report: DataReport) -> str:
 
 # ---------------------------------------------------------------------------- screening cache
 CACHE_ENV = "VITPCM_CACHE_DIR"  # where the cache lives (its screen/ subfolder); off / none / 0 = no cache
-CACHE_FORMAT = 1  # bump when the file layout below changes
+CACHE_FORMAT = 2  # bump when the file layout below changes
 CACHE_MAX_AGE_DAYS = 60  # cache files untouched this long are removed when another one is written
 _CODE_FILES = ("data/base.py", "images.py", "io.py")  # the code whose verdicts are cached
 
@@ -392,8 +392,8 @@ class ScreenCache:
     """What :meth:`SegmentationDataset.inspect` found for each item of one split, kept across
     training starts so that an unchanged dataset is not decoded again.
 
-    One JSON file per (format, resolved root, split, class list, masks or not, check code),
-    ``FOLDER/<sha1>.json``: ``{"ident": {...}, "items": {name: [key, report]}}``. An item's
+    One file per (format, resolved root, split, class list, masks or not, check code),
+    ``FOLDER/<sha1>.json``, two JSON lines: the ident, then ``{name: [key, report]}``. An item's
     ``key`` hashes the path, size, mtime and ctime of its image and mask files (COCO without
     prepared masks: the annotation file), its file tags and its expected size; any change
     and the item is read again. Items with listing problems (missing files, duplicates) are
@@ -427,15 +427,17 @@ class ScreenCache:
 
     def _load(self) -> Dict[str, List[Any]]:
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+            with open(self.path, encoding="utf-8") as f:
+                ident = json.loads(f.readline())
+                if ident != self.ident:
+                    return {}
+                items = json.loads(f.readline())
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
             log.info("screening cache %s unreadable (%s): reading every item", self.path, exc)
             return {}
-        if not isinstance(data, dict) or data.get("ident") != self.ident or not isinstance(data.get("items"), dict):
-            return {}
-        return data["items"]
+        return items if isinstance(items, dict) else {}
 
     def item_key(self, name: str) -> str:
         """The hash an item's cached result must match (class docstring)."""
@@ -494,7 +496,9 @@ class ScreenCache:
         if self.reads == 0 and set(self._new) == set(self._old):
             return None
         try:
-            write_text_atomic(self.path, json.dumps({"ident": self.ident, "items": self._new}, separators=(",", ":")))
+            # two lines: the ident alone first, so pruning reads one short line per file
+            text = json.dumps(self.ident) + "\n" + json.dumps(self._new, separators=(",", ":")) + "\n"
+            write_text_atomic(self.path, text)
         except OSError as exc:
             log.info("screening cache not written (%s): the next start reads every item again", exc)
             return None
@@ -502,14 +506,19 @@ class ScreenCache:
         return self.path
 
     def _prune(self) -> None:
-        """Remove other cache files untouched for ``CACHE_MAX_AGE_DAYS`` (datasets gone or moved)."""
+        """Remove other cache files whose dataset folder is gone, or that were not used for
+        ``CACHE_MAX_AGE_DAYS`` (a dataset on an unmounted disk keeps its file that long)."""
         limit = time.time() - CACHE_MAX_AGE_DAYS * 86400
-        try:
-            for f in self.folder.glob("*.json"):
-                if f != self.path and f.stat().st_mtime < limit:
+        for f in self.folder.glob("*.json"):
+            if f == self.path:
+                continue
+            try:
+                with open(f, encoding="utf-8") as fh:
+                    root = json.loads(fh.readline()).get("root")
+                if f.stat().st_mtime < limit or (isinstance(root, str) and not Path(root).exists()):
                     f.unlink()
-        except OSError:
-            pass
+            except (OSError, ValueError, AttributeError):
+                continue
 
 
 def screen_for_training(
