@@ -22,15 +22,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 from tests.conftest import TINY
+from tests.engine.noisy_toy import NoisyToy, toy_settings
 from torch.utils.data import DistributedSampler, RandomSampler
 
 from vitpcm.cli import main
 from vitpcm.config import RESUME_KEYS, load_config, run_config
 from vitpcm.engine.checkpoint import checkpoint_config, non_finite_tensors, read_checkpoint, save_checkpoint
 from vitpcm.engine.sampling import EpochSampler
-from vitpcm.engine.task import Phase, Task, cosine_lr
 from vitpcm.engine.trainer import Trainer, TrainingStopped, TrainSettings
 from vitpcm.errors import VitpcmError
 from vitpcm.io import DiskError, FolderLock
@@ -176,60 +175,6 @@ def test_epoch_sampler_is_torchs_order_from_any_position(world):
             assert EpochSampler(10, 7, epoch, rank, world).indices() == torchs
             assert list(EpochSampler(10, 7, epoch, rank, world, start=2)) == torchs[2:]
             assert list(EpochSampler(10, 7, epoch, rank, world, start=2, tagged=True))[0] == (epoch, torchs[2])
-
-
-class NoisyToy(Task):
-    """Regression y = x . w by a tiny MLP, with noise from the global generator in every step
-    (as dropout draws), and a signal sent to itself during step ``signal_at``."""
-
-    metric = "score"
-
-    def __init__(self, signal_at: int = 0, signum: int = signal.SIGTERM) -> None:
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(64, 4, generator=gen)
-        y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0])
-        self.items = [{"x": x[i], "y": y[i]} for i in range(64)]
-        self.signal_at, self.signum, self.calls = signal_at, signum, 0
-
-    def setup(self, ctx):
-        self.model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).to(ctx.device)
-        self.train_set = self.items
-
-    def phases(self):
-        return [Phase("head", 0, 0.05), Phase("all", 1, 0.02)]
-
-    def param_groups(self, phase, model):
-        for p in model[0].parameters():
-            p.requires_grad_(phase.name == "all")
-        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
-
-    def lr_at(self, phase, progress):
-        return cosine_lr(phase.lr, progress / 3)
-
-    def train_step(self, model, batch, ctx):
-        self.calls += 1
-        if self.calls == self.signal_at:
-            os.kill(os.getpid(), self.signum)  # arrives during the step, as a pre-emption does
-        x = batch["x"] + 0.1 * torch.randn_like(batch["x"])
-        loss = ((model(x).squeeze(-1) - batch["y"]) ** 2).mean()
-        return loss, {"mse": float(loss.detach())}
-
-    @property
-    def has_validation(self):
-        return True
-
-    @torch.no_grad()
-    def validate(self, ctx):
-        x = torch.stack([i["x"] for i in self.items])
-        y = torch.stack([i["y"] for i in self.items])
-        return {"score": 1.0 / (1.0 + float(((self.model(x).squeeze(-1) - y) ** 2).mean()))}
-
-    def checkpoint_extras(self):
-        return {"arch": {"name": "noisy-toy"}}
-
-
-def toy_settings(**kw) -> TrainSettings:
-    return TrainSettings(epochs=3, batch_size=8, seed=0, device="cpu", **kw)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -521,3 +466,48 @@ def test_a_short_yaml_says_which_base_it_stands_on(tmp_path, caplog):
     loop.write_text("base: loop.yaml\n")
     with pytest.raises(VitpcmError, match="names itself as a base"):
         load_config(loop)
+
+
+def _two_ranks(script: Path, *args: str) -> list:
+    """Run ``script`` as 2 DDP processes (gloo, env:// as torchrun sets it, without its agent
+    process: one python start less per launch). Returns both CompletedProcess-like results."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, str(script), *args], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))  # fmt: skip
+    return [(p, *p.communicate(timeout=300)) for p in procs]
+
+
+def test_ddp_a_signal_on_one_rank_stops_both_at_one_step_and_resume_is_exact(tmp_path):
+    """Pre-emption under DDP (2 CPU processes, gloo): only rank 0 gets SIGTERM; both save
+    at the same step (every rank's generators in last.pt) and the resumed run ends with the
+    weights of an uninterrupted one."""
+    script = tmp_path / "toy_ddp.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from tests.engine.noisy_toy import NoisyToy, toy_settings\n"
+        "from vitpcm.engine.trainer import Trainer, TrainingStopped\n"
+        "rank, (run, mode) = int(os.environ['RANK']), sys.argv[1:]\n"
+        "task = NoisyToy(signal_at=11 if (rank == 0 and mode == 'stop') else 0)\n"
+        "try:\n"
+        "    Trainer(task, run, toy_settings(checkpoint_every=2), resume=mode == 'resume', progress=False).fit()\n"
+        "except TrainingStopped as exc:\n"
+        "    print(f'rank {rank}: {exc}', flush=True)\n"
+        "    sys.exit(3)\n"
+    )
+    for run, mode in (("full", "full"), ("cut", "stop"), ("cut", "resume")):
+        for rank, (proc, out, err) in enumerate(_two_ranks(script, str(tmp_path / run), mode)):
+            assert proc.returncode == (3 if mode == "stop" else 0), out + err[-2000:]
+            if mode == "stop":
+                cut = tmp_path / "cut"
+                assert f"rank {rank}: SIGTERM received: saved {cut}/checkpoints/last.pt at epoch 3, batch 3/4" in out
+    assert len(weights(tmp_path / "cut")["rng"]) == 2
+    assert same_weights(weights(tmp_path / "full")["model"], weights(tmp_path / "cut")["model"])
