@@ -29,6 +29,18 @@ TINY = [
     "data.num_workers=0",
 ]
 
+# A DeepLab small enough for a few steps in about a second (`vitpcm segment`; the demo's chain)
+TINY_SEGMENT = [
+    "segment.backbone=resnet18",
+    "segment.backbone_weights=false",
+    "segment.freeze_bn=false",
+    "segment.msc_scales=[]",
+    "segment.crop=32",
+    "segment.batch_size=4",
+    "segment.iterations=2",
+    "segment.lr=0.01",
+]
+
 
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:

@@ -210,7 +210,8 @@ class SegmentConfig:
     backbone_weights: Any = True
     output_stride: Optional[int] = None  # null: 8 (deeplabv2) / 16 (deeplabv3plus)
     rates: Optional[List[int]] = None  # ASPP rates; null: 6,12,18,24 (deeplabv2) / 6,12,18 (deeplabv3plus)
-    msc_scales: List[float] = field(default_factory=lambda: [0.5, 0.75])  # extra input scales fused by max (MSC); [] off
+    # extra input scales whose logits are fused by max (kazuto1011's MSC); [] = off
+    msc_scales: List[float] = field(default_factory=lambda: [0.5, 0.75])
     freeze_bn: bool = True  # the trunk's batch norm in eval mode and without gradients
     crop: int = 321  # training crop side (pixels)
     train_scales: List[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5])  # one drawn per image

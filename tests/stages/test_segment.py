@@ -1,0 +1,250 @@
+"""`vitpcm segment train / infer`: the verification chain on tiny synthetic data, bad input, DDP."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tests.conftest import TINY_SEGMENT
+
+from vitpcm.cli import main
+from vitpcm.config import load_config
+from vitpcm.errors import VitpcmError
+from vitpcm.io import read_mask_png, save_mask_png, save_npz_atomic
+from vitpcm.stages.segment import segment_infer, segment_train
+
+
+def _cfg(synth_root, *extra):
+    return load_config(None, [f"data.root={synth_root}", "data.num_workers=0", *TINY_SEGMENT, *extra])
+
+
+@pytest.fixture(scope="session")
+def pseudo_dir(tmp_path_factory, synth_root) -> Path:
+    """The train split's ground truth as 'pseudo-masks', minus one image (counted as missing)."""
+    out = tmp_path_factory.mktemp("pseudo") / "crf"
+    shutil.copytree(synth_root / "SegmentationClass", out)
+    for p in out.glob("val_*.png"):
+        p.unlink()
+    (out / "train_00011.png").unlink()
+    return out
+
+
+@pytest.fixture(scope="session")
+def seg_run(tmp_path_factory, synth_root, pseudo_dir):
+    """A tiny DeepLab run (3 epochs, val mIoU each), its val masks, probabilities and CRF masks."""
+    run = tmp_path_factory.mktemp("segrun") / "seg"
+    cfg = _cfg(synth_root, "segment.iterations=6", "segment.val_every=1", "segment.msc_scales=[0.5]")
+    result = segment_train(cfg, run, pseudo_dir, progress=False)
+    infer = segment_infer(run, "val", crf=True, scales=[0.75, 1.0], flip=True, overrides=["crf.workers=1"],
+                          progress=False)  # fmt: skip
+    return run, result, infer
+
+
+def test_train_writes_the_run_and_counts_images_without_a_mask(seg_run):
+    run, result, _ = seg_run
+    assert result["images"] == 11 and result["missing"] == 1
+    assert result["epochs"] == 3 and result["iterations"] == 6  # 11 images, batches of 4: 2 whole batches per epoch
+    for rel in ("config.yaml", "classes.txt", "checkpoints/last.pt", "checkpoints/best.pt", "logs/metrics.jsonl"):
+        assert (run / rel).is_file(), rel
+    rows = [json.loads(line) for line in (run / "logs/metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and all(0 <= r["val_miou"] <= 1 for r in rows)
+    assert rows[2]["lr"] < rows[1]["lr"] < rows[0]["lr"]  # poly decay
+    saved = load_config(run / "config.yaml")
+    assert saved.segment.pseudo and Path(saved.segment.pseudo).name == "crf"
+    state = torch.load(run / "checkpoints/last.pt", weights_only=False)
+    assert state["arch"]["name"] == "deeplab" and state["arch"]["backbone"] == "resnet18"
+
+
+def test_infer_writes_the_layout_of_vitpcm_infer_and_scores_it(seg_run, synth_root):
+    run, _, s = seg_run
+    pseudo = run / "pseudo" / "val"
+    names = sorted(p.stem for p in (synth_root / "SegmentationClass").glob("val_*.png"))
+    for sub in ("masks", "crf"):
+        assert sorted(p.stem for p in (pseudo / sub).glob("*.png")) == names
+    with np.load(pseudo / "probs" / f"{names[0]}.npz") as z:
+        probs, classes = z["probs"], z["classes"]
+    mask = read_mask_png(pseudo / "masks" / f"{names[0]}.png")
+    assert probs.shape[1:] == mask.shape and probs.dtype == np.float32 and classes.dtype == np.int64
+    assert set(np.unique(mask)) <= set(classes.tolist())  # every winning class is kept for the CRF
+    assert s["scales"] == [0.75, 1.0] and s["flip"] is True
+    assert 0 <= s["miou"] <= 1 and 0 <= s["crf_miou"] <= 1
+    assert json.loads((pseudo / "summary.json").read_text())["crf_miou"] == s["crf_miou"]
+
+
+def test_the_checkpoint_reloads_and_predicts_the_same(seg_run, synth_root):
+    from vitpcm.data import build_dataset
+    from vitpcm.data.pseudo import SegmentEvalTransform
+    from vitpcm.models.deeplab import predict_probs
+    from vitpcm.stages.load import load_model
+
+    run, _, _ = seg_run
+    model, _ = load_model(run / "checkpoints" / "best.pt")
+    model.eval()
+    data = build_dataset(load_config(run / "config.yaml").data, "val", require_masks=False)
+    data.transform = SegmentEvalTransform(*model.normalisation)
+    for i in range(2):
+        sample = data[i]
+        with torch.inference_mode():
+            mask = predict_probs(model, sample["image"], [0.75, 1.0], flip=True).argmax(0).numpy()
+        assert np.array_equal(mask, read_mask_png(run / "pseudo/val/masks" / f"{sample['name']}.png"))
+
+
+def test_evaluate_runs_on_the_output(seg_run, synth_root, capsys):
+    run, _, s = seg_run
+    code = main(["evaluate", "--pred", f"deeplab={run / 'pseudo/val/masks'}", "--pred", f"crf={run / 'pseudo/val/crf'}",
+                 "--gt", str(synth_root / "SegmentationClass"), "--classes", str(synth_root / "classes.txt"), "-q"])  # fmt: skip
+    assert code == 0
+    assert f"{100 * s['miou']:.1f}" in capsys.readouterr().out
+
+
+def test_the_loss_goes_down(synth_root, pseudo_dir):
+    """Ten SGD steps of the task on one fixed batch lower its loss."""
+    from vitpcm.data import build_dataset
+    from vitpcm.data.pseudo import PseudoMaskDataset, list_pseudo_masks, segment_collate
+    from vitpcm.engine.distributed import Dist
+    from vitpcm.engine.task import EngineContext
+    from vitpcm.runs import RunLayout
+    from vitpcm.tasks.segment import SegmentTask
+
+    torch.manual_seed(0)
+    cfg = _cfg(synth_root, "segment.lr=0.002", "segment.loss=balanced")
+    base = build_dataset(cfg.data, "train", require_masks=False)
+    task = SegmentTask(cfg, PseudoMaskDataset(base, list_pseudo_masks(pseudo_dir, base.names)), None, epochs=1)
+    ctx = EngineContext(device=torch.device("cpu"), dist=Dist(), run=RunLayout("/nonexistent"), progress=False)
+    task.setup(ctx)
+    phase = task.phases()[0]
+    opt = task.make_optimizer(
+        phase, [dict(g, lr=phase.lr * g["lr_scale"]) for g in task.param_groups(phase, task.model)]
+    )
+    batch = segment_collate([task.train_set[i] for i in range(4)])
+    task.train_mode(task.model)
+    losses = []
+    for _ in range(10):
+        loss, _ = task.train_step(task.model, batch, ctx)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_iterations_map_onto_whole_epochs():
+    from vitpcm.tasks.segment import iterations_to_epochs, steps_per_epoch
+
+    assert steps_per_epoch(10582, 10, 1, 1) == 1058  # the last partial batch is dropped
+    assert iterations_to_epochs(20000, 10582, 10, 1, 1) == (19, 20102)  # VOC trainaug, the recipe's 20k
+    assert iterations_to_epochs(20000, 10582, 5, 1, 2) == (19, 20102)  # the same step as 5 x 2
+    assert iterations_to_epochs(20000, 10582, 5, 2, 1) == (19, 20102)  # ... or as 2 processes x 5
+    assert iterations_to_epochs(2, 7, 4, 1, 1) == (1, 2)  # a tiny set keeps its partial batch
+
+
+def test_resume_refuses_an_existing_run_and_continues_one(seg_run, synth_root, pseudo_dir):
+    run, _, _ = seg_run
+    cfg = _cfg(synth_root, "segment.iterations=6", "segment.val_every=1", "segment.msc_scales=[0.5]")
+    with pytest.raises(VitpcmError, match="--resume"):
+        segment_train(cfg, run, pseudo_dir, progress=False)
+    # the run's config remembers its pseudo-masks: --resume needs no --pseudo
+    result = segment_train(load_config(run / "config.yaml"), run, resume=True, progress=False)
+    assert result["history"] == [] and result["epochs"] == 3
+
+
+# ------------------------------------------------------------------------------ bad input
+def _bad_case(kind: str, tmp_path: Path, synth_root: Path, pseudo_dir: Path) -> Path:
+    folder = tmp_path / kind
+    folder.mkdir()
+    if kind == "empty":
+        return folder
+    if kind == "probs":
+        save_npz_atomic(folder / "train_00000.npz", probs=np.ones((1, 4, 4), np.float32), classes=np.array([0]))
+        return folder
+    if kind == "pseudo-root":
+        (folder / "masks").mkdir()
+        (folder / "crf").mkdir()
+        return folder
+    for p in pseudo_dir.glob("*.png"):
+        shutil.copy(p, folder / p.name)
+    mask = read_mask_png(folder / "train_00003.png").copy()
+    if kind == "size":
+        save_mask_png(folder / "train_00003.png", mask[:-2])
+    elif kind == "values":
+        mask[0, 0] = 9
+        save_mask_png(folder / "train_00003.png", mask)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("empty", "holds no PNG masks"),
+        ("probs", r"holds probabilities \(NAME.npz\), not masks: give the masks/ or crf/ folder"),
+        ("pseudo-root", "give one of them, e.g. --pseudo"),
+        ("size", r"train_00003.png: the mask is \d+x\d+ but its image .* is \d+x\d+: pseudo-masks must have the original image size"),
+        ("values", r"train_00003.png: mask values \[9\] lie outside the 6 classes .*data.classes"),
+    ],
+)  # fmt: skip
+def test_bad_pseudo_masks_are_one_line_and_nothing_is_written(kind, message, tmp_path, synth_root, pseudo_dir, capsys):
+    folder = _bad_case(kind, tmp_path, synth_root, pseudo_dir)
+    run = tmp_path / "run"
+    with pytest.raises(VitpcmError, match=message):
+        segment_train(_cfg(synth_root), run, folder, progress=False)
+    assert not run.exists()
+    code = main(["segment", "train", "synthetic_segment", f"data.root={synth_root}", "--pseudo", str(folder),
+                 "--out", str(run), "-q", *TINY_SEGMENT])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("vitpcm segment: error:") and len(err.strip().splitlines()) == 1
+    assert not run.exists()
+
+
+def test_masks_of_another_split_are_named(tmp_path, synth_root):
+    folder = tmp_path / "other"
+    folder.mkdir()
+    save_mask_png(folder / "elsewhere_1.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(VitpcmError, match="none of the 12 images of split 'train' has a mask there"):
+        segment_train(_cfg(synth_root), tmp_path / "run", folder, progress=False)
+
+
+def test_infer_refuses_a_vitpcm_run(tiny_run):
+    with pytest.raises(VitpcmError, match="not a DeepLab: use `vitpcm infer`"):
+        segment_infer(tiny_run, "val", progress=False)
+
+
+# ------------------------------------------------------------------------------ CLI, demo folder, DDP
+def test_cli_demo_run_and_infer(tmp_path, synth_root, pseudo_dir, capsys):
+    """`segment train --demo-run DIR` finds the demo's data and train CRF masks; `segment infer` prints the mIoU."""
+    demo = tmp_path / "demo"
+    shutil.copytree(synth_root, demo / "data")
+    shutil.copytree(pseudo_dir, demo / "run/pseudo/train/crf")
+    assert main(["segment", "train", "--demo-run", str(demo), "-q", "data.num_workers=0", *TINY_SEGMENT]) == 0
+    out = capsys.readouterr().out
+    assert "11 images" in out and "1 images of the split without a mask" in out
+    assert (demo / "segment/checkpoints/last.pt").is_file()
+    assert main(["segment", "infer", str(demo / "segment"), "--split", "val", "--scales", "1.0", "-q"]) == 0
+    assert "mIoU" in capsys.readouterr().out
+    assert main(["segment", "infer", str(demo / "segment"), "--scales", "0.5,x", "-q"]) == 2
+    assert "--scales 0.5,x" in capsys.readouterr().err
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path, synth_root, pseudo_dir):
+    """DDP through torchrun (gloo on the CPU): both ranks train, rank 0 writes the run."""
+    import os
+    import subprocess
+    import sys
+
+    from vitpcm.engine.checkpoint import read_checkpoint
+
+    run = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "vitpcm", "segment", "train", "synthetic_segment", f"data.root={synth_root}", "--pseudo", str(pseudo_dir),
+           "--out", str(run), "-q", *TINY_SEGMENT, "segment.iterations=2", "data.num_workers=0"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("run: ") == 1
+    # 11 images on 2 processes: 6 each, batches of 4 -> 2 steps per epoch; 2 iterations = 1 epoch
+    rows = [json.loads(line) for line in (run / "logs/metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1]
+    assert read_checkpoint(run / "checkpoints/last.pt")["epoch"] == 1
