@@ -37,11 +37,12 @@ def _run_cli(argv, cwd: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-COMMANDS = ["synth", "train", "check-data", "prepare", "infer", "crf", "evaluate", "report", "demo", "config", "import-keras"]
+COMMANDS = ["synth", "train", "check-data", "prepare", "infer", "crf", "evaluate", "report", "demo", "config", "import-keras",
+            "segment", "segment train", "segment infer"]  # fmt: skip
 
 
 def test_help_of_every_command_imports_no_torch(tmp_path):
-    for argv in ([], ["--help"], *([c, "--help"] for c in COMMANDS)):
+    for argv in ([], ["--help"], *([*c.split(), "--help"] for c in COMMANDS)):
         result = _run_cli(argv, tmp_path)
         assert result["heavy"] == [], f"vitpcm {' '.join(argv)} imported {result['heavy']}"
 

@@ -117,13 +117,18 @@ def test_report_needs_a_run_and_known_names(tiny_run, tmp_path):
 
 
 def test_demo_runs_crf_and_writes_report(tmp_path, synth_root, monkeypatch):
-    from tests.conftest import TINY
+    from tests.conftest import TINY, TINY_SEGMENT
 
     from vitpcm.stages.demo import demo as run_demo
 
-    summary = run_demo(tmp_path / "demo", n_train=8, n_val=4, overrides=[*TINY, "train.epochs=1", "crf.workers=2"],
-                       progress=False)  # fmt: skip
+    summary = run_demo(tmp_path / "demo", n_train=8, n_val=4,
+                       overrides=[*TINY, *TINY_SEGMENT, "train.epochs=1", "crf.workers=2"], progress=False)  # fmt: skip
     assert 0 <= summary["bpm_miou"] <= 1 and 0 <= summary["crf_miou"] <= 1
+    # the verification chain: train split's CRF masks -> DeepLab -> its val masks + CRF
+    assert 0 <= summary["segment_miou"] <= 1 and 0 <= summary["segment_miou_no_crf"] <= 1
+    assert summary["segment_training"]["images"] == 8
+    assert len(list((tmp_path / "demo/segment/pseudo/val/crf").glob("*.png"))) == 4
+    assert "DeepLab + CRF" in summary["table"]
     saved = json.loads((tmp_path / "demo/summary.json").read_text())
     assert saved["crf_miou"] == summary["crf_miou"] and "crf" in saved["seconds"]
     assert len(list((tmp_path / "demo/run/pseudo/val/crf").glob("*.png"))) == 4

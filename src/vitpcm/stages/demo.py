@@ -1,14 +1,23 @@
-"""``vitpcm demo``: synthetic data -> training -> pseudo-masks -> CRF -> evaluation -> report, on a CPU.
+"""``vitpcm demo``: the whole chain on the built-in synthetic set, on a CPU.
 
-Everything lands in one folder (default ``./vitpcm-demo``)::
+synthetic data -> ViT-PCM training -> pseudo-masks + CRF (val and train) -> DeepLab trained
+on the train split's CRF masks (``vitpcm segment train``, the ``synthetic_segment`` preset:
+a ResNet-18 DeepLabV2 from scratch) -> DeepLab's val masks + CRF (``vitpcm segment infer``)
+-> evaluation -> report. Everything lands in one folder (default ``./vitpcm-demo``)::
 
     data/                  the synthetic VOC-layout dataset
-    run/                   the training run (config, checkpoints, logs)
+    run/                   the ViT-PCM training run (config, checkpoints, logs)
     run/pseudo/val/        masks/ (BPM), probs/ and crf/ (BPM + dense CRF) of the val split
+    run/pseudo/train/      the same for the train split: crf/ is what DeepLab trains on
     run/eval/val/          BPM vs CRF: per_class.csv/.md, metrics.json, confusion matrices
     run/figures/           training curves, sample figures
     run/report.html        the report (open it in a browser; works offline)
-    summary.json           bpm_miou, crf_miou, per-class IoU, timings
+    segment/               the DeepLab run (config, checkpoints, logs) and its
+                           pseudo/val/{masks,probs,crf}
+    summary.json           bpm_miou, crf_miou, segment_miou, per-class IoU, timings
+
+The same ``key=value`` overrides go to both presets (``synthetic`` and
+``synthetic_segment``): ``train.*`` / ``model.*`` reach ViT-PCM, ``segment.*`` DeepLab.
 """
 
 from __future__ import annotations
@@ -49,13 +58,15 @@ def demo(
     """Run the whole pipeline on the built-in synthetic set into ``out``.
 
     Returns the summary (also written to ``OUT/summary.json``): ``bpm_miou``, ``crf_miou``,
-    per-class IoU, timings and paths; ``table`` (not in the file) is BPM vs CRF per class
-    as text, for the CLI to print.
+    ``segment_miou`` (DeepLab + CRF, the paper's verification protocol; without the CRF:
+    ``segment_miou_no_crf``), per-class IoU, timings and paths; ``table`` (not in the file)
+    is BPM vs CRF vs DeepLab per class as text, for the CLI to print.
     """
     from vitpcm.data.synthetic import generate
     from vitpcm.evaluation import format_comparison
     from vitpcm.stages.infer import infer
     from vitpcm.stages.report import report as write_report
+    from vitpcm.stages.segment import DEMO_PRESET, segment_infer, segment_train
     from vitpcm.stages.train import train
 
     out = Path(out)
@@ -81,22 +92,48 @@ def demo(
         "dense CRF: %d images in %.1fs (%d workers)", inference["images"], timings["crf"], inference["crf"]["workers"]
     )
 
-    # evaluation (BPM vs CRF in one table), figures and report.html
+    # verification: pseudo-masks (+ CRF) of the train split, a DeepLab trained on them,
+    # its val masks (+ CRF) against the ground truth
+    train_pseudo = infer(run.root, "train", crf=True, progress=progress)
+    timings["infer_train"] = float(train_pseudo["seconds"])
+    timings["crf_train"] = float(train_pseudo["crf"]["seconds"])
+    seg_cfg = load_config(DEMO_PRESET, [f"data.root={data.resolve()}", *overrides])
+    segment = RunLayout(out / "segment")
     t = time.time()
-    result_report = write_report(run.root, splits=["val"], progress=False)
+    seg_result = segment_train(seg_cfg, segment.root, PseudoLayout(run.pseudo("train")).crf, progress=progress)
+    timings["segment_train"] = time.time() - t
+    seg_infer = segment_infer(segment.root, "val", crf=True, progress=progress)
+    timings["segment_infer"] = float(seg_infer["seconds"])
+    timings["segment_crf"] = float(seg_infer["crf"]["seconds"])
+
+    # evaluation (BPM vs CRF vs DeepLab in one table), figures and report.html
+    t = time.time()
+    result_report = write_report(run.root, splits=["val"], segment=segment.root, progress=False)
     timings["evaluate_and_report"] = time.time() - t
     evaluation = result_report["evaluations"]["val"]
     classes = read_classes(data / "classes.txt")
     bpm, crf_summary = evaluation["results"]["bpm"], evaluation["results"]["crf"]
     pseudo = PseudoLayout(run.pseudo("val"))
+    verification = result_report["verification"]["val"]["results"]
+    deeplab, deeplab_crf = verification["deeplab"], verification["deeplab+crf"]
 
     summary = {
         "bpm_miou": bpm["miou"],
         "crf_miou": crf_summary["miou"],
         "iou": bpm["iou"],
         "crf_iou": crf_summary["iou"],
-        "pixel_acc": {"bpm": bpm["pixel_acc"], "crf": crf_summary["pixel_acc"]},
+        "segment_miou": deeplab_crf["miou"],
+        "segment_miou_no_crf": deeplab["miou"],
+        "segment_iou": deeplab_crf["iou"],
+        "pixel_acc": {"bpm": bpm["pixel_acc"], "crf": crf_summary["pixel_acc"], "segment": deeplab_crf["pixel_acc"]},
         "best_val_miou_during_training": result["best_miou"],
+        "segment_training": {
+            "images": seg_result["images"],
+            "missing": seg_result["missing"],
+            "epochs": seg_result["epochs"],
+            "iterations": seg_result["iterations"],
+            "model": seg_infer["model"],
+        },
         "train_images": n_train,
         "val_images": n_val,
         "seconds": {k: round(v, 1) for k, v in timings.items()},
@@ -108,13 +145,16 @@ def demo(
             "probs": str(pseudo.probs),
             "crf": str(pseudo.crf),
             "eval": str(run.eval("val")),
+            "segment": str(segment.root),
+            "segment_crf": str(PseudoLayout(segment.pseudo("val")).crf),
             "report": result_report["report"],
             "summary": str(out / "summary.json"),
         },
         "inference_scale": inference["scale"],
     }
     write_json_atomic(out / "summary.json", summary)
-    return dict(summary, table=format_comparison(evaluation["results"], classes))
+    shown = {"BPM": bpm, "BPM + CRF": crf_summary, "DeepLab": deeplab, "DeepLab + CRF": deeplab_crf}
+    return dict(summary, table=format_comparison(shown, classes))
 
 
 run_demo = demo  # the name before vitpcm.stages existed
