@@ -96,3 +96,30 @@ def test_unknown_section_is_refused():
 
     with pytest.raises(VitpcmError, match="unknown bench section"):
         bench(quick=True, sections=["nope"])
+
+
+def test_compile_blocks_keeps_state_dict_and_outputs():
+    import torch
+
+    from vitpcm.models.speed import attention_report, compile_blocks
+    from vitpcm.models.vitpcm import ViTPCM
+
+    torch.manual_seed(0)
+    kw = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    model = ViTPCM("vit_tiny_patch16_224", 3, backbone_kwargs=kw, lstm_hidden=8).eval()
+    report = attention_report(model)
+    assert report["blocks"] == 2 and report["fused_blocks"] == (2 if report["timm_use_fused_attn"] else 0)
+    x = torch.randn(2, 3, 32, 32)
+    ref = model(x)["probs"]
+    keys = list(model.state_dict())
+    assert compile_blocks(model) == 2
+    assert list(model.state_dict()) == keys  # checkpoints stay compatible
+    assert torch.allclose(model(x)["probs"], ref, atol=1e-5)
+
+
+def test_train_step_with_train_compile(tmp_path):
+    # PcmTask.setup compiles the blocks (train.compile=true); one measured step runs through them
+    result = bench("synthetic", quick=True, sections=["train"], overrides=["train.compile=true"], progress=False,
+                   threads=1, train_steps=1)  # fmt: skip
+    t = result["train"]
+    assert t["compile"] is True and t["steps"] == 1 and t["step_seconds"] > 0

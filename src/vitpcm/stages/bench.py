@@ -407,11 +407,7 @@ def bench_train(cfg: Any, work: Path, device: str, steps: int, warmup: int = 1) 
     ctx = EngineContext(device=dev, dist=Dist(), run=RunLayout(work / "trainrun"), progress=False, amp=amp)
     task = PcmTask(cfg)
     task.setup(ctx)
-    model = task.model
-    if bool(cfg.train.get("compile", False)):
-        from vitpcm.models.speed import compile_blocks
-
-        compile_blocks(model)
+    model = task.model  # with train.compile=true its blocks are compiled (PcmTask.setup)
     phase = task.phases()[-1]  # the phase with unfrozen blocks (finetune)
     groups = task.param_groups(phase, model)
     for g in groups:

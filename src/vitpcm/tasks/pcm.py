@@ -149,6 +149,10 @@ class PcmTask(Task):
         if cfg.model.get("init_from"):
             init_from(model, cfg.model.init_from)
         self.model = model.to(ctx.device)
+        if bool(cfg.train.get("compile", False)):  # in place, per block: state-dict keys unchanged
+            from vitpcm.models.speed import compile_blocks
+
+            compile_blocks(self.model)
         d = self.model.patch_size
         mean, std = resolve_normalisation(cfg, self.model.adapter)
         self.train_set = probe
