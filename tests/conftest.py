@@ -11,6 +11,22 @@ from vitpcm.data.synthetic import generate
 
 torch.set_num_threads(2)
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _screening_cache_in_a_temp_folder(tmp_path_factory):
+    """Training screens its data through a cache in the user's cache dir: keep the suite's
+    entries (and its subprocesses') out of the home folder."""
+    import os
+
+    old = os.environ.get("VITPCM_CACHE_DIR")
+    os.environ["VITPCM_CACHE_DIR"] = str(tmp_path_factory.mktemp("vitpcm-cache"))
+    yield
+    if old is None:
+        os.environ.pop("VITPCM_CACHE_DIR", None)
+    else:
+        os.environ["VITPCM_CACHE_DIR"] = old
+
+
 # A ViT small enough to train for an epoch in about a second; 32 px inputs, 8 px patches.
 TINY = [
     "model.backbone=vit_tiny_patch16_224",

@@ -213,7 +213,9 @@ def _cmd_import_keras(args: argparse.Namespace) -> int:
           f" {s['parameters']:,} parameters) in {s['seconds']:.0f} s")  # fmt: skip
     if s.get("published"):
         pub = s["published"]
-        print(f"the authors' BPM mIoU for this file (their README): train {pub.get('train') or '-'} / val {pub.get('val') or '-'}")
+        print(
+            f"the authors' BPM mIoU for this file (their README): train {pub.get('train') or '-'} / val {pub.get('val') or '-'}"
+        )
     print(f"next: vitpcm infer {s['run']} --split val data.root=...; vitpcm report {s['run']}")
     return 0
 
@@ -396,7 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("weights", metavar="WEIGHTS.h5", help="the authors' ViT-PCM/S or /B weights (ModelCheckpoint .h5)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. model.backbone=vit_small_patch16_384 for the /S file")  # fmt: skip
-    p.add_argument("--config", default="voc12", help="preset or YAML of the dataset the weights were trained on (default voc12)")
+    p.add_argument(
+        "--config", default="voc12", help="preset or YAML of the dataset the weights were trained on (default voc12)"
+    )
     p.add_argument("--out", required=True, help="run folder to write (config.yaml, classes.txt, checkpoints/)")
     p.add_argument("--overwrite", action="store_true", help="replace the checkpoints of an existing run folder")
     p.set_defaults(func=_cmd_import_keras)
@@ -414,7 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="measured training steps (default 4 on a CPU, 20 on a GPU)")
     p.add_argument("--batch", type=int, help="training batch (default 4 on a CPU, the preset's on a GPU)")
     p.add_argument("--crf-images", type=int, help="VOC-sized images of the CRF comparison (default 50)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default torch's; 1 on a machine shared with other jobs)")
+    p.add_argument(
+        "--threads", type=int, help="torch CPU threads (default torch's; 1 on a machine shared with other jobs)"
+    )
     p.add_argument("--note", help="free text stored with the results, e.g. 'machine shared with other jobs'")
     p.set_defaults(func=_cmd_bench)
 
