@@ -227,7 +227,11 @@ class SegmentConfig:
     momentum: float = 0.9  # SGD
     weight_decay: float = 5.0e-4
     poly_power: float = 0.9  # lr = lr0 * (1 - step / steps) ** power
+    warmup: int = 0  # steps of a linear lr ramp from 0 (kazuto1011: none; from scratch it steadies the start)
     loss: str = "ce"  # ce (pixel mean, 255 ignored) | balanced (mean over the classes present of each class's mean)
+    # where the loss is taken: "logits" (kazuto1011: labels resized, nearest, to each logit map)
+    # or "input" (logits upsampled to the crop; for small crops, whose labels would lose thin shapes)
+    loss_at: str = "logits"
     val_every: int = 0  # epochs between val mIoU against the ground truth (0 = never; needs masks)
     test_scales: List[float] = field(default_factory=lambda: [1.0])  # `segment infer` --scales default
     test_flip: bool = False  # `segment infer` --flip default
@@ -482,6 +486,10 @@ def validate_segment(cfg: DictConfig) -> None:
         raise VitpcmError(f"segment.model must be deeplabv2 or deeplabv3plus, got {seg.model!r}")
     if seg.loss not in ("ce", "balanced"):
         raise VitpcmError(f"segment.loss must be ce or balanced, got {seg.loss!r}")
+    if seg.loss_at not in ("logits", "input"):
+        raise VitpcmError(f"segment.loss_at must be logits or input, got {seg.loss_at!r}")
+    if int(seg.warmup) < 0:
+        raise VitpcmError(f"segment.warmup must be >= 0 (steps of the lr ramp), got {seg.warmup}")
     for key in ("crop", "batch_size", "accumulate", "iterations"):
         if int(seg[key]) < 1:
             raise VitpcmError(f"segment.{key} must be >= 1, got {seg[key]}")

@@ -142,6 +142,20 @@ def test_iterations_map_onto_whole_epochs():
     assert iterations_to_epochs(2, 7, 4, 1, 1) == (1, 2)  # a tiny set keeps its partial batch
 
 
+def test_poly_schedule_with_warmup():
+    from vitpcm.engine.task import Phase
+    from vitpcm.tasks.segment import SegmentTask
+
+    cfg = load_config(None, ["segment.lr=0.1", "segment.warmup=10", "segment.poly_power=1.0"])
+    task = SegmentTask.__new__(SegmentTask)
+    task.cfg, task.epochs, task.steps = cfg, 4, 100
+    phase = Phase("train", 0, 0.1)
+    assert task.lr_at(phase, 0.0) == pytest.approx(0.1 * 1 / 10)  # first step of the ramp
+    assert task.lr_at(phase, 4 * 0.05) == pytest.approx(0.1 * 0.95 * 6 / 10)  # step 5 of 100
+    assert task.lr_at(phase, 2.0) == pytest.approx(0.05)  # half way: poly only
+    assert task.lr_at(phase, 4.0) == 0.0
+
+
 def test_resume_refuses_an_existing_run_and_continues_one(seg_run, synth_root, pseudo_dir):
     run, _, _ = seg_run
     cfg = _cfg(synth_root, "segment.iterations=6", "segment.val_every=1", "segment.msc_scales=[0.5]")
@@ -218,7 +232,17 @@ def test_cli_demo_run_and_infer(tmp_path, synth_root, pseudo_dir, capsys):
     demo = tmp_path / "demo"
     shutil.copytree(synth_root, demo / "data")
     shutil.copytree(pseudo_dir, demo / "run/pseudo/train/crf")
-    assert main(["segment", "train", "--demo-run", str(demo), "-q", "data.num_workers=0", *TINY_SEGMENT]) == 0
+    argv = [
+        "segment",
+        "train",
+        "--demo-run",
+        str(demo),
+        "-q",
+        "data.num_workers=0",
+        *TINY_SEGMENT,
+        "segment.loss_at=input",
+    ]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "11 images" in out and "1 images of the split without a mask" in out
     assert (demo / "segment/checkpoints/last.pt").is_file()

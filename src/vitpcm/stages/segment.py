@@ -122,7 +122,7 @@ def segment_train(
         log.info("%d images with pseudo-masks, %d per step on %d process(es): %d epochs = %d steps (segment.iterations=%d)",
                  len(train_set), int(s.batch_size) * int(s.accumulate) * world, world, epochs, steps,
                  int(s.iterations))  # fmt: skip
-    task = SegmentTask(cfg, train_set, val_set, epochs)
+    task = SegmentTask(cfg, train_set, val_set, epochs, steps)
     trainer = Trainer(task, run, segment_settings(cfg, epochs), resume=resume, progress=progress,
                       config_text=to_yaml(cfg))  # fmt: skip
     result = trainer.fit()

@@ -19,7 +19,9 @@ per epoch, 19 epochs = 20,102 steps for the recipe's 20,000; COCO train (82,081)
 
 One training step (kazuto1011's ``train``): logits at every MSC scale (full, 0.5, 0.75 and
 their max), each against the labels resized to its own size with nearest neighbour
-(255 ignored); the losses are summed.
+(255 ignored); the losses are summed. ``segment.loss_at=input`` instead upsamples every
+logit map (bilinear) to the crop and scores it against the labels as they are: with small
+crops (the CPU demo's 64 px: 8 x 8 logits) labels shrunk to the logits lose thin shapes.
 """
 
 from __future__ import annotations
@@ -139,11 +141,14 @@ class SegmentTask(Task):
     metric = "miou"
     metric_label = "mIoU"
 
-    def __init__(self, cfg: DictConfig, train_set: PseudoMaskDataset, val_set: Any, epochs: int) -> None:
+    def __init__(
+        self, cfg: DictConfig, train_set: PseudoMaskDataset, val_set: Any, epochs: int, steps: Optional[int] = None
+    ) -> None:
         self.cfg = cfg
         self.train_set = train_set
         self.val_set = val_set
         self.epochs = int(epochs)
+        self.steps = int(steps) if steps else None  # optimizer steps of the run (for segment.warmup)
         self.classes: List[str] = list(train_set.classes)
         self.collate_fn = segment_collate
 
@@ -187,8 +192,14 @@ class SegmentTask(Task):
         return torch.optim.SGD(groups, momentum=float(self.cfg.segment.momentum))
 
     def lr_at(self, phase: Phase, progress: float) -> Optional[float]:
+        """Poly decay over the run; times a linear ramp over the first ``segment.warmup`` steps."""
         s = self.cfg.segment
-        return poly_lr(float(s.lr), progress / max(self.epochs, 1), float(s.poly_power))
+        t = progress / max(self.epochs, 1)
+        lr = poly_lr(float(s.lr), t, float(s.poly_power))
+        warmup = int(s.warmup)
+        if warmup > 0 and self.steps:
+            lr *= min(1.0, (t * self.steps + 1.0) / warmup)
+        return lr
 
     def accumulate_steps(self) -> int:
         return int(self.cfg.segment.accumulate)
@@ -207,6 +218,9 @@ class SegmentTask(Task):
         kind = str(self.cfg.segment.loss)
         with ctx.autocast():
             outputs = model(images, all_scales=True)
+        if str(self.cfg.segment.loss_at) == "input":  # logits up to the crop: fine labels for small crops
+            size = labels.shape[-2:]
+            outputs = [F.interpolate(o.float(), size=size, mode="bilinear", align_corners=False) for o in outputs]
         losses = [segmentation_loss(o, resize_labels(labels, o.shape[-2:]), kind) for o in outputs]
         loss = torch.stack(losses).sum()
         terms = {"ce_full": float(losses[0].detach())}
