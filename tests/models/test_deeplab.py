@@ -25,6 +25,15 @@ def test_deeplabv2_output_stride_is_8(backbone):
     assert all(s == (1, 1) for s in strides)
 
 
+def test_from_scratch_every_residual_branch_starts_at_zero():
+    model = DeepLab(3, backbone="resnet18", backbone_weights=False)
+    assert all(
+        float(block.bn2.weight.detach().abs().max()) == 0
+        for layer in (model.trunk.layer1, model.trunk.layer4)
+        for block in layer
+    )
+
+
 def test_resnet101_trunk_is_dilated_as_torchvision_does():
     trunk = ResNetTrunk("resnet101", 8)
     # replace_stride_with_dilation=[False, True, True]: layer3 at 2, layer4 at 4 (first block: the previous)

@@ -162,7 +162,7 @@ class ResNetTrunk(nn.Module):
     ``bn1``, ``layer1`` ...), so its state dicts load directly.
     """
 
-    def __init__(self, name: str = "resnet101", output_stride: int = 8) -> None:
+    def __init__(self, name: str = "resnet101", output_stride: int = 8, zero_init_residual: bool = False) -> None:
         super().__init__()
         import torchvision.models as tvm
 
@@ -172,7 +172,9 @@ class ResNetTrunk(nn.Module):
             raise VitpcmError(f"segment.output_stride={output_stride}: DeepLab uses 8 or 16")
         dilate = [False, output_stride == 8, True]
         basic = name in ("resnet18", "resnet34")
-        net = getattr(tvm, name)(weights=None, replace_stride_with_dilation=None if basic else dilate)
+        net = getattr(tvm, name)(
+            weights=None, replace_stride_with_dilation=None if basic else dilate, zero_init_residual=zero_init_residual
+        )
         if basic:  # same pattern by hand (layer3: 2, layer4: 4 at OS 8; layer4: 2 at OS 16)
             d = 1
             for layer, on in zip((net.layer2, net.layer3, net.layer4), dilate):
@@ -317,7 +319,10 @@ class DeepLab(nn.Module):
             raise VitpcmError("segment.rates: DeepLabV2's ASPP needs at least one rate")
         self.num_classes = int(num_classes)
         self.kind = model
-        self.trunk = ResNetTrunk(backbone, output_stride)
+        # from scratch, each residual branch starts at zero (its last BN's scale 0; Goyal et
+        # al. 2017, torchvision's zero_init_residual): a steadier start; weights overwrite it
+        scratch = backbone_weights is None or backbone_weights is False or str(backbone_weights).lower() == "false"
+        self.trunk = ResNetTrunk(backbone, output_stride, zero_init_residual=scratch)
         self.loaded = self.trunk.load_pretrained(backbone_weights)
         if model == "deeplabv2":
             self.head: nn.Module = ASPPSum(self.trunk.out_channels, num_classes, rates)
