@@ -213,6 +213,19 @@ def test_bad_pseudo_masks_are_one_line_and_nothing_is_written(kind, message, tmp
     assert not run.exists()
 
 
+def test_bad_backbone_weights_leave_no_run_folder(tmp_path, synth_root, pseudo_dir):
+    run = tmp_path / "run"
+    with pytest.raises(VitpcmError, match="file /nonexistent/resnet18.pth not found"):
+        segment_train(
+            _cfg(synth_root, "segment.backbone_weights=/nonexistent/resnet18.pth"), run, pseudo_dir, progress=False
+        )
+    with pytest.raises(VitpcmError, match="pixel labels"):
+        segment_train(
+            _cfg(synth_root, "segment.backbone_weights=COCO_WITH_VOC_LABELS_V1"), run, pseudo_dir, progress=False
+        )
+    assert not run.exists()
+
+
 def test_masks_of_another_split_are_named(tmp_path, synth_root):
     folder = tmp_path / "other"
     folder.mkdir()

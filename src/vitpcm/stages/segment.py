@@ -92,8 +92,8 @@ def segment_train(
     """
     from vitpcm.data.base import MISSING_MASK
     from vitpcm.data.pseudo import PseudoMaskDataset, list_pseudo_masks, screen_pseudo_masks
-    from vitpcm.engine.trainer import Trainer
-    from vitpcm.tasks.segment import SegmentTask, iterations_to_epochs, segment_settings
+    from vitpcm.engine.trainer import Trainer, seed_everything
+    from vitpcm.tasks.segment import SegmentTask, build_deeplab, iterations_to_epochs, segment_settings
 
     if pseudo is not None:
         cfg.segment.pseudo = str(Path(pseudo).resolve())
@@ -122,7 +122,11 @@ def segment_train(
         log.info("%d images with pseudo-masks, %d per step on %d process(es): %d epochs = %d steps (segment.iterations=%d)",
                  len(train_set), int(s.batch_size) * int(s.accumulate) * world, world, epochs, steps,
                  int(s.iterations))  # fmt: skip
-    task = SegmentTask(cfg, train_set, val_set, epochs, steps)
+    # the model (and its backbone weights: a download, a file) before the run folder exists,
+    # so a bad segment.backbone_weights leaves nothing behind; seeded as the engine seeds
+    seed_everything(int(cfg.train.seed) + int(os.environ.get("RANK", "0")))
+    model = build_deeplab(cfg, len(train_set.classes), pretrained=not resume)  # resume: last.pt has the weights
+    task = SegmentTask(cfg, train_set, val_set, epochs, steps, model=model)
     trainer = Trainer(task, run, segment_settings(cfg, epochs), resume=resume, progress=progress,
                       config_text=to_yaml(cfg))  # fmt: skip
     result = trainer.fit()

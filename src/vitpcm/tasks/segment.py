@@ -136,15 +136,24 @@ class SegmentTask(Task):
         train_set: the :class:`PseudoMaskDataset` of the train split (its transform is set here).
         val_set: a dataset of the val split with ground truth (``data.val_split``), or None.
         epochs: the run's epochs (from :func:`iterations_to_epochs`), for the poly schedule.
+        steps: the optimizer steps they make (for ``segment.warmup``).
+        model: the DeepLab, when the caller built it (default: built in :meth:`setup`).
     """
 
     metric = "miou"
     metric_label = "mIoU"
 
     def __init__(
-        self, cfg: DictConfig, train_set: PseudoMaskDataset, val_set: Any, epochs: int, steps: Optional[int] = None
+        self,
+        cfg: DictConfig,
+        train_set: PseudoMaskDataset,
+        val_set: Any,
+        epochs: int,
+        steps: Optional[int] = None,
+        model: Optional[DeepLab] = None,
     ) -> None:
         self.cfg = cfg
+        self._built = model  # built by the stage before the run folder exists (weights checked first)
         self.train_set = train_set
         self.val_set = val_set
         self.epochs = int(epochs)
@@ -154,7 +163,8 @@ class SegmentTask(Task):
 
     def setup(self, ctx: EngineContext) -> None:
         s = self.cfg.segment
-        model = build_deeplab(self.cfg, len(self.classes))
+        model = self._built if self._built is not None else build_deeplab(self.cfg, len(self.classes))
+        self._built = None
         if ctx.dist.main:
             log.info("%s on %s (%s), output stride %d, %d classes", s.model, s.backbone, model.loaded,
                      model.arch["output_stride"], len(self.classes))  # fmt: skip
