@@ -213,6 +213,15 @@ def test_bad_pseudo_masks_are_one_line_and_nothing_is_written(kind, message, tmp
     assert not run.exists()
 
 
+def test_deeplabv3plus_trains_and_infers(tmp_path, synth_root, pseudo_dir):
+    run = tmp_path / "v3p"
+    cfg = _cfg(synth_root, "segment.model=deeplabv3plus", "segment.iterations=1", "segment.freeze_bn=true")
+    result = segment_train(cfg, run, pseudo_dir, progress=False)
+    assert result["iterations"] == 2  # one epoch: 2 whole batches
+    s = segment_infer(run, "val", progress=False)
+    assert s["model"]["model"] == "deeplabv3plus" and s["model"]["output_stride"] == 16 and 0 <= s["miou"] <= 1
+
+
 def test_bad_backbone_weights_leave_no_run_folder(tmp_path, synth_root, pseudo_dir):
     run = tmp_path / "run"
     with pytest.raises(VitpcmError, match="file /nonexistent/resnet18.pth not found"):
