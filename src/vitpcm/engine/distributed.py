@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from vitpcm.errors import VitpcmError
+from vitpcm.utils.shard import Shard
 
 
 @dataclass
@@ -41,19 +44,21 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
         raise VitpcmError(f"train.device={spec} is not a device: use auto, cpu, cuda or cuda:N") from None
 
 
-def init_distributed(device_spec: str) -> tuple[Dist, torch.device]:
-    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+def init_distributed(device_spec: str, timeout: Optional[timedelta] = None) -> tuple[Dist, torch.device]:
+    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1): gloo on CPUs,
+    nccl on GPUs; ``timeout`` for collectives whose ranks may arrive far apart (default torch's).
+    RANK / WORLD_SIZE are read and checked once, in :class:`vitpcm.utils.shard.Shard`."""
+    shard = Shard.from_env()
+    if not shard.enabled:
         return Dist(), resolve_device(device_spec)
-    rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_spec, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank=rank, world=world, local_rank=local_rank), device
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, **({"timeout": timeout} if timeout else {}))
+    return Dist(rank=shard.rank, world=shard.world, local_rank=local_rank), device
 
 
 def all_reduce_sum(tensor: torch.Tensor, info: Dist) -> torch.Tensor:

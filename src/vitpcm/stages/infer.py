@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -47,7 +48,7 @@ from torch.utils.data import DataLoader
 from vitpcm.data import EvalTransform, build_dataset, collate
 from vitpcm.data.transforms import MultiScaleTransform, TagRule
 from vitpcm.engine.checkpoint import find_run_checkpoint
-from vitpcm.engine.distributed import Dist, resolve_device
+from vitpcm.engine.distributed import Dist, init_distributed, resolve_device
 from vitpcm.errors import VitpcmError
 from vitpcm.evaluation import ConfusionMatrix
 from vitpcm.io import atomic_path, read_mask_png, save_mask_png, save_npz_atomic, write_json_atomic, write_text_atomic
@@ -138,25 +139,16 @@ run_inference = infer  # the name of this stage before vitpcm.stages existed (RE
 
 
 def _join(device: str, shard: Shard) -> Tuple[Dist, torch.device, bool]:
-    """The device, and the process group under torchrun (gloo on CPUs, nccl on GPUs).
+    """The device, and the process group under torchrun (the engine's ``init_distributed``).
     Returns whether this call created the group (then it also ends it)."""
     if not shard.enabled:
         return Dist(), resolve_device(device), False
-    import os
-
     import torch.distributed as dist
 
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device, local_rank)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
     created = not dist.is_initialized()
-    if created:
-        from datetime import timedelta
-
-        # long: ranks meet after screening and after the CRF, whose shards may end minutes apart
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(hours=6))
-    return Dist(rank=shard.rank, world=shard.world, local_rank=local_rank), dev, created
+    # long: ranks meet after screening and after the CRF, whose shards may end minutes apart
+    info, dev = init_distributed(device, timeout=timedelta(hours=6))
+    return info, dev, created
 
 
 def _gather(obj: Any, info: Dist) -> List[Any]:
