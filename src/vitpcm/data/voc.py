@@ -36,7 +36,6 @@ from vitpcm.data.base import MISSING_IMAGE, MISSING_MASK, Sample, SegmentationDa
 from vitpcm.data.sbd import AugSource, find_aug_source, read_sbd_mat
 from vitpcm.data.tags import read_tag_file
 from vitpcm.errors import VitpcmError
-from vitpcm.images import load_rgb  # noqa: F401  (public: vitpcm.data.voc.load_rgb)
 from vitpcm.io import VOC_CLASSES, class_list, read_classes, read_mask_png, read_names
 
 AUG_SPLITS = ("trainaug", "train_aug")

@@ -155,6 +155,3 @@ def demo(
     write_json_atomic(out / "summary.json", summary)
     shown = {"BPM": bpm, "BPM + CRF": crf_summary, "DeepLab": deeplab, "DeepLab + CRF": deeplab_crf}
     return dict(summary, table=format_comparison(shown, classes))
-
-
-run_demo = demo  # the name before vitpcm.stages existed
