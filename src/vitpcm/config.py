@@ -178,6 +178,15 @@ class InferConfig:
     # probabilities at a reduced size (longer side = max_side) plus the original size; the mask
     # stays at the original size and the CRF upsamples. 0 = no bound (docs/reliability.md)
     max_side: int = 2048
+    # Speed (docs/scaling.md): images per forward (all are resized to scale x scale, so they
+    # stack); 0 = auto: 1 on a CPU, 8 on a GPU. Does not change the results beyond float rounding.
+    batch_size: int = 0
+    # bf16 autocast of the forward on a GPU (not the authors': they ran fp32); part of the
+    # resume stamp, since it changes the probabilities slightly
+    amp: bool = False
+    # threads that compress and write the npz / PNG files while the model runs; 0 = auto
+    # (min(8, CPUs)); 1 = write in the main thread
+    writers: int = 0
 
 
 @dataclass
@@ -474,6 +483,9 @@ def validate_bounds(cfg: DictConfig) -> None:
 
     if int(cfg.infer.max_side) < 0 or 0 < int(cfg.infer.max_side) < 64:
         raise VitpcmError(f"infer.max_side must be 0 (no bound) or at least 64, got {cfg.infer.max_side}")
+    for key in ("batch_size", "writers"):
+        if int(cfg.infer[key]) < 0:
+            raise VitpcmError(f"infer.{key} must be 0 (auto) or a positive count, got {cfg.infer[key]}")
     if int(cfg.crf.max_pixels) < 0 or 0 < int(cfg.crf.max_pixels) < 4096:
         raise VitpcmError(f"crf.max_pixels must be 0 (no bound) or at least 4096, got {cfg.crf.max_pixels}")
     parse_size(cfg.crf.memory_budget, "crf.memory_budget")  # raises on a bad value

@@ -20,6 +20,7 @@ from vitpcm.data.transforms import (
     _tf_hsv_to_rgb,
     _tf_rgb_to_hsv,
     color_jitter,
+    jitter_authors_with,
     map_to_et_grid,
     resize_image,
     resize_mask,
@@ -163,6 +164,40 @@ def test_tf_hsv_round_trip_and_known_values():
     assert torch.allclose(_tf_hsv_to_rgb(h, s * 0, v), torch.ones(3, 1, 1))  # s = 0: every channel = max
     neg = torch.tensor([-0.5, -0.2, -0.1])[:, None, None]  # TF: v <= 0 gives s = 0
     assert _tf_rgb_to_hsv(neg)[1].item() == 0
+
+
+def _hsv_to_rgb_reference(h, s, v):
+    """TF's kernel as written: a switch on the sextant int(6 h), all channels 0 outside 0..5."""
+    c, dh = s * v, h * 6
+    category, x, z = dh.to(torch.int64), c * (1 - (torch.remainder(dh, 2.0) - 1).abs()), torch.zeros_like(c)
+    table = {0: (c, x, z), 1: (x, c, z), 2: (z, c, x), 3: (z, x, c), 4: (x, z, c), 5: (c, z, x)}
+    out = [z.clone(), z.clone(), z.clone()]
+    for k, channels in table.items():
+        for i in range(3):
+            out[i] = torch.where(category == k, channels[i], out[i])
+    return torch.stack(out) + (v - c)
+
+
+def test_tf_hsv_to_rgb_equals_the_kernels_switch_exactly():
+    torch.manual_seed(2)
+    image = torch.rand(3, 40, 40) * 1.6 - 0.3  # the authors' space leaves [0, 1]
+    h, s, v = _tf_rgb_to_hsv(image)
+    odd = h.clone()
+    odd[0, :3] = torch.tensor([1.0, -0.2, 1.3])  # sextants outside 0..5
+    for hue in (h, odd, torch.remainder(h + 0.37, 1.0)):
+        assert torch.equal(_tf_hsv_to_rgb(hue, s, v), _hsv_to_rgb_reference(hue, s, v))
+
+
+def test_saturation_and_hue_in_one_round_trip_match_tf_two():
+    torch.manual_seed(3)
+    for _ in range(10):
+        image = torch.rand(3, 24, 24) * 1.4 - 0.2
+        sat, hue = float(torch.empty(()).uniform_(0.5, 1.5)), float(torch.empty(()).uniform_(-0.1, 0.1))
+        h, s, v = _tf_rgb_to_hsv(image)  # TF: adjust_saturation, then adjust_hue, each a round trip
+        two = _hsv_to_rgb_reference(h, (s * sat).clamp(0, 1), v)
+        h, s, v = _tf_rgb_to_hsv(two)
+        two = _hsv_to_rgb_reference(torch.remainder(h + hue, 1.0), s, v)
+        assert (jitter_authors_with(image, saturation=sat, hue=hue) - two).abs().max() < 5e-6
 
 
 # ----------------------------------------------------------------------------- 6: align_corners

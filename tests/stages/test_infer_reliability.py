@@ -227,3 +227,28 @@ def test_torchrun_two_cpu_ranks_write_the_files_of_one_process(run, tmp_path):
     assert sb["ranks"] == 2 and sb["computed"] == 6
     assert (sa["miou"], sa["crf_miou"]) == (sb["miou"], sb["crf_miou"])
     assert not list(b.rglob(".done-*"))
+
+
+# ----------------------------------------------------------------------------- speed settings (issue 11)
+def test_batched_inference_with_writer_threads_writes_what_one_image_at_a_time_writes(run, tmp_path):
+    one = infer(run, "val", out=tmp_path / "one", overrides=["infer.batch_size=1", "infer.writers=1"], progress=False)
+    many = infer(run, "val", out=tmp_path / "many", overrides=["infer.batch_size=4", "infer.writers=3"], progress=False)
+    assert one["miou"] == pytest.approx(many["miou"], abs=1e-3)
+    assert _names(tmp_path / "many" / "masks", ".png") == VAL and _names(tmp_path / "many" / "probs", ".npz") == VAL
+    for name in VAL:
+        a, b = read_probs(tmp_path / "one" / "probs" / f"{name}.npz"), read_probs(tmp_path / "many" / "probs" / f"{name}.npz")
+        assert np.array_equal(a[1], b[1])  # the same present classes
+        assert np.allclose(a[0], b[0], atol=1e-4)
+        agree = (read_mask_png(tmp_path / "one" / "masks" / f"{name}.png")
+                 == read_mask_png(tmp_path / "many" / "masks" / f"{name}.png")).mean()  # fmt: skip
+        assert agree > 0.999
+
+
+def test_amp_is_part_of_the_resume_stamp_and_bad_speed_settings_are_refused(run, tmp_path):
+    infer(run, "val", out=tmp_path / "p", progress=False)
+    again = infer(run, "val", out=tmp_path / "p", overrides=["infer.batch_size=3"], progress=False)
+    assert again["computed"] == 0  # the batch size does not change the files: nothing redone
+    amp = infer(run, "val", out=tmp_path / "p", overrides=["infer.amp=true"], progress=False)
+    assert amp["computed"] == len(VAL)  # bf16 would change them (on a GPU): stale
+    with pytest.raises(VitpcmError, match="infer.batch_size"):
+        infer(run, "val", out=tmp_path / "q", overrides=["infer.batch_size=-1"], progress=False)

@@ -5,7 +5,8 @@ In one process, on one device, each part beside its floor:
 * ``infer``: the whole inference stage (:func:`vitpcm.stages.infer.infer`: read, resize,
   normalise, ViT + HV-BiLSTM + classifier, tag merge, upsample to the image size, argmax,
   mask PNG, probabilities npz) against the bare backbone forward (``forward_features``)
-  at the same input side and batch (1); ``infer_ratio`` = backbone time / pipeline time
+  at the same input side, batch and autocast (``infer.batch_size``, ``infer.amp``);
+  ``infer_ratio`` = backbone time / pipeline time
   (1.0: the pipeline costs no more than its backbone).
 * ``train``: one training step as the engine runs it (:class:`vitpcm.tasks.pcm.PcmTask`:
   the eval-mode ET target forward, the forward of view 1 + the tiled ET views, L_MCE +
@@ -295,17 +296,22 @@ def bench_infer(cfg: Any, work: Path, device: str, images: int, repeats: int) ->
     model.to(dev).eval()
     scale = int(cfg.infer.scale)
     backbone = model.backbone
-    x = torch.randn(1, 3, scale, scale, device=dev)
+    from vitpcm.stages.infer import speed_settings
+
+    batch, writers, amp = speed_settings(cfg, dev)  # the stage's own batch and autocast: the floor uses the same
+    batch = min(batch, images)
+    x = torch.randn(batch, 3, scale, scale, device=dev)
     overrides = [f"data.num_workers={int(cfg.data.num_workers)}"]
     mem_pipe, mem_bare = PeakMemory(dev), PeakMemory(dev)
 
     def bare() -> tuple:
         start, cpu = time.perf_counter(), time.process_time()
-        with torch.inference_mode():
-            for _ in range(images):
+        n = -(-images // batch) * batch
+        with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            for _ in range(n // batch):
                 backbone.forward_features(x)
             _sync(dev)
-        return (time.perf_counter() - start) / images, (time.process_time() - cpu) / images
+        return (time.perf_counter() - start) / n, (time.process_time() - cpu) / n
 
     calls = [0]
 
@@ -327,7 +333,7 @@ def bench_infer(cfg: Any, work: Path, device: str, images: int, repeats: int) ->
 
     # warm-up (first-call allocations, kernel selection), which is also where the peak memory
     # is taken: the timed runs below run without the sampling thread
-    with mem_bare.measure(), torch.inference_mode():
+    with mem_bare.measure(), torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
         backbone.forward_features(x)
     with mem_pipe.measure():
         stage("one")
@@ -358,7 +364,9 @@ def bench_infer(cfg: Any, work: Path, device: str, images: int, repeats: int) ->
         "tokens": (scale // model.patch_size) ** 2,
         "images": images,
         "repeats": repeats,
-        "batch": 1,
+        "batch": batch,
+        "amp": amp,
+        "writer_threads": writers,
         "loader_workers": int(cfg.data.num_workers),
         "pipeline_seconds_per_image": _r(pipe),
         "backbone_seconds_per_image": _r(floor),

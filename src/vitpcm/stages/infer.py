@@ -58,8 +58,10 @@ from vitpcm.models.vitpcm import ViTPCM, merge_class_labels
 from vitpcm.runs import PseudoLayout, RunLayout, run_of_checkpoint
 from vitpcm.stages.load import load_model
 from vitpcm.utils.folders import output_folders
+from vitpcm.utils.pools import WriterThreads
 from vitpcm.utils.shard import Shard
 from vitpcm.utils.stamps import digest, read_stamp, stamp
+from vitpcm.utils.system import cpu_count
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +178,7 @@ def _settings(cfg: Any, ckpt_path: Path, scale: int, sizes: Sequence[int], tta: 
 
     st = ckpt_path.stat()
     data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "num_workers"}
-    return {
+    settings = {
         "checkpoint": [str(ckpt_path.resolve()), st.st_size, st.st_mtime_ns],
         "scale": scale,
         "tta": [list(sizes), flip] if tta else None,
@@ -188,6 +190,9 @@ def _settings(cfg: Any, ckpt_path: Path, scale: int, sizes: Sequence[int], tta: 
         },  # fmt: skip
         "data": data,
     }
+    if bool(cfg.infer.amp):  # only when on: stamps written before the key existed stay valid
+        settings["amp"] = True
+    return settings
 
 
 def _finished(name: str, files: PseudoLayout, key: str, save_probs: bool, ckpt_mtime: int) -> bool:
@@ -308,15 +313,18 @@ def _infer(
         sub.names = todo
         sub.transform = (MultiScaleTransform(sizes, mean, std, align_corners=ac) if tta
                          else EvalTransform(scale, mean=mean, std=std, align_corners=ac, tags=TagRule.from_config(cfg)))  # fmt: skip
-        loader = DataLoader(sub, batch_size=1, shuffle=False, num_workers=min(int(cfg.data.num_workers), 4),
-                            collate_fn=collate)  # fmt: skip
+        batch_size, writers, amp = speed_settings(cfg, dev)
+        loader = DataLoader(sub, batch_size=batch_size, shuffle=False, num_workers=min(int(cfg.data.num_workers), 8),
+                            collate_fn=collate, pin_memory=dev.type == "cuda")  # fmt: skip
         desc = f"infer {split}@{scale}" + (f" tta {sizes}{' +flip' if flip else ''}" if tta else "")
         desc += f" [{shard.rank}/{shard.world}]" if shard.enabled else ""
         bar = tqdm(loader, desc=desc, unit="img", disable=not progress or not todo)
         text = stamp("infer", key, probs=bool(save_probs))
-        for batch in bar:
-            merged += _infer_batch(model, batch, dev, merge, threshold, files, save_probs, cm, sizes if tta else None,
-                                   flip, align_corners=ac, max_side=max_side, text=text)  # fmt: skip
+        with WriterThreads(writers) as writer:
+            for batch in bar:
+                merged += _infer_batch(model, batch, dev, merge, threshold, files, save_probs, cm,
+                                       sizes if tta else None, flip, align_corners=ac, max_side=max_side, text=text,
+                                       amp=amp, writer=writer)  # fmt: skip
         bar.close()
         seconds = time.time() - start
 
@@ -367,6 +375,22 @@ def _infer(
     return summary
 
 
+def speed_settings(cfg: Any, dev: torch.device) -> Tuple[int, int, bool]:
+    """``(batch size, writer threads, bf16 autocast)`` from ``infer.batch_size / writers / amp``
+    (0 = auto: batch 1 on a CPU and 8 on a GPU; min(8, CPUs) writers)."""
+    batch_size = int(cfg.infer.batch_size) or (8 if dev.type == "cuda" else 1)
+    writers = int(cfg.infer.writers) or min(8, cpu_count())
+    return batch_size, writers, bool(cfg.infer.amp) and dev.type == "cuda"
+
+
+def _write_outputs(files: PseudoLayout, name: str, mask: np.ndarray, probs: Optional[Dict[str, np.ndarray]],
+                   text: Optional[Dict[str, str]]) -> None:  # fmt: skip
+    """One image's files: the npz first, then the PNG (a PNG implies its npz)."""
+    if probs is not None:
+        save_npz_atomic(files.probs / f"{name}.npz", **probs)
+    save_mask_png(files.masks / f"{name}.png", mask, text)
+
+
 @torch.inference_mode()
 def _infer_batch(
     model: ViTPCM,
@@ -382,20 +406,25 @@ def _infer_batch(
     align_corners: bool = False,
     max_side: int = 0,
     text: Optional[Dict[str, str]] = None,
+    amp: bool = False,
+    writer: Optional[WriterThreads] = None,
 ) -> int:
     """Predict one batch; write each image's probabilities, then its mask (so a mask implies
     its npz); update ``cm``. Returns how many of its images were merged with their tags.
 
     ``sizes``: the TTA input sides (``image_<n>`` keys of the batch); None: plain ``image``.
     ``max_side``: an image whose longer side exceeds it keeps its probabilities at a reduced
-    size (module docstring); 0 = never. ``text``: the stamp of the mask PNGs.
+    size (module docstring); 0 = never. ``text``: the stamp of the mask PNGs. ``amp``: bf16
+    autocast of the forward (CUDA). ``writer``: where the file writes run (None: here).
     """
     labels = batch.get("labels")
-    if sizes:
-        grid, pooled = predict_tta(model, [batch[f"image_{n}"].to(dev) for n in sizes], flip)
-    else:
-        outputs = model(batch["image"].to(dev))
-        grid, pooled = outputs["probs"].float(), outputs["pooled"]
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+        if sizes:
+            grid, pooled = predict_tta(model, [batch[f"image_{n}"].to(dev, non_blocking=True) for n in sizes], flip)
+        else:
+            outputs = model(batch["image"].to(dev, non_blocking=True))
+            grid, pooled = outputs["probs"], outputs["pooled"]
+    grid, pooled = grid.float(), pooled.float()
     if merge and labels is not None:
         grid = merge_class_labels(grid, labels.to(dev))
     for i, name in enumerate(batch["name"]):
@@ -416,14 +445,14 @@ def _infer_batch(
             mask = full.argmax(0).to(torch.uint8).cpu().numpy()
             keep = present_classes(full, tags, pooled[i].float(), threshold) if save_probs else None
             stored = full[keep] if save_probs else None
+        probs = None
         if save_probs:
-            save_npz_atomic(
-                files.probs / f"{name}.npz",
-                probs=stored.cpu().numpy().astype(np.float32),
-                classes=keep.cpu().numpy().astype(np.int64),
-                **extra,
-            )
-        save_mask_png(files.masks / f"{name}.png", mask, text)
+            probs = {"probs": stored.cpu().numpy().astype(np.float32), "classes": keep.cpu().numpy().astype(np.int64),
+                     **extra}  # fmt: skip
+        if writer is None:
+            _write_outputs(files, name, mask, probs, text)
+        else:
+            writer.submit(_write_outputs, files, name, mask, probs, text)
         if cm is not None:
             cm.update(mask, batch["mask"][i].numpy())
     return len(batch["name"]) if (merge and labels is not None) else 0

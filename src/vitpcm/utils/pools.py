@@ -1,4 +1,5 @@
-"""Process pools whose workers die with their parent, and worker counts budgeted by memory.
+"""Process pools whose workers die with their parent, background writer threads, and worker
+counts budgeted by memory.
 
 Why: a ``ProcessPoolExecutor`` worker blocks on its task pipe, whose write end it holds
 itself (fork), so after a ``kill -9`` of the parent it finishes what it had, then waits
@@ -11,6 +12,9 @@ guards, set up before its first task:
 * everywhere: a daemon thread that checks ``os.getppid()`` once a second and exits the
   worker when it changed (the parent is gone and the worker was re-parented). This also
   covers the race of a parent that dies before ``prctl`` took effect.
+
+Writing: :class:`WriterThreads` runs file writes on threads, a bounded number pending, so
+that compressing and writing one batch's files overlaps the next batch's model work.
 
 Memory: :func:`available_memory` reads ``MemAvailable`` (``/proc/meminfo``), capped by the
 cgroup's limit (containers); :func:`budget_workers` caps a worker count by it.
@@ -28,8 +32,8 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 from vitpcm.errors import VitpcmError
 
@@ -115,6 +119,67 @@ def terminate_pool(pool: ProcessPoolExecutor, grace: float = 2.0) -> None:
             if p.is_alive():
                 p.kill()
                 p.join(1.0)
+
+
+# ----------------------------------------------------------------------------- writer threads
+class WriterThreads:
+    """Run write jobs (``fn(*args)``) on ``threads`` threads, at most ``depth`` pending.
+
+    zlib and PNG encoding release the GIL, so the writes of one batch overlap the model's
+    next one. ``submit`` waits while ``depth`` jobs are pending (memory stays bounded) and
+    re-raises the first failed job's exception in the caller; leaving the ``with`` block waits
+    for every job, so the caller's files are all on disk (or an error raised) when it returns.
+    ``threads`` <= 1: each job runs at once in the caller (no thread).
+    """
+
+    def __init__(self, threads: int, depth: Optional[int] = None) -> None:
+        self.threads = int(threads)
+        self.depth = int(depth) if depth else 2 * max(1, self.threads)
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vitpcm-writer") if self.threads > 1 else None
+        self._pending: List[Future] = []
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self._pool is None:
+            fn(*args)
+            return
+        self._reap(block=len(self._pending) >= self.depth)
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def _reap(self, block: bool) -> None:
+        if block and self._pending:
+            wait(self._pending, return_when=FIRST_COMPLETED)
+        still: List[Future] = []
+        for f in self._pending:
+            if f.done():
+                f.result()  # re-raises the job's exception here
+            else:
+                still.append(f)
+        self._pending = still
+
+    def close(self) -> None:
+        """Wait for every job; re-raise the first failure."""
+        if self._pool is None:
+            return
+        try:
+            for f in self._pending:
+                f.result()
+        finally:
+            self._pending = []
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __enter__(self) -> "WriterThreads":
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # already failing: let the started writes finish (each is atomic), drop the rest
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+            self._pending = []
 
 
 # ----------------------------------------------------------------------------- memory
