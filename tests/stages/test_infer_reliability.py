@@ -236,7 +236,10 @@ def test_batched_inference_with_writer_threads_writes_what_one_image_at_a_time_w
     assert one["miou"] == pytest.approx(many["miou"], abs=1e-3)
     assert _names(tmp_path / "many" / "masks", ".png") == VAL and _names(tmp_path / "many" / "probs", ".npz") == VAL
     for name in VAL:
-        a, b = read_probs(tmp_path / "one" / "probs" / f"{name}.npz"), read_probs(tmp_path / "many" / "probs" / f"{name}.npz")
+        a, b = (
+            read_probs(tmp_path / "one" / "probs" / f"{name}.npz"),
+            read_probs(tmp_path / "many" / "probs" / f"{name}.npz"),
+        )
         assert np.array_equal(a[1], b[1])  # the same present classes
         assert np.allclose(a[0], b[0], atol=1e-4)
         agree = (read_mask_png(tmp_path / "one" / "masks" / f"{name}.png")
