@@ -207,7 +207,8 @@ class SegmentConfig:
     # The verification stage (`vitpcm segment train / infer`): a DeepLab trained on pseudo-masks.
     # Defaults: kazuto1011/deeplab-pytorch configs/voc12.yaml (DeepLabV2, ResNet-101), the
     # sources of each value in configs/voc12_segment.yaml. The engine's other knobs come from
-    # train.* (device, seed, threads, amp, log_every) and data.num_workers.
+    # train.* (device, seed, threads, amp, log_every, deterministic, checkpoint_every, max_loss)
+    # and data.num_workers.
     # the folder of PNG pseudo-masks of data.train_split it trains on (`--pseudo DIR` sets it;
     # kept in the run's config.yaml, so `--resume` finds it again)
     pseudo: Optional[str] = None

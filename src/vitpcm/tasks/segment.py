@@ -80,6 +80,11 @@ def segment_settings(cfg: DictConfig, epochs: int) -> TrainSettings:
         val_every=int(s.val_every),
         log_every=int(t.log_every),
         num_workers=int(cfg.data.num_workers),
+        # the reliability knobs are the ViT-PCM stage's (train.*): exact resume, mid-epoch
+        # checkpoints, the divergence bound
+        deterministic=bool(t.deterministic),
+        checkpoint_every=int(t.checkpoint_every),
+        max_loss=float(t.max_loss),
     )
 
 
