@@ -194,11 +194,14 @@ def _cmd_segment_infer(args: argparse.Namespace) -> int:
 
     s = segment_infer(args.run, args.split, scales=_parse_scales(args.scales), flip=True if args.flip else None,
                       crf=args.crf, out=args.out, overrides=args.overrides, device=args.device,
-                      progress=not args.quiet)  # fmt: skip
+                      progress=not args.quiet, overwrite=args.overwrite)  # fmt: skip
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
+        return 0
     out = Path(s["out"])
     how = f"scales {s['scales']}{' + flips' if s['flip'] else ''}"
+    resumed = f"; {s['resumed']} already done" if s.get("resumed") else ""
     miou = f"  mIoU {100 * s['miou']:.2f}" if "miou" in s else ""
-    print(f"wrote {s['images']} DeepLab masks to {out / 'masks'} ({how}){miou}")
+    print(f"wrote {s['images']} DeepLab masks to {out / 'masks'} ({how}{resumed}){miou}")
     if args.crf:
         line = f"wrote {s['images']} CRF masks to {s['crf']['out']} ({s['crf']['seconds']:.1f}s)"
         print(line + (f"  mIoU {100 * s['crf_miou']:.2f}" if "crf_miou" in s else ""))
@@ -392,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--crf", action="store_true", help="then the dense CRF into OUT/crf/ (crf.* keys)")
     q.add_argument("--out", help="output folder (default RUN/pseudo/SPLIT)")
     q.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    q.add_argument("--overwrite", action="store_true", help="recompute masks that are already done")
     q.set_defaults(func=_cmd_segment_infer)
 
     p = add("import-keras", "convert the authors' released Keras .h5 weights into a run folder (then infer, report)")

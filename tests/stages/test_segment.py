@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -294,3 +295,131 @@ def test_torchrun_two_processes_on_cpu(tmp_path, synth_root, pseudo_dir):
     rows = [json.loads(line) for line in (run / "logs/metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1]
     assert read_checkpoint(run / "checkpoints/last.pt")["epoch"] == 1
+
+
+# ------------------------------------------------------------------------------ resume (issue 12), torchrun (issue 11)
+MINI = [f"val_{i:05d}" for i in range(3)]  # split "mini": half of val, to keep these tests short
+
+
+@pytest.fixture(scope="session")
+def mini_root(tmp_path_factory, synth_root) -> Path:
+    """The synthetic data with one more split, ``mini``: three val images."""
+    root = tmp_path_factory.mktemp("mini") / "data"
+    shutil.copytree(synth_root, root)
+    (root / "ImageSets" / "Segmentation" / "mini.txt").write_text("".join(f"{n}\n" for n in MINI))
+    return root
+
+
+@pytest.fixture()
+def seg_copy(tmp_path, seg_run) -> Path:
+    """A copy of the tiny DeepLab run without its outputs (a test may touch its checkpoint)."""
+    dst = tmp_path / "seg"
+    shutil.copytree(seg_run[0], dst, ignore=shutil.ignore_patterns("pseudo"))
+    return dst
+
+
+def _names(folder: Path, suffix: str) -> list:
+    return sorted(p.name[: -len(suffix)] for p in folder.glob(f"*{suffix}"))
+
+
+def _mtimes(out: Path) -> dict:
+    return {p.relative_to(out): p.stat().st_mtime_ns for sub in ("masks", "probs") for p in (out / sub).iterdir()}
+
+
+def test_infer_rerun_skips_finished_images_and_redoes_stale_ones(seg_copy, mini_root, tmp_path, capsys):
+    run, out, data = seg_copy, tmp_path / "o", [f"data.root={mini_root}"]
+
+    def infer(*extra, flip=False):  # at half size: these tests are about files, not masks
+        return segment_infer(run, "mini", out=out, scales=[0.5], flip=flip, overrides=[*data, *extra], progress=False)
+
+    first = infer()
+    assert (first["computed"], first["resumed"], first["images"]) == (3, 0, 3)
+    mtimes = _mtimes(out)
+    again = infer()
+    assert (again["computed"], again["resumed"]) == (0, 3)
+    assert again["miou"] == first["miou"]  # the finished images count in the score
+    assert _mtimes(out) == mtimes  # untouched
+
+    (out / "probs" / "val_00001.npz").unlink()  # a lost npz: that image again
+    assert infer()["computed"] == 1
+    assert infer(flip=True)["computed"] == 3  # other settings
+    assert infer(flip=True)["computed"] == 0
+    os.utime(run / "checkpoints" / "best.pt")  # a retrained checkpoint makes every mask stale
+    assert infer(flip=True)["computed"] == 3
+    assert infer("segment.keep_threshold=0.5", flip=True)["computed"] == 3  # what the npz keeps is a setting too
+
+    capsys.readouterr()
+    cli = ["segment", "infer", str(run), "--split", "mini", "--out", str(out), "--scales", "0.5", "--flip", "-q",
+           *data, "segment.keep_threshold=0.5"]  # fmt: skip
+    assert main(cli) == 0
+    assert "(scales [0.5] + flips; 3 already done)" in capsys.readouterr().out
+    assert main([*cli, "--overwrite"]) == 0
+    assert "already done" not in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["computed"] == 3
+
+
+def test_infer_killed_between_npz_and_png_resumes_to_the_same_files(seg_copy, mini_root, tmp_path, monkeypatch):
+    """Each image's npz is written before its PNG: a PNG always has its npz, and a rerun
+    computes exactly the images without a PNG; the CRF after it resumes too."""
+    import vitpcm.stages.segment as segment_mod
+
+    run, out, over = seg_copy, tmp_path / "o", [f"data.root={mini_root}", "crf.workers=1"]
+    real = segment_mod.save_mask_png
+    calls = []
+
+    def killed_at_the_second_png(path, mask, text=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stands for a kill: nothing after this line runs
+        real(path, mask, text)
+
+    monkeypatch.setattr(segment_mod, "save_mask_png", killed_at_the_second_png)
+    with pytest.raises(KeyboardInterrupt):
+        segment_infer(run, "mini", scales=[0.5], out=out, overrides=over, progress=False)
+    monkeypatch.undo()
+    assert _names(out / "masks", ".png") == MINI[:1] and _names(out / "probs", ".npz") == MINI[:2]
+    assert not list(out.rglob("*.tmp")) and not (out / "summary.json").exists()
+
+    resumed = segment_infer(run, "mini", scales=[0.5], out=out, crf=True, overrides=over, progress=False)
+    assert (resumed["computed"], resumed["resumed"]) == (2, 1)
+    ref = segment_infer(run, "mini", scales=[0.5], out=tmp_path / "ref", crf=True, overrides=over, progress=False)
+    assert (resumed["miou"], resumed["crf_miou"]) == (ref["miou"], ref["crf_miou"])
+    for sub, suffix in (("masks", ".png"), ("probs", ".npz"), ("crf", ".png")):
+        assert _names(out / sub, suffix) == MINI
+        for name in MINI:
+            a, b = out / sub / f"{name}{suffix}", tmp_path / "ref" / sub / f"{name}{suffix}"
+            assert a.read_bytes() == b.read_bytes(), a
+    again = segment_infer(run, "mini", scales=[0.5], out=out, crf=True, overrides=over, progress=False)
+    assert (again["computed"], again["crf"]["computed"]) == (0, 0)  # the CRF masks are kept too
+
+
+def test_infer_under_torchrun_two_cpu_ranks_write_the_files_of_one_process(seg_copy, mini_root, tmp_path):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "MASTER_PORT"):
+        env.pop(key, None)
+    over = [f"data.root={mini_root}", "crf.workers=1"]
+    tail = ["segment", "infer", str(seg_copy), "--split", "mini", "--scales", "0.5", "--flip", "--crf", "-q", *over]
+    one = subprocess.run([sys.executable, "-m", "vitpcm", *tail, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "vitpcm", *tail, "--out", str(tmp_path / "two")]  # fmt: skip
+    two = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("wrote 3 DeepLab masks") == 1  # rank 0 speaks
+    a, b = tmp_path / "one", tmp_path / "two"
+    for sub, suffix in (("masks", ".png"), ("probs", ".npz"), ("crf", ".png")):
+        assert _names(a / sub, suffix) == _names(b / sub, suffix) == MINI
+        for name in MINI:
+            assert (a / sub / f"{name}{suffix}").read_bytes() == (b / sub / f"{name}{suffix}").read_bytes()
+    assert np.array_equal(np.load(a / "confusion.npy"), np.load(b / "confusion.npy"))
+    sa, sb = (json.loads((x / "summary.json").read_text()) for x in (a, b))
+    assert sb["ranks"] == 2 and (sb["computed"], sb["resumed"]) == (3, 0)
+    assert (sa["miou"], sa["crf_miou"]) == (sb["miou"], sb["crf_miou"])
+    assert not list(b.rglob(".done-*"))
+    # the ranks stamped their masks as one process does: a one-process rerun keeps them all
+    rerun = segment_infer(seg_copy, "mini", out=b, scales=[0.5], flip=True, overrides=over, progress=False)
+    assert (rerun["computed"], rerun["resumed"], rerun["miou"]) == (0, 3, sb["miou"])

@@ -17,27 +17,40 @@
       RUN/pseudo/SPLIT/summary.json     scales, flip, mIoU (and crf_miou)
 
   ``vitpcm evaluate --pred RUN/pseudo/val/crf --gt ...`` then works as on any folder.
+
+  As ``vitpcm infer`` (docs/reliability.md, docs/scaling.md): a rerun skips every image
+  whose mask is finished (newer than the checkpoint, stamped by this stage with the same
+  settings: checkpoint, scales, flip, keep_threshold, data; its npz, written atomically
+  before the PNG, is there) and counts it into the mIoU; ``overwrite`` recomputes all.
+  Under ``torchrun`` each rank takes ``names[rank::world]``, the confusion matrices are
+  summed with ``all_reduce``, rank 0 writes the summary: the files of a one-process run.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from omegaconf import DictConfig
 
 from vitpcm.config import to_yaml
 from vitpcm.errors import VitpcmError
-from vitpcm.io import format_names
+from vitpcm.io import atomic_path, format_names, read_mask_png, save_mask_png, save_npz_atomic, write_json_atomic
 from vitpcm.runs import PseudoLayout, RunLayout
+from vitpcm.utils.folders import output_folders
+from vitpcm.utils.shard import Shard
+from vitpcm.utils.stamps import digest, finished, stamp
 
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
 DEMO_PRESET = "synthetic_segment"
+STAMP_STAGE = "segment"  # the stage named in the stamp of its mask PNGs (`vitpcm infer` writes "infer")
 
 
 def _train_dataset(cfg: DictConfig):
@@ -169,6 +182,44 @@ def _keep_classes(probs: Any, mask: Any, threshold: float) -> Any:
     return torch.nonzero(keep).flatten()
 
 
+def _join(device: str, shard: Shard) -> Tuple[Any, Any, bool]:
+    """The device, and the process group under torchrun (the engine's ``init_distributed``).
+    Returns ``(Dist, device, whether this call created the group)`` (then it also ends it).
+    The same few lines as ``vitpcm.stages.infer._join``."""
+    from vitpcm.engine.distributed import Dist, init_distributed, resolve_device
+
+    if not shard.enabled:
+        return Dist(), resolve_device(device), False
+    import torch.distributed as dist
+
+    created = not dist.is_initialized()
+    # long: ranks meet after inference and after the CRF, whose shards may end minutes apart
+    info, dev = init_distributed(device, timeout=timedelta(hours=6))
+    return info, dev, created
+
+
+def _settings(
+    cfg: DictConfig, ckpt: Path, scales: Sequence[float], flip: bool, model: Any, amp: bool
+) -> Dict[str, Any]:
+    """Everything besides the image that decides its mask and probabilities (the stamp)."""
+    from omegaconf import OmegaConf
+
+    st = ckpt.stat()
+    mean, std = model.normalisation
+    data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "num_workers"}
+    settings: Dict[str, Any] = {
+        "checkpoint": [str(ckpt.resolve()), st.st_size, st.st_mtime_ns],
+        "scales": list(scales),
+        "flip": flip,
+        "keep_threshold": float(cfg.segment.keep_threshold),
+        "input": {"mean": list(map(float, mean)), "std": list(map(float, std))},
+        "data": data,
+    }
+    if amp:  # half precision on a GPU changes the numbers
+        settings["amp"] = True
+    return settings
+
+
 def segment_infer(
     run: PathLike,
     split: str = "val",
@@ -180,6 +231,7 @@ def segment_infer(
     overrides: Sequence[str] = (),
     device: str = "auto",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Dict[str, Any]:
     """DeepLab's masks (and probabilities) for one split of a ``segment train`` run.
 
@@ -192,26 +244,19 @@ def segment_infer(
         flip: also average the horizontal mirrors (default ``segment.test_flip``).
         crf: then the dense CRF (the ``crf`` section) into ``OUT/crf``.
         out: output folder (default ``RUN/pseudo/SPLIT``).
+        overwrite: recompute every image (default: keep the finished ones, module docstring).
 
-    Returns the summary (also ``OUT/summary.json``), with ``miou`` (and ``crf_miou``) when
-    the split has ground truth.
+    Returns the summary (also ``OUT/summary.json``, written by rank 0), with ``computed`` /
+    ``resumed`` image counts and ``miou`` (and ``crf_miou``) when the split has ground truth.
     """
-    import numpy as np
-    import torch
-    from torch.utils.data import DataLoader
-
     from vitpcm.config import load_config, load_saved_config
     from vitpcm.data import build_dataset
-    from vitpcm.data.pseudo import SegmentEvalTransform, segment_collate
     from vitpcm.engine.checkpoint import find_run_checkpoint
-    from vitpcm.engine.distributed import resolve_device
-    from vitpcm.engine.task import autocast
-    from vitpcm.evaluation import ConfusionMatrix
-    from vitpcm.io import save_mask_png, save_npz_atomic, write_json_atomic
-    from vitpcm.models.deeplab import DeepLab, predict_probs
+    from vitpcm.models.deeplab import DeepLab
     from vitpcm.runs import run_of_checkpoint
     from vitpcm.stages.load import load_model
 
+    shard = Shard.from_env()  # a wrong RANK / WORLD_SIZE fails here, before any work
     ckpt = find_run_checkpoint(run, "best")
     layout = run_of_checkpoint(ckpt) or RunLayout(ckpt.parent)
     cfg = load_saved_config(layout.config, overrides) if layout.config.is_file() else load_config(None, overrides)
@@ -223,57 +268,138 @@ def segment_infer(
     if any(s <= 0 for s in scales):
         raise VitpcmError(f"--scales must be positive factors, got {scales}")
     flip = bool(cfg.segment.test_flip) if flip is None else bool(flip)
-    dev = resolve_device(device)
-    model.to(dev).eval()
-    mean, std = model.normalisation
-    dataset.transform = SegmentEvalTransform(mean, std)
-    loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=min(int(cfg.data.num_workers), 4),
-                        collate_fn=segment_collate)  # fmt: skip
+    dist_info, dev, own_group = _join(device, shard)
+    try:
+        return _segment_infer(cfg, layout, ckpt, state, dataset, model, split, scales, flip, dev, shard, dist_info,
+                              out=out, crf=crf, progress=progress, overwrite=overwrite)  # fmt: skip
+    finally:
+        if own_group:
+            import torch.distributed as dist
 
+            dist.destroy_process_group()
+
+
+def _finished(name: str, files: PseudoLayout, key: str, ckpt_mtime: int) -> bool:
+    """The image's mask and npz are there, made by this stage with these settings after the checkpoint."""
+    return finished(files.masks / f"{name}.png", STAMP_STAGE, key, newer_than_ns=ckpt_mtime,
+                    companions=[files.probs / f"{name}.npz"], probs=True)  # fmt: skip
+
+
+def _segment_infer(
+    cfg: DictConfig,
+    layout: RunLayout,
+    ckpt: Path,
+    state: Dict[str, Any],
+    dataset: Any,
+    model: Any,
+    split: str,
+    scales: List[float],
+    flip: bool,
+    dev: Any,
+    shard: Shard,
+    dist_info: Any,
+    *,
+    out: Optional[PathLike],
+    crf: bool,
+    progress: bool,
+    overwrite: bool,
+) -> Dict[str, Any]:
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from vitpcm.data.pseudo import SegmentEvalTransform, segment_collate
+    from vitpcm.engine.distributed import all_reduce_sum, barrier
+    from vitpcm.engine.task import autocast
+    from vitpcm.evaluation import ConfusionMatrix
+    from vitpcm.models.deeplab import predict_probs
+
+    model.to(dev).eval()
+    amp = bool(cfg.train.amp) and dev.type == "cuda"  # autocast is a no-op elsewhere
     files = PseudoLayout(out if out is not None else layout.pseudo(split))
-    files.masks.mkdir(parents=True, exist_ok=True)
-    files.probs.mkdir(parents=True, exist_ok=True)
+    key = digest(_settings(cfg, ckpt, scales, flip, model, amp))
+    ckpt_mtime = ckpt.stat().st_mtime_ns
+
+    # this rank's share, less the finished images
+    mine = shard.take(list(dataset.names))
+    done = [] if overwrite else [n for n in mine if _finished(n, files, key, ckpt_mtime)]
+    done_set = set(done)
+    todo = [n for n in mine if n not in done_set]
+    if done:
+        log.info("segment infer %s: %d of %d images already done (same checkpoint and settings), %d to go",
+                 split, len(done), len(mine), len(todo))  # fmt: skip
+
     cm = ConfusionMatrix(dataset.num_classes) if dataset.has_masks else None
     threshold = float(cfg.segment.keep_threshold)
     start = time.time()
+    with output_folders(files.masks, files.probs):
+        if cm is not None:  # the finished images only count in the score
+            for name in done:
+                pred = read_mask_png(files.masks / f"{name}.png")
+                cm.update(pred, dataset.read_mask(name, pred.shape))
 
-    from tqdm import tqdm
+        sub = copy.copy(dataset)
+        sub.names = todo
+        sub.transform = SegmentEvalTransform(*model.normalisation)
+        loader = DataLoader(sub, batch_size=1, shuffle=False, num_workers=min(int(cfg.data.num_workers), 4),
+                            collate_fn=segment_collate)  # fmt: skip
+        desc = f"segment infer {split} x{scales}{' +flip' if flip else ''}"
+        desc += f" [{shard.rank}/{shard.world}]" if shard.enabled else ""
+        text = stamp(STAMP_STAGE, key, probs=True)
+        with torch.inference_mode():
+            for batch in tqdm(loader, desc=desc, unit="img", disable=not progress or not todo):
+                with autocast(dev, amp):
+                    probs = predict_probs(model, batch["image"][0].to(dev), scales, flip).float()
+                mask = probs.argmax(0)
+                name = batch["name"][0]
+                keep = _keep_classes(probs, mask, threshold)
+                # the npz first, then the stamped PNG: a PNG implies its npz
+                save_npz_atomic(files.probs / f"{name}.npz", probs=probs[keep].cpu().numpy().astype(np.float32),
+                                classes=keep.cpu().numpy().astype(np.int64))  # fmt: skip
+                pred = mask.to(torch.uint8).cpu().numpy()
+                save_mask_png(files.masks / f"{name}.png", pred, text)
+                if cm is not None:
+                    cm.update(pred, batch["mask"][0].numpy())
+        seconds = time.time() - start
 
-    desc = f"segment infer {split} x{scales}{' +flip' if flip else ''}"
-    with torch.inference_mode():
-        for batch in tqdm(loader, desc=desc, unit="img", disable=not progress):
-            with autocast(dev, bool(cfg.train.amp)):
-                probs = predict_probs(model, batch["image"][0].to(dev), scales, flip)
-            mask = probs.argmax(0)
-            name = batch["name"][0]
-            save_mask_png(files.masks / f"{name}.png", mask.to(torch.uint8).cpu().numpy())
-            keep = _keep_classes(probs, mask, threshold)
-            save_npz_atomic(files.probs / f"{name}.npz", probs=probs[keep].cpu().numpy().astype(np.float32),
-                            classes=keep.cpu().numpy().astype(np.int64))  # fmt: skip
-            if cm is not None:
-                cm.update(mask.cpu().numpy(), batch["mask"][0].numpy())
+        # one summary for all ranks
+        # on the device: NCCL reduces CUDA tensors only
+        if cm is not None and dist_info.enabled:
+            cm.matrix = all_reduce_sum(torch.from_numpy(cm.matrix.copy()).to(dev), dist_info).cpu().numpy()
+        counts = all_reduce_sum(torch.tensor([len(todo), len(done)], device=dev), dist_info)
+        computed, resumed = (int(v) for v in counts.tolist())
+        summary: Dict[str, Any] = {
+            "run": str(layout.root),
+            "out": str(files.root),
+            "checkpoint": str(ckpt),
+            "model": dict(state["arch"]),
+            "split": split,
+            "images": len(dataset),
+            "computed": computed,  # this call; the others were finished already
+            "resumed": resumed,
+            "scales": scales,
+            "flip": flip,
+            "seconds": round(seconds, 2),
+            "classes": dataset.classes,
+        }
+        if shard.enabled:
+            summary["ranks"] = shard.world
+        if cm is not None:
+            result = cm.summary(dataset.classes)
+            summary.update(miou=result["miou"], iou=result["iou"])
+            if shard.main:
+                with atomic_path(files.confusion) as tmp, open(tmp, "wb") as f:
+                    np.save(f, cm.matrix)
+        if crf:
+            from vitpcm.stages.refine import refine_pseudo
 
-    summary: Dict[str, Any] = {
-        "run": str(layout.root),
-        "out": str(files.root),
-        "checkpoint": str(ckpt),
-        "model": dict(state["arch"]),
-        "split": split,
-        "images": len(dataset),
-        "scales": scales,
-        "flip": flip,
-        "seconds": round(time.time() - start, 2),
-        "classes": dataset.classes,
-    }
-    if cm is not None:
-        result = cm.summary(dataset.classes)
-        summary.update(miou=result["miou"], iou=result["iou"])
-        np.save(files.confusion, cm.matrix)
-    if crf:
-        from vitpcm.stages.refine import refine_pseudo
-
-        summary["crf"] = refine_pseudo(cfg, dataset, files.root, overwrite=True, progress=progress)
-        if "miou" in summary["crf"]:
-            summary["crf_miou"] = summary["crf"].pop("miou")
-    write_json_atomic(files.summary, summary)
+            barrier(dist_info)  # every rank's probabilities are on disk before any CRF reads them
+            # finished CRF masks are kept: a rewritten npz is newer than its mask, which makes it stale
+            summary["crf"] = refine_pseudo(cfg, dataset, files.root, overwrite=overwrite, progress=progress)
+            if "miou" in summary["crf"]:
+                summary["crf_miou"] = summary["crf"].pop("miou")
+        if shard.main:
+            write_json_atomic(files.summary, summary)
+    barrier(dist_info)  # the summary exists when any rank returns
     return summary

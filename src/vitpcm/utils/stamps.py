@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 from vitpcm.io import read_png_text
 
@@ -45,3 +45,29 @@ def read_stamp(path: Union[str, Path]) -> Optional[Dict[str, Any]]:
     except ValueError:
         return None
     return record if isinstance(record, dict) else None
+
+
+def finished(
+    png: Union[str, Path],
+    stage: str,
+    key: str,
+    *,
+    newer_than_ns: int = 0,
+    companions: Sequence[Union[str, Path]] = (),
+    **facts: Any,
+) -> bool:
+    """Whether the output ``png`` is finished: stamped by ``stage`` with settings ``key``
+    (and the ``facts`` given, e.g. ``probs=True``), its mtime at least ``newer_than_ns``
+    (e.g. the checkpoint's: a retrained model makes it stale) and every file of
+    ``companions`` there (e.g. its npz, written before it). False when anything is missing."""
+    record = read_stamp(png)
+    if record is None or record.get("stage") != stage or record.get("key") != key:
+        return False
+    if any(record.get(k) != v for k, v in facts.items()):
+        return False
+    if not all(Path(c).is_file() for c in companions):
+        return False
+    try:
+        return Path(png).stat().st_mtime_ns >= newer_than_ns
+    except FileNotFoundError:
+        return False
