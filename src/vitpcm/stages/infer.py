@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader
 from vitpcm.data import EvalTransform, build_dataset, collate
 from vitpcm.data.transforms import MultiScaleTransform, TagRule
 from vitpcm.engine.checkpoint import find_run_checkpoint
-from vitpcm.engine.distributed import Dist, init_distributed, resolve_device
+from vitpcm.engine.distributed import Dist, all_reduce_sum, init_distributed, resolve_device
 from vitpcm.errors import VitpcmError
 from vitpcm.evaluation import ConfusionMatrix
 from vitpcm.io import atomic_path, read_mask_png, save_mask_png, save_npz_atomic, write_json_atomic, write_text_atomic
@@ -330,11 +330,8 @@ def _infer(
 
         # 5. one summary for all ranks
         if cm is not None and dist_info.enabled:
-            total = torch.from_numpy(cm.matrix.copy())
-            import torch.distributed as dist
-
-            dist.all_reduce(total, op=dist.ReduceOp.SUM)
-            cm.matrix = total.numpy()
+            # on the device: NCCL reduces CUDA tensors only (gloo: the CPU)
+            cm.matrix = all_reduce_sum(torch.from_numpy(cm.matrix.copy()).to(dev), dist_info).cpu().numpy()
         counts = _gather((len(todo), len(done), merged), dist_info)
         summary: Dict[str, Any] = {
             "run": str(layout.root),
