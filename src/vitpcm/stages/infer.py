@@ -60,7 +60,7 @@ from vitpcm.stages.load import load_model
 from vitpcm.utils.folders import output_folders
 from vitpcm.utils.pools import WriterThreads
 from vitpcm.utils.shard import Shard
-from vitpcm.utils.stamps import digest, read_stamp, stamp
+from vitpcm.utils.stamps import digest, finished, stamp
 from vitpcm.utils.system import cpu_count
 
 log = logging.getLogger(__name__)
@@ -197,16 +197,10 @@ def _settings(cfg: Any, ckpt_path: Path, scale: int, sizes: Sequence[int], tta: 
 
 def _finished(name: str, files: PseudoLayout, key: str, save_probs: bool, ckpt_mtime: int) -> bool:
     """The image's outputs are complete and were made with these settings (module docstring)."""
-    png = files.masks / f"{name}.png"
-    record = read_stamp(png)
-    if record is None or record.get("stage") != "infer" or record.get("key") != key:
-        return False
-    if save_probs and not (record.get("probs") and (files.probs / f"{name}.npz").is_file()):
-        return False
-    try:
-        return png.stat().st_mtime_ns >= ckpt_mtime
-    except FileNotFoundError:
-        return False
+    if not save_probs:
+        return finished(files.masks / f"{name}.png", "infer", key, newer_than_ns=ckpt_mtime)
+    return finished(files.masks / f"{name}.png", "infer", key, newer_than_ns=ckpt_mtime,
+                    companions=[files.probs / f"{name}.npz"], probs=True)  # fmt: skip
 
 
 def _screen(dataset: Any, names: Sequence[str], full: bool, progress: bool) -> List[Tuple[str, str, str, str]]:
