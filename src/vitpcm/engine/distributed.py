@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -59,6 +60,24 @@ def init_distributed(device_spec: str, timeout: Optional[timedelta] = None) -> t
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, **({"timeout": timeout} if timeout else {}))
     return Dist(rank=shard.rank, world=shard.world, local_rank=local_rank), device
+
+
+# stages' ranks meet after their shards (screening, inference, the CRF), which may end far apart
+STAGE_TIMEOUT = timedelta(hours=6)
+
+
+@contextlib.contextmanager
+def stage_group(device_spec: str) -> Iterator[tuple[Dist, torch.device]]:
+    """For a stage that may run under torchrun (``infer``, ``segment infer``): ``(Dist,
+    device)``, in the process group when WORLD_SIZE > 1 (joined with :data:`STAGE_TIMEOUT`);
+    a group this call created is ended on leaving (an API caller's own group is kept)."""
+    created = Shard.from_env().enabled and not dist.is_initialized()
+    info, device = init_distributed(device_spec, timeout=STAGE_TIMEOUT)
+    try:
+        yield info, device
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def all_reduce_sum(tensor: torch.Tensor, info: Dist) -> torch.Tensor:

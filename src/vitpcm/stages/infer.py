@@ -37,7 +37,6 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -48,10 +47,10 @@ from torch.utils.data import DataLoader
 from vitpcm.data import EvalTransform, build_dataset, collate
 from vitpcm.data.transforms import MultiScaleTransform, TagRule
 from vitpcm.engine.checkpoint import find_run_checkpoint
-from vitpcm.engine.distributed import Dist, all_reduce_sum, init_distributed, resolve_device
+from vitpcm.engine.distributed import Dist, all_reduce_sum, stage_group
 from vitpcm.errors import VitpcmError
 from vitpcm.evaluation import ConfusionMatrix
-from vitpcm.io import atomic_path, read_mask_png, save_mask_png, save_npz_atomic, write_json_atomic, write_text_atomic
+from vitpcm.io import read_mask_png, save_mask_png, save_npz_atomic, write_text_atomic
 from vitpcm.models.backbone import resolve_normalisation
 from vitpcm.models.predict import predict_tta, present_classes, tta_sizes, upsample
 from vitpcm.models.vitpcm import ViTPCM, merge_class_labels
@@ -125,32 +124,13 @@ def infer(
     model, state = load_model(ckpt_path, expected_classes=dataset.classes)
     check_scale(scale, model.patch_size)
     sizes = tta_sizes(scale, cfg.infer.tta_scales, model.patch_size) if tta else [scale]
-    dist_info, dev, own_group = _join(device, shard)
-    try:
+    with stage_group(device) as (dist_info, dev):
         return _infer(cfg, layout, ckpt_path, dataset, model, split, scale, sizes, tta, dev, shard, dist_info,
                       out=out, save_probs=save_probs, crf=crf, progress=progress, skip_bad=skip_bad,
                       overwrite=overwrite)  # fmt: skip
-    finally:
-        if own_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
 
 
 run_inference = infer  # the name of this stage before vitpcm.stages existed (README, benchmarks)
-
-
-def _join(device: str, shard: Shard) -> Tuple[Dist, torch.device, bool]:
-    """The device, and the process group under torchrun (the engine's ``init_distributed``).
-    Returns whether this call created the group (then it also ends it)."""
-    if not shard.enabled:
-        return Dist(), resolve_device(device), False
-    import torch.distributed as dist
-
-    created = not dist.is_initialized()
-    # long: ranks meet after screening and after the CRF, whose shards may end minutes apart
-    info, dev = init_distributed(device, timeout=timedelta(hours=6))
-    return info, dev, created
 
 
 def _gather(obj: Any, info: Dist) -> List[Any]:
@@ -162,13 +142,6 @@ def _gather(obj: Any, info: Dist) -> List[Any]:
     out: List[Any] = [None] * info.world
     dist.all_gather_object(out, obj)
     return out
-
-
-def _barrier(info: Dist) -> None:
-    if info.enabled:
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 def _settings(cfg: Any, ckpt_path: Path, scale: int, sizes: Sequence[int], tta: bool, flip: bool,
@@ -346,24 +319,11 @@ def _infer(
         }
         if shard.enabled:
             summary["ranks"] = shard.world
-        if cm is not None:
-            result = cm.summary(dataset.classes)
-            summary.update(miou=result["miou"], iou=result["iou"])
-            if shard.main:
-                with atomic_path(files.confusion) as tmp, open(tmp, "wb") as f:
-                    np.save(f, cm.matrix)
-        if crf:
-            from vitpcm.stages.refine import refine_pseudo
+        from vitpcm.stages.refine import finish_pseudo
 
-            _barrier(dist_info)  # every rank's probabilities are on disk before any CRF reads them
-            # finished CRF masks are kept: a rewritten npz is newer than its mask, which makes it stale
-            summary["crf"] = refine_pseudo(cfg, dataset, files.root, overwrite=overwrite, progress=progress)
-            if "miou" in summary["crf"]:
-                summary["crf_miou"] = summary["crf"].pop("miou")
-        if shard.main:
-            write_json_atomic(files.summary, summary)
-    _barrier(dist_info)  # the summary exists when any rank returns
-    return summary
+        # score, CRF, summary (rank 0); every rank returns once the summary exists
+        return finish_pseudo(cfg, dataset, files, summary, cm, main=shard.main, dist_info=dist_info, crf=crf,
+                             overwrite=overwrite, progress=progress)  # fmt: skip
 
 
 def speed_settings(cfg: Any, dev: torch.device) -> Tuple[int, int, bool]:

@@ -124,6 +124,47 @@ def refine_pseudo(
     return info
 
 
+def finish_pseudo(
+    cfg: Any,
+    dataset: Any,
+    files: PseudoLayout,
+    summary: Dict[str, Any],
+    cm: Any,
+    *,
+    main: bool,
+    dist_info: Any,
+    crf: bool,
+    overwrite: bool,
+    progress: bool,
+) -> Dict[str, Any]:
+    """The common end of the stages that write pseudo-masks (``vitpcm infer``, ``vitpcm
+    segment infer``): the score into ``summary`` (and ``files.confusion``, by rank 0; ``cm``
+    None: no ground truth), the CRF chained when ``crf`` (once every rank's probabilities are
+    on disk; finished CRF masks are kept unless ``overwrite``: a rewritten npz is newer than
+    its mask, which makes it stale), ``files.summary`` written by rank 0. Every rank returns
+    once it exists. Returns ``summary``."""
+    import numpy as np
+
+    from vitpcm.engine.distributed import barrier
+    from vitpcm.io import atomic_path, write_json_atomic
+
+    if cm is not None:
+        result = cm.summary(dataset.classes)
+        summary.update(miou=result["miou"], iou=result["iou"])
+        if main:
+            with atomic_path(files.confusion) as tmp, open(tmp, "wb") as f:
+                np.save(f, cm.matrix)
+    if crf:
+        barrier(dist_info)
+        summary["crf"] = refine_pseudo(cfg, dataset, files.root, overwrite=overwrite, progress=progress)
+        if "miou" in summary["crf"]:
+            summary["crf_miou"] = summary["crf"].pop("miou")
+    if main:
+        write_json_atomic(files.summary, summary)
+    barrier(dist_info)
+    return summary
+
+
 def refine_run(cfg: Any, run: PathLike, split: str, *, progress: bool = True, overwrite: bool = True) -> Dict[str, Any]:
     """:func:`refine_pseudo` of ``RUN/pseudo/SPLIT`` with the split's dataset (``cfg.data``).
 

@@ -32,15 +32,14 @@ import copy
 import logging
 import os
 import time
-from datetime import timedelta
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from omegaconf import DictConfig
 
 from vitpcm.config import to_yaml
 from vitpcm.errors import VitpcmError
-from vitpcm.io import atomic_path, format_names, read_mask_png, save_mask_png, save_npz_atomic, write_json_atomic
+from vitpcm.io import format_names, read_mask_png, save_mask_png, save_npz_atomic
 from vitpcm.runs import PseudoLayout, RunLayout
 from vitpcm.utils.folders import output_folders
 from vitpcm.utils.shard import Shard
@@ -182,22 +181,6 @@ def _keep_classes(probs: Any, mask: Any, threshold: float) -> Any:
     return torch.nonzero(keep).flatten()
 
 
-def _join(device: str, shard: Shard) -> Tuple[Any, Any, bool]:
-    """The device, and the process group under torchrun (the engine's ``init_distributed``).
-    Returns ``(Dist, device, whether this call created the group)`` (then it also ends it).
-    The same few lines as ``vitpcm.stages.infer._join``."""
-    from vitpcm.engine.distributed import Dist, init_distributed, resolve_device
-
-    if not shard.enabled:
-        return Dist(), resolve_device(device), False
-    import torch.distributed as dist
-
-    created = not dist.is_initialized()
-    # long: ranks meet after inference and after the CRF, whose shards may end minutes apart
-    info, dev = init_distributed(device, timeout=timedelta(hours=6))
-    return info, dev, created
-
-
 def _settings(
     cfg: DictConfig, ckpt: Path, scales: Sequence[float], flip: bool, model: Any, amp: bool
 ) -> Dict[str, Any]:
@@ -268,15 +251,11 @@ def segment_infer(
     if any(s <= 0 for s in scales):
         raise VitpcmError(f"--scales must be positive factors, got {scales}")
     flip = bool(cfg.segment.test_flip) if flip is None else bool(flip)
-    dist_info, dev, own_group = _join(device, shard)
-    try:
+    from vitpcm.engine.distributed import stage_group
+
+    with stage_group(device) as (dist_info, dev):
         return _segment_infer(cfg, layout, ckpt, state, dataset, model, split, scales, flip, dev, shard, dist_info,
                               out=out, crf=crf, progress=progress, overwrite=overwrite)  # fmt: skip
-    finally:
-        if own_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
 
 
 def _finished(name: str, files: PseudoLayout, key: str, ckpt_mtime: int) -> bool:
@@ -310,7 +289,7 @@ def _segment_infer(
     from tqdm import tqdm
 
     from vitpcm.data.pseudo import SegmentEvalTransform, segment_collate
-    from vitpcm.engine.distributed import all_reduce_sum, barrier
+    from vitpcm.engine.distributed import all_reduce_sum
     from vitpcm.engine.task import autocast
     from vitpcm.evaluation import ConfusionMatrix
     from vitpcm.models.deeplab import predict_probs
@@ -385,21 +364,8 @@ def _segment_infer(
         }
         if shard.enabled:
             summary["ranks"] = shard.world
-        if cm is not None:
-            result = cm.summary(dataset.classes)
-            summary.update(miou=result["miou"], iou=result["iou"])
-            if shard.main:
-                with atomic_path(files.confusion) as tmp, open(tmp, "wb") as f:
-                    np.save(f, cm.matrix)
-        if crf:
-            from vitpcm.stages.refine import refine_pseudo
+        from vitpcm.stages.refine import finish_pseudo
 
-            barrier(dist_info)  # every rank's probabilities are on disk before any CRF reads them
-            # finished CRF masks are kept: a rewritten npz is newer than its mask, which makes it stale
-            summary["crf"] = refine_pseudo(cfg, dataset, files.root, overwrite=overwrite, progress=progress)
-            if "miou" in summary["crf"]:
-                summary["crf_miou"] = summary["crf"].pop("miou")
-        if shard.main:
-            write_json_atomic(files.summary, summary)
-    barrier(dist_info)  # the summary exists when any rank returns
-    return summary
+        # score, CRF, summary (rank 0); every rank returns once the summary exists
+        return finish_pseudo(cfg, dataset, files, summary, cm, main=shard.main, dist_info=dist_info, crf=crf,
+                             overwrite=overwrite, progress=progress)  # fmt: skip
