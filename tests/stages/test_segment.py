@@ -423,3 +423,17 @@ def test_infer_under_torchrun_two_cpu_ranks_write_the_files_of_one_process(seg_c
     # the ranks stamped their masks as one process does: a one-process rerun keeps them all
     rerun = segment_infer(seg_copy, "mini", out=b, scales=[0.5], flip=True, overrides=over, progress=False)
     assert (rerun["computed"], rerun["resumed"], rerun["miou"]) == (0, 3, sb["miou"])
+
+
+def test_infer_lists_every_bad_item_before_any_output(seg_copy, mini_root, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(mini_root, data)
+    (data / "JPEGImages" / "val_00000.jpg").write_bytes(b"not a jpeg")
+    (data / "JPEGImages" / "val_00002.jpg").unlink()  # the last item: found before any image is inferred
+    with pytest.raises(VitpcmError) as info:
+        segment_infer(seg_copy, "mini", out=tmp_path / "o", scales=[0.5], overrides=[f"data.root={data}"],
+                      progress=False)  # fmt: skip
+    message = str(info.value)
+    assert "2 problem(s) in split 'mini' (2 item(s)), nothing inferred" in message
+    assert "val_00000.jpg" in message and "val_00002" in message
+    assert not (tmp_path / "o").exists()  # no empty folders left behind

@@ -521,6 +521,28 @@ class ScreenCache:
                 continue
 
 
+def screen_items(
+    dataset: SegmentationDataset, names: Sequence[str], *, full: bool, progress: bool = True
+) -> List[Tuple[str, str, str, str]]:
+    """The check before an inference stage: read each of ``names`` of ``dataset`` once
+    (``vitpcm check-data``'s check) and return its problems as ``(name, kind, path, message)``.
+    ``full``: ``names`` is the whole split, so the screening cache is read and updated (a
+    subset would shrink it)."""
+    import copy
+
+    sub = copy.copy(dataset)
+    sub.names = list(names)
+    sub.transform = None
+    cache = None
+    if full:
+        folder = screen_cache_dir()
+        cache = ScreenCache(sub, folder) if folder is not None else None
+    report = check_dataset(sub, "extra", 0, progress, cache=cache)
+    if cache is not None:
+        cache.save()
+    return [(p.name, p.kind, p.path, p.message) for p in report.problems]
+
+
 def screen_for_training(
     datasets: Sequence[Optional[SegmentationDataset]],
     run_dir: Path,

@@ -6,7 +6,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator, Optional
+from typing import Any, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -84,6 +84,15 @@ def all_reduce_sum(tensor: torch.Tensor, info: Dist) -> torch.Tensor:
     if info.enabled:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def gather_objects(obj: Any, info: Dist) -> List[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` in one process)."""
+    if not info.enabled:
+        return [obj]
+    out: List[Any] = [None] * info.world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier(info: Dist) -> None:

@@ -45,9 +45,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from vitpcm.data import EvalTransform, build_dataset, collate
+from vitpcm.data.check import screen_items
 from vitpcm.data.transforms import MultiScaleTransform, TagRule
 from vitpcm.engine.checkpoint import find_run_checkpoint
-from vitpcm.engine.distributed import Dist, all_reduce_sum, stage_group
+from vitpcm.engine.distributed import Dist, all_reduce_sum, gather_objects, stage_group
 from vitpcm.errors import VitpcmError
 from vitpcm.evaluation import ConfusionMatrix
 from vitpcm.io import read_mask_png, save_mask_png, save_npz_atomic, write_text_atomic
@@ -133,17 +134,6 @@ def infer(
 run_inference = infer  # the name of this stage before vitpcm.stages existed (README, benchmarks)
 
 
-def _gather(obj: Any, info: Dist) -> List[Any]:
-    """``[obj of rank 0, obj of rank 1, ...]`` (``[obj]`` in one process)."""
-    if not info.enabled:
-        return [obj]
-    import torch.distributed as dist
-
-    out: List[Any] = [None] * info.world
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def _settings(cfg: Any, ckpt_path: Path, scale: int, sizes: Sequence[int], tta: bool, flip: bool,
               mean: Any, std: Any) -> Dict[str, Any]:  # fmt: skip
     """Everything besides the image that decides its mask and probabilities (the stamp)."""
@@ -174,25 +164,6 @@ def _finished(name: str, files: PseudoLayout, key: str, save_probs: bool, ckpt_m
         return finished(files.masks / f"{name}.png", "infer", key, newer_than_ns=ckpt_mtime)
     return finished(files.masks / f"{name}.png", "infer", key, newer_than_ns=ckpt_mtime,
                     companions=[files.probs / f"{name}.npz"], probs=True)  # fmt: skip
-
-
-def _screen(dataset: Any, names: Sequence[str], full: bool, progress: bool) -> List[Tuple[str, str, str, str]]:
-    """Read each of ``names`` once (``vitpcm check-data``'s check); returns its problems as
-    ``(name, kind, path, message)``. The screening cache is used when every name of the
-    split is screened (a subset would shrink it)."""
-    from vitpcm.data.check import ScreenCache, check_dataset, screen_cache_dir
-
-    sub = copy.copy(dataset)
-    sub.names = list(names)
-    sub.transform = None
-    cache = None
-    if full:
-        folder = screen_cache_dir()
-        cache = ScreenCache(sub, folder) if folder is not None else None
-    report = check_dataset(sub, "extra", 0, progress, cache=cache)
-    if cache is not None:
-        cache.save()
-    return [(p.name, p.kind, p.path, p.message) for p in report.problems]
 
 
 def _infer(
@@ -238,8 +209,8 @@ def _infer(
 
     # 2. every item still to do read once, all problems together, before anything is written
     t_screen = time.time()
-    problems = _screen(dataset, todo, full=len(todo) == len(names), progress=progress) if todo else []
-    problems = [p for part in _gather(problems, dist_info) for p in part]
+    problems = screen_items(dataset, todo, full=len(todo) == len(names), progress=progress) if todo else []
+    problems = [p for part in gather_objects(problems, dist_info) for p in part]
     screen_seconds = time.time() - t_screen
     if problems and not skip_bad:
         raise VitpcmError(
@@ -299,7 +270,7 @@ def _infer(
         if cm is not None and dist_info.enabled:
             # on the device: NCCL reduces CUDA tensors only (gloo: the CPU)
             cm.matrix = all_reduce_sum(torch.from_numpy(cm.matrix.copy()).to(dev), dist_info).cpu().numpy()
-        counts = _gather((len(todo), len(done), merged), dist_info)
+        counts = gather_objects((len(todo), len(done), merged), dist_info)
         summary: Dict[str, Any] = {
             "run": str(layout.root),
             "out": str(files.root),

@@ -243,7 +243,8 @@ def segment_infer(
     ckpt = find_run_checkpoint(run, "best")
     layout = run_of_checkpoint(ckpt) or RunLayout(ckpt.parent)
     cfg = load_saved_config(layout.config, overrides) if layout.config.is_file() else load_config(None, overrides)
-    dataset = build_dataset(cfg.data, split, require_masks=False)
+    # strict=False: a missing file is one more problem of the check before any output, listed with the rest
+    dataset = build_dataset(cfg.data, split, require_masks=False, strict=False)
     model, state = load_model(ckpt, expected_classes=dataset.classes)
     if not isinstance(model, DeepLab):
         raise VitpcmError(f"{ckpt} holds a {type(model).__name__}, not a DeepLab: use `vitpcm infer` for it")
@@ -288,8 +289,9 @@ def _segment_infer(
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
+    from vitpcm.data.check import screen_items
     from vitpcm.data.pseudo import SegmentEvalTransform, segment_collate
-    from vitpcm.engine.distributed import all_reduce_sum
+    from vitpcm.engine.distributed import all_reduce_sum, gather_objects
     from vitpcm.engine.task import autocast
     from vitpcm.evaluation import ConfusionMatrix
     from vitpcm.models.deeplab import predict_probs
@@ -308,6 +310,15 @@ def _segment_infer(
     if done:
         log.info("segment infer %s: %d of %d images already done (same checkpoint and settings), %d to go",
                  split, len(done), len(mine), len(todo))  # fmt: skip
+    # every item still to do read once, all problems together, before anything is written
+    problems = screen_items(dataset, todo, full=len(todo) == len(dataset.names), progress=progress) if todo else []
+    problems = [p for part in gather_objects(problems, dist_info) for p in part]
+    if problems:
+        raise VitpcmError(
+            f"{len(problems)} problem(s) in split '{split}' ({len({p[0] for p in problems})} item(s)), nothing"
+            " inferred; fix them (`vitpcm check-data` lists them too):\n"
+            + "\n".join(f"[{split}] {path}: {message}" for _, _, path, message in problems)
+        )
 
     cm = ConfusionMatrix(dataset.num_classes) if dataset.has_masks else None
     threshold = float(cfg.segment.keep_threshold)
