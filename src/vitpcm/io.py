@@ -161,6 +161,103 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+@contextlib.contextmanager
+def atomic_fd(path: PathLike) -> Iterator[int]:
+    """Yield a file descriptor open for writing ``path``'s new content; on success the
+    content replaces ``path`` (the caller writes, and fsyncs if it wants to).
+
+    For long writes (checkpoints). On Linux the bytes go to an unnamed file (``O_TMPFILE``)
+    that is given a name only once complete, so a kill -9 during the write leaves nothing
+    on disk: the kernel drops the file with the process. Only the final link and rename
+    (microseconds) can leave a ``.NAME.PID-XXXX.tmp``. Where the folder cannot do that
+    (another OS, a file system without ``O_TMPFILE``, no way to link the file) it is
+    :func:`atomic_path`'s named temporary. Disk and permission failures raise one-line
+    :class:`DiskError` naming the folder.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _open_unnamed(path.parent)
+    except OSError as exc:
+        raise (disk_error(exc, path) or exc) from None
+    if fd is None:
+        with atomic_path(path) as tmp:
+            fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
+            try:
+                yield fd
+            finally:
+                os.close(fd)
+        return
+    try:
+        yield fd
+        tmp = _temporary_name(path)
+        try:
+            _link_unnamed(fd, tmp)
+            try:
+                os.replace(tmp, path)  # a link cannot replace an existing name; a rename can
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            raise (disk_error(exc, path) or exc) from None
+    finally:
+        os.close(fd)
+
+
+def _temporary_name(path: Path) -> Path:
+    return path.parent / f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}{_TMP_SUFFIX}"
+
+
+_UNNAMED_WORKS: Dict[int, bool] = {}  # st_dev -> whether an O_TMPFILE file there can be linked
+
+
+def _open_unnamed(folder: Path) -> Optional[int]:
+    """An ``O_TMPFILE`` descriptor in ``folder``, or None where such a file cannot be given
+    a name there (tried once per file system, with a probe file)."""
+    if not hasattr(os, "O_TMPFILE"):
+        return None
+    dev = folder.stat().st_dev
+    if dev not in _UNNAMED_WORKS:
+        _UNNAMED_WORKS[dev] = _probe_unnamed(folder)
+    if not _UNNAMED_WORKS[dev]:
+        return None
+    return os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o666)  # the kernel applies the umask
+
+
+def _probe_unnamed(folder: Path) -> bool:
+    try:
+        fd = os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o600)
+    except OSError:
+        return False
+    probe = _temporary_name(folder / "probe")
+    try:
+        _link_unnamed(fd, probe)
+        probe.unlink()
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _link_unnamed(fd: int, dest: Path) -> None:
+    """Give the unnamed file ``fd`` the name ``dest``: linkat through /proc (any user), else
+    linkat(fd, "", AT_EMPTY_PATH) (where /proc's link crosses mounts, as in some containers)."""
+    try:
+        os.link(f"/proc/self/fd/{fd}", dest)  # follow_symlinks: linkat(..., AT_SYMLINK_FOLLOW)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOENT, errno.EPERM, errno.EACCES):
+            raise
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd, at_empty_path = -100, 0x1000
+    if libc.linkat(fd, b"", at_fdcwd, os.fsencode(dest), at_empty_path) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(dest))
+
+
 def remove_temporaries(folder: PathLike, only_dead: bool = True) -> List[Path]:
     """Delete the atomic-write temporaries (``.NAME.PID-XXXX.tmp``, and the older
     ``.NAME.XXXX.tmp``) directly in ``folder`` that a killed process left behind. With

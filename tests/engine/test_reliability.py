@@ -352,11 +352,87 @@ def test_save_checkpoint_names_a_full_disk(monkeypatch, tmp_path):
 
     @contextlib.contextmanager
     def full(path):
-        yield Path("/dev/full")  # every write: ENOSPC
+        fd = os.open("/dev/full", os.O_WRONLY)  # every write: ENOSPC
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
-    monkeypatch.setattr(checkpoint, "atomic_path", full)
+    monkeypatch.setattr(checkpoint, "atomic_fd", full)
     with pytest.raises(DiskError, match=r"cannot write last.pt in .*: no space left on device"):
         save_checkpoint(tmp_path / "last.pt", {"arch": {}, "model": {"w": torch.zeros(1000)}})
+
+
+# A process saving a checkpoint that stalls mid-save: before the first byte (in the pickler)
+# or after the first bytes reached the file (in the writer), and says so in a marker file.
+_STALLED_SAVE = """
+import sys, time
+from pathlib import Path
+import torch
+from vitpcm.engine import checkpoint
+
+folder, marker, where = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+
+def stall():
+    marker.write_text("saving")
+    time.sleep(120)
+
+class Stall:
+    def __reduce__(self):
+        stall()
+        return (int, (0,))
+
+state = {"arch": {}, "model": {"w": torch.zeros(100_000)}}
+if where == "pickling":
+    state["extra"] = Stall()
+else:
+    write = checkpoint._Sink.write
+    def slow_write(self, data):
+        n = write(self, data)
+        stall()
+        return n
+    checkpoint._Sink.write = slow_write
+checkpoint.save_checkpoint(folder / "last.pt", state)
+"""
+
+
+@pytest.mark.parametrize("where", ["pickling", "writing"])
+def test_a_kill_during_a_save_leaves_no_file_behind(tmp_path, where):
+    """The issue's "0-byte .last.pt.*.tmp left when a kill lands during the first save": the
+    checkpoint is written into an unnamed file (O_TMPFILE), so a kill -9 leaves nothing."""
+    folder, marker = tmp_path / "checkpoints", tmp_path / "marker"
+    folder.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", _STALLED_SAVE, str(folder), str(marker), where], cwd=REPO)
+    try:
+        deadline = time.time() + 60
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), "the save never started"
+        proc.kill()
+        proc.wait(10)
+    finally:
+        proc.kill()
+    assert list(folder.iterdir()) == []  # no temporary, no half checkpoint
+    save_checkpoint(folder / "last.pt", {"arch": {}, "model": {"w": torch.ones(3)}})  # and a later save works
+    assert [p.name for p in folder.iterdir()] == ["last.pt"]
+    assert torch.equal(read_checkpoint(folder / "last.pt")["model"]["w"], torch.ones(3))
+    assert oct((folder / "last.pt").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def test_save_checkpoint_without_o_tmpfile_uses_a_named_temporary(monkeypatch, tmp_path):
+    """A file system without O_TMPFILE (or another OS): the named temporary, renamed on success."""
+    import vitpcm.io as vio
+
+    monkeypatch.setattr(vio, "_open_unnamed", lambda folder: None)
+    save_checkpoint(tmp_path / "c" / "last.pt", {"arch": {}, "model": {"w": torch.ones(3)}})
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["last.pt"]
+    assert torch.equal(read_checkpoint(tmp_path / "c" / "last.pt")["model"]["w"], torch.ones(3))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @pytest.fixture()

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from vitpcm.errors import VitpcmError
-from vitpcm.io import atomic_path, disk_error
+from vitpcm.io import atomic_fd, disk_error
 from vitpcm.runs import RunLayout
 
 FORMAT_VERSION = 1
@@ -47,7 +47,8 @@ def non_finite_tensors(obj: Any) -> List[str]:
 
 
 def save_checkpoint(path: str | Path, state: Dict[str, Any], check_finite: bool = True) -> None:
-    """``torch.save`` through a temporary file, so a kill never leaves a truncated checkpoint.
+    """``torch.save`` into an unnamed file renamed onto ``path`` once complete
+    (:func:`vitpcm.io.atomic_fd`): a kill never leaves a truncated checkpoint, nor a temporary.
 
     With ``check_finite`` (default) a state holding a NaN or infinite tensor is refused
     with :class:`NonFiniteState` before anything is written: a diverged run never replaces
@@ -61,8 +62,7 @@ def save_checkpoint(path: str | Path, state: Dict[str, Any], check_finite: bool 
             shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
             raise NonFiniteState(f"non-finite values in {shown}: {path} not written")
     state = dict(state, format_version=FORMAT_VERSION)
-    with atomic_path(path) as tmp:
-        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
+    with atomic_fd(path) as fd:  # unnamed until complete: a kill mid-save leaves no temporary
         sink = _Sink(fd)
         try:
             torch.save(state, sink)
@@ -75,8 +75,6 @@ def save_checkpoint(path: str | Path, state: Dict[str, Any], check_finite: bool 
             if err is None:
                 raise
             raise err from None
-        finally:
-            os.close(fd)
 
 
 class _Sink:
