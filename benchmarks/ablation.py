@@ -52,6 +52,8 @@ FIDELITY = [
 FIDELITY_ALL = ("all of 1-6", [o for _, overrides in FIDELITY for o in overrides])
 FIDELITY_BASE = ("synthetic preset (vitpcm)", [])
 FIDELITY_MARK = "<!-- fidelity switches: written by benchmarks/ablation.py --fidelity -->"
+# what the table means, written by hand below the table: kept when the table is rewritten
+FIDELITY_NOTES = "<!-- fidelity notes: written by hand, kept by benchmarks/ablation.py -->"
 
 
 def _slug(label: str) -> str:
@@ -184,7 +186,7 @@ def main() -> None:
             record(run_variant(d, lab, o, args.work, seed))
     wall_min = (time.time() - t_start) / 60
     if args.fidelity:
-        write_fidelity_table(args.out, rows, datasets, args.jobs, wall_min)
+        write_fidelity_table(args.out, rows, datasets, args.jobs, wall_min, len(tasks))
         return
 
     def find(data: Path, label: str, seed: int | None = None) -> dict:
@@ -276,7 +278,7 @@ def tags_unchanged(data: Path) -> bool:
     return True
 
 
-def write_fidelity_table(out: Path, rows: list, datasets: list, jobs: int, wall_min: float) -> None:
+def write_fidelity_table(out: Path, rows: list, datasets: list, jobs: int, wall_min: float, ran: int) -> None:
     """Write the "Fidelity switches" section of ``out`` (everything after FIDELITY_MARK)."""
     names = [d.name for d in datasets]
     preset_rows = ROOT / "benchmarks" / "results" / "ablation.jsonl"
@@ -320,12 +322,15 @@ def write_fidelity_table(out: Path, rows: list, datasets: list, jobs: int, wall_
         lines.append(f"| {label} | {shown} | " + " | ".join(cell(label, d) for d in datasets) + " |")
     lines += [
         "",
-        f"Regenerate: `python benchmarks/ablation.py --fidelity --jobs {jobs}` ({wall_min:.0f} min wall on a",
-        "2-core CPU shared with other work). Raw rows: `benchmarks/results/fidelity.jsonl`.",
+        f"Regenerate: `python benchmarks/ablation.py --fidelity --jobs {jobs}` (the last call ran {ran} of the",
+        f"{len(rows)} rows in {wall_min:.0f} min wall on a 2-core CPU; `--keep-rows` keeps the rows already there).",
+        "Raw rows: `benchmarks/results/fidelity.jsonl`.",
     ]
     text = out.read_text(encoding="utf-8") if out.is_file() else ""
     head = text.split(FIDELITY_MARK, 1)[0].rstrip("\n")
-    out.write_text((head + "\n\n" if head else "") + "\n".join(lines) + "\n", encoding="utf-8")
+    notes = FIDELITY_NOTES + text.split(FIDELITY_NOTES, 1)[1] if FIDELITY_NOTES in text else ""
+    body = "\n".join(lines) + "\n" + ("\n" + notes.rstrip("\n") + "\n" if notes else "")
+    out.write_text((head + "\n\n" if head else "") + body, encoding="utf-8")
     print(f"wrote {out}")
 
 
