@@ -234,7 +234,7 @@ def _probe_unnamed(folder: Path) -> bool:
         _link_unnamed(fd, probe)
         probe.unlink()
         return True
-    except OSError:
+    except (OSError, AttributeError):  # AttributeError: a C library without linkat
         return False
     finally:
         os.close(fd)
