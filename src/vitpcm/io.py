@@ -127,6 +127,19 @@ def disk_error(exc: OSError, path: PathLike, unchanged: Optional[bool] = None) -
 _TMP_SUFFIX = ".tmp"
 
 
+#: This process's temporaries of atomic writes in progress (:func:`remove_open_temporaries`).
+_OPEN_TEMPORARIES: set = set()
+
+
+def remove_open_temporaries() -> None:
+    """Delete the temporaries of the atomic writes this process has in progress. For a
+    handler of a stop signal (a pool's worker stopped while another one's error ends the
+    run): the worker then leaves nothing behind, not even a hidden ``.NAME.PID-XXXX.tmp``."""
+    for tmp in list(_OPEN_TEMPORARIES):
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``.
@@ -140,6 +153,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=_TMP_SUFFIX, dir=path.parent)
+        _OPEN_TEMPORARIES.add(tmp)
         os.close(fd)
         os.chmod(tmp, 0o666 & ~_UMASK)
     except OSError as exc:
@@ -159,6 +173,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+        _OPEN_TEMPORARIES.discard(tmp)
 
 
 @contextlib.contextmanager
@@ -191,6 +206,7 @@ def atomic_fd(path: PathLike) -> Iterator[int]:
     try:
         yield fd
         tmp = _temporary_name(path)
+        _OPEN_TEMPORARIES.add(str(tmp))
         try:
             _link_unnamed(fd, tmp)
             try:
@@ -200,6 +216,8 @@ def atomic_fd(path: PathLike) -> Iterator[int]:
                 raise
         except OSError as exc:
             raise (disk_error(exc, path) or exc) from None
+        finally:
+            _OPEN_TEMPORARIES.discard(str(tmp))
     finally:
         os.close(fd)
 

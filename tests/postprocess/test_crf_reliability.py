@@ -20,7 +20,7 @@ from tests.postprocess.test_crf import _scene, _write_folder
 
 from vitpcm.cli import main
 from vitpcm.errors import VitpcmError
-from vitpcm.io import read_mask_png, save_npz_atomic
+from vitpcm.io import atomic_path, read_mask_png, save_npz_atomic
 from vitpcm.postprocess.crf import crf_labels, crf_labels_bounded, run_crf
 from vitpcm.utils.pools import budget_workers, memory_budget, parse_size, process_pool
 from vitpcm.utils.shard import Shard, done_marker, wait_for_ranks, write_done
@@ -130,6 +130,29 @@ def test_process_pool_ends_its_workers_on_an_error():
             pool.submit(_boom, 1).result()
     assert slow.cancelled() or slow.done()
     assert not [p for p in (pool._processes or {}).values() if p.is_alive()]
+
+
+def _stall_in_write(path: str, flag: str) -> None:
+    """Open an atomic write of ``path``, say so, and stall inside it."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(b"half")
+        Path(flag).touch()
+        time.sleep(30)
+
+
+def test_a_worker_stopped_mid_write_leaves_no_temporary(tmp_path):
+    """The pool ends the other workers when one fails (the CRF's full disk): one stopped
+    inside an atomic write removes its .NAME.PID-XXXX.tmp (a flaky leftover before)."""
+    flag = tmp_path / "writing"
+    with pytest.raises(RuntimeError, match="boom"):
+        with process_pool(2) as pool:
+            pool.submit(_stall_in_write, str(tmp_path / "im.png"), str(flag))
+            deadline = time.time() + 20
+            while not flag.exists() and time.time() < deadline:
+                time.sleep(0.02)
+            assert flag.exists()
+            pool.submit(_boom, 1).result()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["writing"]
 
 
 # ------------------------------------------------------------------------------ resume

@@ -36,6 +36,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, Thr
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 from vitpcm.errors import VitpcmError
+from vitpcm.io import remove_open_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,16 @@ def _init_worker(parent_pid: int, initializer: Optional[Callable[..., Any]], ini
     # Ctrl-C reaches the whole process group: only the parent acts on it (it cancels the
     # queue and ends the workers), the workers do not each print a traceback
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # terminate_pool's SIGTERM (another worker failed, Ctrl-C): drop the file being written
+    signal.signal(signal.SIGTERM, _stop_worker)
     if initializer is not None:
         initializer(*initargs)
+
+
+def _stop_worker(signum: int, frame: Any) -> None:
+    """A pool worker's SIGTERM: remove the temporaries of its unfinished atomic writes, exit."""
+    remove_open_temporaries()
+    os._exit(128 + signum)
 
 
 @contextlib.contextmanager
@@ -87,7 +96,8 @@ def process_pool(
     On leaving normally the pool is shut down and waited for. On an exception (a worker's
     error, Ctrl-C) the queue is cancelled and the workers are terminated at once rather
     than waited for: every output is written atomically, so an interrupted task leaves
-    nothing half-written, and a big image would otherwise hold the exit for minutes.
+    nothing half-written (a worker stopped mid-write removes its temporary first), and a
+    big image would otherwise hold the exit for minutes.
     """
     pool = ProcessPoolExecutor(
         max_workers=workers,
