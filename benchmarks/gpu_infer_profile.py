@@ -44,6 +44,9 @@ def main() -> None:
         "bf16_b16_probs": (["infer.amp=true", "infer.batch_size=16"], True),
         "bf16_b16_masks_only": (["infer.amp=true", "infer.batch_size=16"], False),
         "bf16_b32_probs_w15": (["infer.amp=true", "infer.batch_size=32", "infer.writers=15"], True),
+        # the same as the first two with resize + normalise in the loader workers (the former way)
+        "bf16_b16_probs_loader": (["infer.amp=true", "infer.batch_size=16", "data.transforms_on=loader"], True),
+        "bf16_b16_masks_only_loader": (["infer.amp=true", "infer.batch_size=16", "data.transforms_on=loader"], False),
     }
     infer(run, "val", out=work / "warm", overrides=["infer.amp=true", "infer.batch_size=16"], device=args.device,
           progress=False)  # fmt: skip

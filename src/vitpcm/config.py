@@ -49,6 +49,12 @@ class DataConfig:
     tags: Optional[str] = None  # tag file (CSV / JSON); folder: default ROOT/tags.csv|json; voc: splits without masks
     masks: Optional[str] = None  # coco: output of `vitpcm prepare coco`, default ROOT/masks; folder: default ROOT/masks
     num_workers: int = 2
+    # Where resize, colour jitter and normalisation run (training and `vitpcm infer`): "loader"
+    # (the DataLoader workers, image by image), "device" (the model's device, a batch at a time
+    # after the decoded uint8 images are uploaded; the workers only decode) or "auto" (device on
+    # a GPU, loader on a CPU). The random draws stay in the loader: the same augmentations
+    # either way, equal up to float rounding between devices (docs/scaling.md)
+    transforms_on: str = "auto"
     # Fidelity switches (docs/reproduce.md). Image tags from the mask: the background tag
     # "always" on (vitpcm) or "from_mask": on only when a background pixel exists (the authors);
     # foreground tags read from the "original" mask (vitpcm) or the mask "resized" (nearest) to
@@ -453,6 +459,7 @@ def validate_config(cfg: DictConfig) -> None:
         ("data.background_tag", ("always", "from_mask")),
         ("data.tags_from", ("original", "resized")),
         ("data.coco_gt", ("vitpcm", "authors")),
+        ("data.transforms_on", ("auto", "loader", "device")),
         ("augment.jitter_space", ("clamped", "authors")),
     ):
         if str(OmegaConf.select(cfg, key)) not in allowed:
@@ -666,6 +673,7 @@ def run_config(
 RESUME_KEYS: Tuple[str, ...] = (
     "data.root",  # the same dataset, moved
     "data.num_workers",
+    "data.transforms_on",  # the same draws either way (float rounding between devices)
     "train.epochs",  # train longer (with train.schedule=cosine the remaining lr curve changes)
     "train.lr",  # after a divergence: go on from the last good checkpoint more gently
     "train.warmup_lr",

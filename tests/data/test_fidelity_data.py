@@ -24,6 +24,7 @@ from vitpcm.data.transforms import (
     map_to_et_grid,
     resize_image,
     resize_mask,
+    sampled_by_resize,
 )
 from vitpcm.errors import VitpcmError
 from vitpcm.io import class_list, read_mask_png
@@ -119,6 +120,19 @@ def test_resize_mask_nearest_conventions():
     src = torch.arange(10).reshape(1, 10).expand(2, 10)
     assert resize_mask(src, (2, 4))[0].tolist() == [0, 2, 5, 7]  # floor(i * 10 / 4)
     assert resize_mask(src, (2, 4), align_corners=True)[0].tolist() == [0, 3, 6, 9]  # round(i * 9 / 3)
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_the_tag_rule_reads_the_values_the_resize_keeps(align_corners):
+    """sampled_by_resize (what TagRule reads) holds exactly the values of the resized mask,
+    shrinking (slivers lost) and enlarging (the 960 inference side: every pixel kept)."""
+    gen = torch.Generator().manual_seed(0)
+    for h, w, side in ((37, 53, 8), (37, 53, 16), (37, 53, 96), (53, 37, 40)):
+        mask = torch.randint(0, 30, (h, w), generator=gen)
+        full = resize_mask(mask, (side, side), align_corners)
+        sampled = sampled_by_resize(mask, (side, side), align_corners)
+        assert set(sampled.unique().tolist()) == set(full.unique().tolist())
+        assert sampled.numel() <= min(full.numel(), mask.numel())
 
 
 def test_train_and_eval_transforms_apply_the_tag_rule():

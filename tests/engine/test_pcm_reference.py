@@ -131,3 +131,18 @@ def test_engine_trains_pcm_as_the_old_loop(tmp_path, synth_root):
     assert last["model"].keys() == weights.keys()
     differ = [k for k in weights if not torch.equal(last["model"][k], weights[k])]
     assert not differ, f"{len(differ)} tensors differ from the old loop's, e.g. {differ[0]}"
+
+
+def test_transforms_on_the_device_train_the_same_model(tmp_path, synth_root):
+    """data.transforms_on=device (the GPU default): the loader draws, train_step makes the
+    pixels; on the CPU every weight equals the loader-made run's (the authors' jitter: the
+    batched path)."""
+    base = [*OVERRIDES, f"data.root={synth_root}", "augment.jitter_space=authors", "train.epochs=1"]
+    results = {}
+    for where in ("loader", "device"):
+        cfg = resolve_config(load_config("synthetic", [*base, f"data.transforms_on={where}"]))
+        results[where] = train(cfg, tmp_path / where, progress=False)["history"]
+    keys = ["epoch", "phase", "lr", "mce", "et", "reg", "loss", "val_miou"]
+    assert [{k: r[k] for k in keys} for r in results["loader"]] == [{k: r[k] for k in keys} for r in results["device"]]
+    a, b = (read_checkpoint(RunLayout(tmp_path / w).checkpoint("last"))["model"] for w in ("loader", "device"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -247,6 +247,22 @@ def test_batched_inference_with_writer_threads_writes_what_one_image_at_a_time_w
         assert agree > 0.999
 
 
+@pytest.mark.parametrize("tta", [False, True])
+def test_transforms_on_the_device_write_the_same_files(run, tmp_path, tta):
+    """data.transforms_on=device (the GPU default): workers decode, resize + normalise run in
+    the stage's loop; on the CPU the masks and probabilities are exactly the loader's."""
+    opts = dict(tta=True) if tta else {}
+    for where in ("loader", "device"):
+        s = infer(run, "val", out=tmp_path / where, overrides=[f"data.transforms_on={where}", "infer.batch_size=3"],
+                  progress=False, **opts)  # fmt: skip
+        assert s["computed"] == len(VAL)
+    for name in VAL:
+        a, b = (read_probs(tmp_path / where / "probs" / f"{name}.npz") for where in ("loader", "device"))
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+        masks = [read_mask_png(tmp_path / where / "masks" / f"{name}.png") for where in ("loader", "device")]
+        assert np.array_equal(*masks)
+
+
 def test_amp_is_part_of_the_resume_stamp_and_bad_speed_settings_are_refused(run, tmp_path):
     infer(run, "val", out=tmp_path / "p", progress=False)
     again = infer(run, "val", out=tmp_path / "p", overrides=["infer.batch_size=3"], progress=False)

@@ -56,15 +56,15 @@ def to_model_input(image: torch.Tensor, mean: Triple = HALF, std: Triple = HALF)
     """
     if image.dtype == torch.uint8:
         image = image.float() / 255.0
-    m = _channels(mean, "mean").to(image.dtype)[:, None, None]
-    s = _channels(std, "std").to(image.dtype)[:, None, None]
+    m = _channels(mean, "mean").to(image.device, image.dtype)[:, None, None]
+    s = _channels(std, "std").to(image.device, image.dtype)[:, None, None]
     return (image - m) / s
 
 
 def from_model_input(image: torch.Tensor, mean: Triple = HALF, std: Triple = HALF) -> torch.Tensor:
     """Inverse of :func:`to_model_input`: ``[..., 3, H, W]`` model input -> float RGB in [0, 1] (not clamped)."""
-    m = _channels(mean, "mean").to(image.dtype)[:, None, None]
-    s = _channels(std, "std").to(image.dtype)[:, None, None]
+    m = _channels(mean, "mean").to(image.device, image.dtype)[:, None, None]
+    s = _channels(std, "std").to(image.device, image.dtype)[:, None, None]
     return image * s + m
 
 
@@ -93,14 +93,25 @@ def resize_mask(mask: torch.Tensor, size: Tuple[int, int], align_corners: bool =
     """
     out = mask
     for dim, (n_in, n_out) in enumerate(zip(mask.shape[-2:], size)):
-        if n_in == n_out:
-            continue
-        i = torch.arange(n_out, dtype=torch.float64)
-        if align_corners:
-            idx = torch.round(i * ((n_in - 1) / max(n_out - 1, 1)))
-        else:
-            idx = torch.floor(i * (n_in / n_out))
-        out = out.index_select(dim - 2 + out.dim(), idx.long().clamp_(0, n_in - 1))
+        if n_in != n_out:
+            out = out.index_select(dim - 2 + out.dim(), _nearest_sources(n_in, n_out, align_corners))
+    return out
+
+
+def _nearest_sources(n_in: int, n_out: int, align_corners: bool) -> torch.Tensor:
+    """Source index of each of ``n_out`` outputs along one axis (:func:`resize_mask`)."""
+    i = torch.arange(n_out, dtype=torch.float64)
+    idx = torch.round(i * ((n_in - 1) / max(n_out - 1, 1))) if align_corners else torch.floor(i * (n_in / n_out))
+    return idx.long().clamp_(0, n_in - 1)
+
+
+def sampled_by_resize(mask: torch.Tensor, size: Tuple[int, int], align_corners: bool = False) -> torch.Tensor:
+    """The pixels of ``mask`` ``[H, W]`` that :func:`resize_mask` to ``size`` keeps, each once:
+    the same set of values as the resized mask, without its size (enlarging keeps them all)."""
+    out = mask
+    for dim, (n_in, n_out) in enumerate(zip(mask.shape[-2:], size)):
+        if n_in != n_out:
+            out = out.index_select(dim - 2 + out.dim(), torch.unique(_nearest_sources(n_in, n_out, align_corners)))
     return out
 
 
@@ -138,7 +149,8 @@ class TagRule:
         if self.identity or mask is None:
             return labels
         if self.source == "resized":
-            mask = resize_mask(mask, (size, size), self.align_corners)
+            # only which values survive the resize matters, not how often: the pixels it samples
+            mask = sampled_by_resize(mask, (size, size), self.align_corners)
             values = torch.bincount(mask.flatten().long()).nonzero().flatten()  # torch.unique's values, 30x faster
             values = values[(values != 255) & (values < labels.numel())]
             labels = torch.zeros_like(labels)
@@ -151,6 +163,42 @@ class TagRule:
         return labels
 
 
+@dataclass(frozen=True)
+class JitterDraw:
+    """One view's colour-jitter factors (None: the step is off in ``augment``; ``grey``:
+    greyscale drawn). Drawn in the loader (:func:`draw_jitter`), applied there or on the
+    model's device (:func:`apply_jitter`, :func:`apply_jitter_batch`)."""
+
+    brightness: Optional[float] = None
+    contrast: Optional[float] = None
+    saturation: Optional[float] = None
+    hue: Optional[float] = None
+    grey: bool = False
+
+    def steps(self) -> Tuple[bool, ...]:
+        """Which steps run: images whose draws share this can be jittered as one batch."""
+        return (self.brightness is not None, self.contrast is not None, self.saturation is not None,
+                self.hue is not None)  # fmt: skip
+
+
+def draw_jitter(aug: Any, gen: Optional[torch.Generator] = None) -> JitterDraw:
+    """The factors of one colour jitter, drawn in the authors' order (brightness, contrast,
+    saturation, hue, greyscale); a step whose range is the identity draws nothing."""
+
+    def uniform(lo: float, hi: float) -> float:
+        return float(lo + (hi - lo) * torch.rand((), generator=gen))
+
+    lo_c, hi_c = aug.contrast
+    lo_s, hi_s = aug.saturation
+    return JitterDraw(  # keyword arguments are evaluated left to right: the draw order above
+        brightness=uniform(-aug.brightness, aug.brightness) if aug.brightness > 0 else None,
+        contrast=uniform(lo_c, hi_c) if (lo_c, hi_c) != (1.0, 1.0) else None,
+        saturation=uniform(lo_s, hi_s) if (lo_s, hi_s) != (1.0, 1.0) else None,
+        hue=uniform(-aug.hue, aug.hue) if aug.hue > 0 else None,
+        grey=bool(aug.grayscale > 0 and uniform(0, 1) < aug.grayscale),
+    )
+
+
 def color_jitter(image: torch.Tensor, aug: Any, gen: Optional[torch.Generator] = None) -> torch.Tensor:
     """The authors' colour transform on float [0, 1] ``[3, H, W]``.
 
@@ -159,33 +207,57 @@ def color_jitter(image: torch.Tensor, aug: Any, gen: Optional[torch.Generator] =
     ``aug.jitter_space="authors"``: :func:`color_jitter_authors` instead (unclipped);
     otherwise ("clamped", vitpcm) each step stays in [0, 1].
     """
-    if str(getattr(aug, "jitter_space", "clamped")) == "authors":
-        return color_jitter_authors(image, aug, gen)
+    return apply_jitter(image, draw_jitter(aug, gen), str(getattr(aug, "jitter_space", "clamped")))
 
-    def uniform(lo: float, hi: float) -> float:
-        return float(lo + (hi - lo) * torch.rand((), generator=gen))
 
-    if aug.brightness > 0:
-        image = (image + uniform(-aug.brightness, aug.brightness)).clamp(0, 1)
-    lo, hi = aug.contrast
-    if (lo, hi) != (1.0, 1.0):
-        image = TF.adjust_contrast(image, uniform(lo, hi))
-    lo, hi = aug.saturation
-    if (lo, hi) != (1.0, 1.0):
-        image = TF.adjust_saturation(image, uniform(lo, hi))
-    if aug.hue > 0:
-        image = TF.adjust_hue(image, uniform(-aug.hue, aug.hue))
-    if aug.grayscale > 0 and uniform(0, 1) < aug.grayscale:
+def apply_jitter(image: torch.Tensor, draw: JitterDraw, space: str = "clamped") -> torch.Tensor:
+    """Jitter ``[3, H, W]`` float [0, 1] with given factors; ``space``: ``augment.jitter_space``."""
+    if space == "authors":
+        return jitter_authors_with(image, draw.brightness, draw.contrast, draw.saturation, draw.hue, draw.grey)
+    if draw.brightness is not None:
+        image = (image + draw.brightness).clamp(0, 1)
+    if draw.contrast is not None:
+        image = TF.adjust_contrast(image, draw.contrast)
+    if draw.saturation is not None:
+        image = TF.adjust_saturation(image, draw.saturation)
+    if draw.hue is not None:
+        image = TF.adjust_hue(image, draw.hue)
+    if draw.grey:
         image = TF.rgb_to_grayscale(image, num_output_channels=3)
     return image.clamp(0, 1)
 
 
+def apply_jitter_batch(images: torch.Tensor, draws: Sequence[JitterDraw], space: str = "clamped") -> torch.Tensor:
+    """:func:`apply_jitter` over ``[B, 3, H, W]``, one draw per image, on the images' device.
+
+    The authors' jitter runs as one batch (per-image factors broadcast; the same values as
+    image by image, ``tests/data/test_device_transforms.py``); the clamped one, built on
+    torchvision's scalar-factor functions, image by image.
+    """
+    if space == "authors" and len({d.steps() for d in draws}) == 1:
+        dev, first = images.device, draws[0]
+
+        def column(values: Sequence[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32).to(dev, non_blocking=True).view(-1, 1, 1, 1)
+
+        return _jitter_authors(
+            images,
+            column([d.brightness / 255.0 for d in draws]) if first.brightness is not None else None,  # type: ignore[operator]
+            column([d.contrast for d in draws]) if first.contrast is not None else None,  # type: ignore[misc]
+            column([d.saturation for d in draws])[:, 0] if first.saturation is not None else None,  # type: ignore[misc]
+            column([d.hue for d in draws])[:, 0] if first.hue is not None else None,  # type: ignore[misc]
+            torch.tensor([d.grey for d in draws]).to(dev).view(-1, 1, 1, 1) if any(d.grey for d in draws) else None,
+        )
+    return torch.stack([apply_jitter(image, d, space) for image, d in zip(images, draws)])
+
+
 def _tf_rgb_to_hsv(rgb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """TensorFlow's RGB -> HSV of its AdjustSaturation / AdjustHue kernels, for any range
-    (h in [0, 1); s = range / max, 0 where max <= 0; v = max)."""
-    r, g, b = rgb.unbind(0)
-    v = rgb.amax(0)
-    rng = v - rgb.amin(0)
+    (h in [0, 1); s = range / max, 0 where max <= 0; v = max); ``[..., 3, H, W]`` in,
+    three ``[..., H, W]`` out."""
+    r, g, b = rgb.unbind(-3)
+    v = rgb.amax(-3)
+    rng = v - rgb.amin(-3)
     s = torch.where(v > 0, rng / torch.where(v > 0, v, torch.ones_like(v)), torch.zeros_like(v))
     norm = 1.0 / (6.0 * torch.where(rng > 0, rng, torch.ones_like(rng)))
     h = torch.where(r == v, norm * (g - b), torch.where(g == v, norm * (b - r) + 2.0 / 6.0, norm * (r - g) + 4.0 / 6.0))
@@ -194,21 +266,26 @@ def _tf_rgb_to_hsv(rgb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch
     return h, s, v
 
 
+#: [channel, sextant] -> which of (c, x, 0) the channel takes (TF's HSV -> RGB switch; 6: outside)
+_SEXTANT_PARTS = ((0, 1, 2, 2, 1, 0, 2), (1, 0, 0, 1, 2, 2, 2), (2, 2, 1, 0, 0, 1, 2))
+
+
 def _tf_hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`_tf_rgb_to_hsv`, as TensorFlow's kernels compute it: per pixel, the
-    sextant ``int(6 h)`` picks which of (c, x, 0) goes to r, g and b; outside 0..5, all 0."""
+    sextant ``int(6 h)`` picks which of (c, x, 0) goes to r, g and b; outside 0..5, all 0.
+    ``[..., H, W]`` in, ``[..., 3, H, W]`` out."""
     c = s * v
     m = v - c
     dh = h * 6
     category = dh.to(torch.int64)  # truncation, as the kernel's static_cast<int>
     category = torch.where((category >= 0) & (category <= 5), category, 6)
     x = c * (1 - (torch.remainder(dh, 2.0) - 1).abs())
-    parts = torch.stack([c, x, torch.zeros_like(c)])  # indices 0: c, 1: x, 2: zero
+    parts = torch.stack([c, x, torch.zeros_like(c)], dim=-3)  # indices 0: c, 1: x, 2: zero
     # one gather per channel instead of a where per (sextant, channel): a selection, so the
     # values are exactly those of the kernel's switch
-    table = torch.tensor([[0, 1, 2, 2, 1, 0, 2], [1, 0, 0, 1, 2, 2, 2], [2, 2, 1, 0, 0, 1, 2]])  # [channel, sextant]
-    index = table[:, category]  # [3, H, W]: which part each channel takes
-    return parts.gather(0, index) + m
+    table = torch.tensor(_SEXTANT_PARTS, device=h.device)
+    index = table[:, category].movedim(0, -3)  # [..., 3, H, W]: which part each channel takes
+    return parts.gather(-3, index) + m.unsqueeze(-3)
 
 
 def color_jitter_authors(image: torch.Tensor, aug: Any, gen: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -221,20 +298,7 @@ def color_jitter_authors(image: torch.Tensor, aug: Any, gen: Optional[torch.Gene
     own mean; saturation scales HSV saturation (clipped to [0, 1] as TF's kernel does), hue
     shifts HSV hue; greyscale (TF's weights) with probability ``aug.grayscale``.
     """
-
-    def uniform(lo: float, hi: float) -> float:
-        return float(lo + (hi - lo) * torch.rand((), generator=gen))
-
-    lo_c, hi_c = aug.contrast
-    lo_s, hi_s = aug.saturation
-    return jitter_authors_with(
-        image,
-        brightness=uniform(-aug.brightness, aug.brightness) if aug.brightness > 0 else None,
-        contrast=uniform(lo_c, hi_c) if (lo_c, hi_c) != (1.0, 1.0) else None,
-        saturation=uniform(lo_s, hi_s) if (lo_s, hi_s) != (1.0, 1.0) else None,
-        hue=uniform(-aug.hue, aug.hue) if aug.hue > 0 else None,
-        grey=bool(aug.grayscale > 0 and uniform(0, 1) < aug.grayscale),
-    )
+    return apply_jitter(image, draw_jitter(aug, gen), "authors")
 
 
 def jitter_authors_with(
@@ -249,9 +313,19 @@ def jitter_authors_with(
     ``adjust_brightness`` (delta on the 0-255 scale), ``adjust_contrast``, ``adjust_saturation``,
     ``adjust_hue``, ``rgb_to_grayscale``; ``[3, H, W]`` in x / 255 units, nothing clipped.
     Matches TensorFlow 2 to ~1e-6 (``benchmarks/fidelity_tf_check.py``)."""
+    delta = brightness / 255.0 if brightness is not None else None
+    return _jitter_authors(image, delta, contrast, saturation, hue, True if grey else None)
+
+
+def _jitter_authors(
+    image: torch.Tensor, delta: Any, contrast: Any, saturation: Any, hue: Any, grey: Any
+) -> torch.Tensor:
+    """The steps of :func:`jitter_authors_with` on ``[..., 3, H, W]``; each factor a number or
+    a tensor that broadcasts per image (brightness already on the [0, 1] scale; ``grey``:
+    True or a bool tensor choosing the images made grey; None: step off)."""
     image = image.float()
-    if brightness is not None:
-        image = image + brightness / 255.0
+    if delta is not None:
+        image = image + delta
     if contrast is not None:
         mean = image.mean(dim=(-2, -1), keepdim=True)
         image = (image - mean) * contrast + mean
@@ -265,9 +339,10 @@ def jitter_authors_with(
         if hue is not None:
             h = torch.remainder(h + hue, 1.0)
         image = _tf_hsv_to_rgb(h, s, v)
-    if grey:
-        grey_map = (image * torch.tensor([0.2989, 0.5870, 0.1140])[:, None, None]).sum(0, keepdim=True)
-        image = grey_map.expand(3, -1, -1).clone()
+    if grey is not None:
+        weights = torch.tensor([0.2989, 0.5870, 0.1140], device=image.device)[:, None, None]
+        grey_map = (image * weights).sum(-3, keepdim=True).expand_as(image)
+        image = grey_map.clone() if grey is True else torch.where(grey, grey_map, image)
     return image
 
 
@@ -300,44 +375,103 @@ def _random_flips(aug: Any, gen: Optional[torch.Generator] = None) -> torch.Tens
     return torch.rand(3, generator=gen) < probs
 
 
+def transforms_on_device(cfg: Any, device: Any) -> bool:
+    """``data.transforms_on``: True when resize, colour jitter and normalisation run on the
+    model's device after upload (``device``; ``auto``: on a GPU) rather than in the loader
+    workers, which then only decode (a GPU's step outruns the workers' CPU otherwise)."""
+    where = str(cfg.data.get("transforms_on", "auto"))
+    return where == "device" or (where == "auto" and torch.device(device).type == "cuda")
+
+
+def _upload(images: Sequence[torch.Tensor], device: Optional[torch.device]) -> List[torch.Tensor]:
+    return [im if device is None else im.to(device, non_blocking=True) for im in images]
+
+
+def _small_mask(sample: Sample) -> Sample:
+    """An evaluation sample's mask as uint8 (class indices and the ignore value 255 fit; it is
+    only scored): a VOC-sized mask leaves the worker in 0.19 MB instead of int64's 1.5 MB."""
+    if isinstance(sample.get("mask"), torch.Tensor):
+        sample["mask"] = sample["mask"].to(torch.uint8)
+    return sample
+
+
 class EvalTransform:
     """Resize to ``size`` x ``size`` and normalise (``mean`` / ``std``, :func:`to_model_input`);
     the mask stays at the original size. ``align_corners``: :func:`resize_image`; ``tags``:
-    a :class:`TagRule` applied to ``labels`` at ``size`` (default: tags unchanged)."""
+    a :class:`TagRule` applied to ``labels`` at ``size`` (default: tags unchanged).
+
+    ``defer``: the sample keeps its decoded uint8 image as ``image_raw`` ``[3, H, W]`` (any
+    size) and :meth:`finish` makes ``image`` for a whole batch on the model's device.
+    """
 
     def __init__(
         self, size: int, mean: Triple = HALF, std: Triple = HALF, align_corners: bool = False,
-        tags: Optional[TagRule] = None,
+        tags: Optional[TagRule] = None, defer: bool = False,
     ) -> None:  # fmt: skip
         self.size = int(size)
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
-        self.align_corners, self.tags = bool(align_corners), tags
+        self.align_corners, self.tags, self.defer = bool(align_corners), tags, bool(defer)
+
+    def prepare(self, image: torch.Tensor) -> torch.Tensor:
+        """``[3, H, W]`` (uint8 or [0, 1] float) -> the model input ``[3, size, size]``."""
+        return to_model_input(resize_image(image, (self.size, self.size), self.align_corners), self.mean, self.std)
 
     def __call__(self, sample: Sample) -> Sample:
         out = dict(sample)
-        image = resize_image(sample["image"], (self.size, self.size), self.align_corners)
-        out["image"] = to_model_input(image, self.mean, self.std)
+        image = out.pop("image")
+        if self.defer:
+            out["image_raw"] = image
+        else:
+            out["image"] = self.prepare(image)
         if self.tags is not None and "labels" in out:
             out["labels"] = self.tags(out["labels"], out.get("mask"), self.size)
+        return _small_mask(out)
+
+    def finish(self, batch: Sample, device: Optional[torch.device] = None) -> Sample:
+        """A collated batch of deferred samples -> the same batch with ``image`` ``[B, 3, size, size]``
+        made on ``device`` (None: where the images are)."""
+        if "image_raw" not in batch:
+            return batch
+        out = dict(batch)
+        out["image"] = torch.stack([self.prepare(im) for im in _upload(out.pop("image_raw"), device)])
         return out
 
 
 class MultiScaleTransform:
     """Like :class:`EvalTransform`, for several square sides at once (test-time augmentation):
-    ``image_<n>`` ``[3, n, n]`` per side ``n``; the mask stays at the original size."""
+    ``image_<n>`` ``[3, n, n]`` per side ``n``; the mask stays at the original size.
+    ``defer``: as :class:`EvalTransform`'s."""
 
     def __init__(
-        self, sizes: Sequence[int], mean: Triple = HALF, std: Triple = HALF, align_corners: bool = False
-    ) -> None:
+        self, sizes: Sequence[int], mean: Triple = HALF, std: Triple = HALF, align_corners: bool = False,
+        defer: bool = False,
+    ) -> None:  # fmt: skip
         self.sizes = [int(n) for n in sizes]
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
-        self.align_corners = bool(align_corners)
+        self.align_corners, self.defer = bool(align_corners), bool(defer)
+
+    def prepare(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``[3, H, W]`` -> ``{"image_<n>": [3, n, n]}`` for every side."""
+        return {f"image_{n}": to_model_input(resize_image(image, (n, n), self.align_corners), self.mean, self.std)
+                for n in self.sizes}  # fmt: skip
 
     def __call__(self, sample: Sample) -> Sample:
         out = dict(sample)
         image = out.pop("image")
-        for n in self.sizes:
-            out[f"image_{n}"] = to_model_input(resize_image(image, (n, n), self.align_corners), self.mean, self.std)
+        if self.defer:
+            out["image_raw"] = image
+        else:
+            out.update(self.prepare(image))
+        return _small_mask(out)
+
+    def finish(self, batch: Sample, device: Optional[torch.device] = None) -> Sample:
+        """As :meth:`EvalTransform.finish`, for every ``image_<n>``."""
+        if "image_raw" not in batch:
+            return batch
+        out = dict(batch)
+        views = [self.prepare(im) for im in _upload(out.pop("image_raw"), device)]
+        for key in views[0]:
+            out[key] = torch.stack([v[key] for v in views])
         return out
 
 
@@ -350,30 +484,45 @@ class TrainTransform:
     images are normalised with ``mean`` / ``std`` (:func:`to_model_input`).
     ``align_corners``: of every resize (:func:`resize_image`); ``tags``: a :class:`TagRule`
     for ``labels`` (read at side n); ``aug.jitter_space``: :func:`color_jitter`.
+
+    Every random choice is drawn in the loader (:meth:`draw`); the pixels are made by
+    :meth:`finish`, on a batch. ``defer=False``: both in the loader, image by image.
+    ``defer=True``: the sample carries its uint8 image (``image_raw``) and its draws
+    (``jitter``, ``jitter_et``: :class:`JitterDraw`) instead of ``image`` / ``image_et``,
+    and the training step calls :meth:`finish` on the model's device. The draws, hence the
+    random stream, are the same either way.
     """
 
     def __init__(
         self, size: int, et_crop: int, et_scale: int, patch_size: int, aug: Any,
         mean: Triple = HALF, std: Triple = HALF, align_corners: bool = False, tags: Optional[TagRule] = None,
+        defer: bool = False,
     ) -> None:  # fmt: skip
         if size % patch_size or et_crop % patch_size or et_scale % patch_size:
             raise ValueError("size, et_crop and et_scale must be multiples of the patch size")
         self.size, self.et_crop, self.et_scale, self.patch = size, et_crop, et_scale, patch_size
         self.aug = aug
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
-        self.align_corners, self.tags = bool(align_corners), tags
+        self.align_corners, self.tags, self.defer = bool(align_corners), tags, bool(defer)
+        self.space = str(getattr(aug, "jitter_space", "clamped"))
         # the authors' jitter leaves [0, 1]; clamping after the ET resize would undo it
-        self.clamp = str(getattr(aug, "jitter_space", "clamped")) != "authors"
+        self.clamp = self.space != "authors"
 
     def __call__(self, sample: Sample) -> Sample:
+        plan = self.draw(sample)
+        if self.defer:
+            return plan
+        one = self.finish(collate([plan]))
+        return {k: (v[0] if k in ("image", "image_et", "labels", "flips", "et_box", "et_flips") else plan[k])
+                for k, v in one.items()}  # fmt: skip
+
+    def draw(self, sample: Sample) -> Sample:
+        """One sample's random choices, in the order they have always been drawn (view-1 flips,
+        view-1 jitter, ET jitter, ET crop, ET flips), with its uint8 image as ``image_raw``."""
         gen = None  # torch's global RNG: seeded by the trainer, and per worker by DataLoader
-        n, s = self.size, self.et_scale
-        base = resize_image(sample["image"], (n, n), self.align_corners)
-
+        n = self.size
         flips = _random_flips(self.aug, gen)
-        view = apply_flips(color_jitter(base, self.aug, gen), flips)
-
-        et = color_jitter(base, self.aug, gen)
+        jitter, jitter_et = draw_jitter(self.aug, gen), draw_jitter(self.aug, gen)
         if torch.rand((), generator=gen) < self.aug.crop:
             starts = torch.arange(0, n - self.et_crop + 1, self.patch)
             top = int(starts[torch.randint(len(starts), (), generator=gen)])
@@ -381,25 +530,44 @@ class TrainTransform:
             box = (top, left, top + self.et_crop, left + self.et_crop)
         else:
             box = (0, 0, n, n)
-        et = et[:, box[0] : box[2], box[1] : box[3]]
-        ac = self.align_corners
-        et = F.interpolate(et[None], size=(s, s), mode="bilinear", align_corners=ac,
-                           antialias=et.shape[-1] > s and not ac)[0]  # fmt: skip
-        if self.clamp:
-            et = et.clamp(0, 1)
         et_flips = _random_flips(self.aug, gen)
-        et = apply_flips(et, et_flips)
-
         return {
-            "image": to_model_input(view, self.mean, self.std),
+            "image_raw": sample["image"],
             "flips": flips,
-            "image_et": to_model_input(et, self.mean, self.std),
+            "jitter": jitter,
+            "jitter_et": jitter_et,
             "et_box": torch.tensor(box, dtype=torch.long),
             "et_flips": et_flips,
             "labels": sample["labels"] if self.tags is None else self.tags(sample["labels"], sample.get("mask"), n),
             "name": sample["name"],
             "size": sample["size"],
         }
+
+    def finish(self, batch: Sample, device: Optional[torch.device] = None) -> Sample:
+        """A collated batch of :meth:`draw` outputs -> ``image`` ``[B, 3, n, n]`` and ``image_et``
+        ``[B, 3, s, s]`` made on ``device`` (None: where the images are); the draws' keys go.
+        A batch without ``image_raw`` (made in the loader) is returned as it is."""
+        if "image_raw" not in batch:
+            return batch
+        out = dict(batch)
+        n, s, ac = self.size, self.et_scale, self.align_corners
+        base = torch.stack([resize_image(im, (n, n), ac) for im in _upload(out.pop("image_raw"), device)])
+        view = apply_jitter_batch(base, out.pop("jitter"), self.space)
+        view = torch.stack([apply_flips(v, f) for v, f in zip(view, out["flips"])])
+        et_full = apply_jitter_batch(base, out.pop("jitter_et"), self.space)
+        boxes = out["et_box"].tolist()
+        et = torch.empty((len(boxes), 3, s, s), dtype=et_full.dtype, device=et_full.device)
+        for side in sorted({b[2] - b[0] for b in boxes}):  # one resize per crop side (crop, whole image)
+            rows = [i for i, b in enumerate(boxes) if b[2] - b[0] == side]
+            crops = torch.stack([et_full[i, :, boxes[i][0] : boxes[i][2], boxes[i][1] : boxes[i][3]] for i in rows])
+            et[rows] = F.interpolate(crops, size=(s, s), mode="bilinear", align_corners=ac,
+                                     antialias=side > s and not ac)  # fmt: skip
+        if self.clamp:
+            et = et.clamp(0, 1)
+        et = torch.stack([apply_flips(v, f) for v, f in zip(et, out["et_flips"])])
+        out["image"] = to_model_input(view, self.mean, self.std)
+        out["image_et"] = to_model_input(et, self.mean, self.std)
+        return out
 
 
 def map_to_et_grid(
@@ -463,7 +631,7 @@ def collate(samples: List[Sample]) -> Sample:
     out: Sample = {}
     for key in samples[0]:
         values = [s[key] for s in samples]
-        if key in ("name", "size", "mask"):
+        if key in ("name", "size", "mask", "image_raw"):  # image_raw: decoded images of any size
             out[key] = values
         elif isinstance(values[0], torch.Tensor):
             out[key] = torch.stack(values)

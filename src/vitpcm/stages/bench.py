@@ -296,6 +296,7 @@ def bench_infer(cfg: Any, work: Path, device: str, images: int, repeats: int) ->
     model.to(dev).eval()
     scale = int(cfg.infer.scale)
     backbone = model.backbone
+    from vitpcm.data.transforms import transforms_on_device
     from vitpcm.stages.infer import speed_settings
 
     batch, writers, amp = speed_settings(cfg, dev)  # the stage's own batch and autocast: the floor uses the same
@@ -368,6 +369,7 @@ def bench_infer(cfg: Any, work: Path, device: str, images: int, repeats: int) ->
         "amp": amp,
         "writer_threads": writers,
         "loader_workers": int(cfg.data.num_workers),
+        "transforms_on_device": transforms_on_device(cfg, dev),
         "pipeline_seconds_per_image": _r(pipe),
         "backbone_seconds_per_image": _r(floor),
         "infer_ratio": _r(floor / pipe),
@@ -486,6 +488,10 @@ def bench_train(cfg: Any, work: Path, device: str, steps: int, warmup: int = 1) 
     for i in range(warmup + steps):
         start = time.perf_counter()
         batch = next(it)
+        # data.transforms_on=device: the batch's pixels are made on the device here, counted as
+        # data preparation (the wait), so both steps below start from the same finished batch
+        batch = task.train_transform.finish(batch, dev)
+        _sync(dev)
         wait = time.perf_counter() - start
         order = ("full", "floor") if i % 2 == 0 else ("floor", "full")  # alternate: drift hits both
         times = {}
@@ -518,6 +524,7 @@ def bench_train(cfg: Any, work: Path, device: str, steps: int, warmup: int = 1) 
         "steps": steps,
         "warmup_steps": warmup,
         "loader_workers": workers,
+        "transforms_on_device": bool(task.train_transform.defer),
         "amp": amp,
         "compile": bool(cfg.train.get("compile", False)),
         "step_seconds": _r(full),

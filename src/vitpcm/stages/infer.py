@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader
 
 from vitpcm.data import EvalTransform, build_dataset, collate
 from vitpcm.data.check import screen_items
-from vitpcm.data.transforms import MultiScaleTransform, TagRule
+from vitpcm.data.transforms import MultiScaleTransform, TagRule, transforms_on_device
 from vitpcm.engine.checkpoint import find_run_checkpoint
 from vitpcm.engine.distributed import Dist, all_reduce_sum, gather_objects, stage_group
 from vitpcm.errors import VitpcmError
@@ -249,8 +249,10 @@ def _infer(
         # 4. the model over the rest
         sub = copy.copy(dataset)
         sub.names = todo
-        sub.transform = (MultiScaleTransform(sizes, mean, std, align_corners=ac) if tta
-                         else EvalTransform(scale, mean=mean, std=std, align_corners=ac, tags=TagRule.from_config(cfg)))  # fmt: skip
+        defer = transforms_on_device(cfg, dev)  # on a GPU the workers only decode; resize + normalise below
+        sub.transform = (MultiScaleTransform(sizes, mean, std, align_corners=ac, defer=defer) if tta
+                         else EvalTransform(scale, mean=mean, std=std, align_corners=ac, tags=TagRule.from_config(cfg),
+                                            defer=defer))  # fmt: skip
         batch_size, writers, amp = speed_settings(cfg, dev)
         loader = DataLoader(sub, batch_size=batch_size, shuffle=False, num_workers=min(int(cfg.data.num_workers), 8),
                             collate_fn=collate, pin_memory=dev.type == "cuda")  # fmt: skip
@@ -260,6 +262,7 @@ def _infer(
         text = stamp("infer", key, probs=bool(save_probs))
         with WriterThreads(writers) as writer:
             for batch in bar:
+                batch = sub.transform.finish(batch, dev)
                 merged += _infer_batch(model, batch, dev, merge, threshold, files, save_probs, cm,
                                        sizes if tta else None, flip, align_corners=ac, max_side=max_side, text=text,
                                        amp=amp, writer=writer)  # fmt: skip
@@ -369,7 +372,7 @@ def _infer_batch(
             stored = full[keep] if save_probs else None
         probs = None
         if save_probs:
-            probs = {"probs": stored.cpu().numpy().astype(np.float32), "classes": keep.cpu().numpy().astype(np.int64),
+            probs = {"probs": stored.cpu().numpy().astype(np.float32, copy=False), "classes": keep.cpu().numpy().astype(np.int64),
                      **extra}  # fmt: skip
         if writer is None:
             _write_outputs(files, name, mask, probs, text)

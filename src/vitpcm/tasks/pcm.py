@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from vitpcm.config import batch_plan
 from vitpcm.data import EvalTransform, TrainTransform, build_dataset, collate
 from vitpcm.data.check import screen_for_training
-from vitpcm.data.transforms import TagRule, map_to_et_grid, tile_views, untile_grid
+from vitpcm.data.transforms import TagRule, map_to_et_grid, tile_views, transforms_on_device, untile_grid
 from vitpcm.engine.checkpoint import init_from
 from vitpcm.engine.distributed import all_reduce_sum
 from vitpcm.engine.task import EngineContext, Phase, Task, cosine_lr, eval_mode, trainable_parameters
@@ -157,8 +157,11 @@ class PcmTask(Task):
         mean, std = resolve_normalisation(cfg, self.model.adapter)
         self.train_set = probe
         ac, tags = bool(cfg.input.align_corners), TagRule.from_config(cfg)  # fidelity switches (docs/reproduce.md)
-        self.train_set.transform = TrainTransform(cfg.input.train_size, cfg.input.et_crop, cfg.input.et_scale, d,
-                                                  cfg.augment, mean=mean, std=std, align_corners=ac, tags=tags)  # fmt: skip
+        # on a GPU the loader workers only decode and draw; the pixels are made in train_step
+        self.train_transform = TrainTransform(cfg.input.train_size, cfg.input.et_crop, cfg.input.et_scale, d,
+                                              cfg.augment, mean=mean, std=std, align_corners=ac, tags=tags,
+                                              defer=transforms_on_device(cfg, ctx.device))  # fmt: skip
+        self.train_set.transform = self.train_transform
         if self.val_set is not None:
             self.val_set.transform = EvalTransform(
                 cfg.input.train_size, mean=mean, std=std, align_corners=ac, tags=tags
@@ -207,6 +210,7 @@ class PcmTask(Task):
     ) -> Tuple[torch.Tensor, Dict[str, float]]:
         lc = self.cfg.loss
         device = ctx.device
+        batch = self.train_transform.finish(batch, device)  # data.transforms_on=device: the pixels, here
         images = batch["image"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
         b = images.shape[0]
