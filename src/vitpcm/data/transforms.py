@@ -556,12 +556,14 @@ class TrainTransform:
         view = torch.stack([apply_flips(v, f) for v, f in zip(view, out["flips"])])
         et_full = apply_jitter_batch(base, out.pop("jitter_et"), self.space)
         boxes = out["et_box"].tolist()
-        et = torch.empty((len(boxes), 3, s, s), dtype=et_full.dtype, device=et_full.device)
+        views: List[Optional[torch.Tensor]] = [None] * len(boxes)
         for side in sorted({b[2] - b[0] for b in boxes}):  # one resize per crop side (crop, whole image)
             rows = [i for i, b in enumerate(boxes) if b[2] - b[0] == side]
             crops = torch.stack([et_full[i, :, boxes[i][0] : boxes[i][2], boxes[i][1] : boxes[i][3]] for i in rows])
-            et[rows] = F.interpolate(crops, size=(s, s), mode="bilinear", align_corners=ac,
-                                     antialias=side > s and not ac)  # fmt: skip
+            crops = F.interpolate(crops, size=(s, s), mode="bilinear", align_corners=ac, antialias=side > s and not ac)
+            for i, crop in zip(rows, crops):
+                views[i] = crop
+        et = torch.stack(views)  # type: ignore[arg-type]
         if self.clamp:
             et = et.clamp(0, 1)
         et = torch.stack([apply_flips(v, f) for v, f in zip(et, out["et_flips"])])
