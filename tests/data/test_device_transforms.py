@@ -122,3 +122,19 @@ def test_transforms_on_resolves_per_device_and_bad_values_are_refused():
     assert not transforms_on_device(load_config("synthetic", ["data.transforms_on=loader"]), "cuda")
     with pytest.raises(VitpcmError, match="data.transforms_on must be auto or loader or device"):
         load_config("synthetic", ["data.transforms_on=gpu"])
+
+
+@pytest.mark.parametrize("space", ["clamped", "authors"])
+def test_the_device_path_makes_every_tensor_on_the_device(space):
+    """No GPU here: PyTorch's meta device stands in for one. A step that mixes in a CPU
+    tensor (a normalisation constant, a lookup table) raises there as it would on CUDA."""
+    meta = torch.device("meta")
+    train = TrainTransform(64, 32, 32, 16, _aug(space), mean=MEAN, std=STD, defer=True)
+    torch.manual_seed(0)
+    batch = train.finish(collate([train(_sample(seed)) for seed in range(6)]), meta)
+    assert batch["image"].device == meta and batch["image"].shape == (6, 3, 64, 64)
+    assert batch["image_et"].device == meta and batch["image_et"].shape == (6, 3, 32, 32)
+    for make in (lambda: EvalTransform(32, MEAN, STD, defer=True), lambda: MultiScaleTransform([32, 48], defer=True)):
+        t = make()
+        out = t.finish(collate([t(_sample(seed)) for seed in range(3)]), meta)
+        assert all(v.device == meta for k, v in out.items() if k.startswith("image"))
