@@ -76,7 +76,7 @@ def run_tf(out: Path) -> None:
 def compare(ref: Path) -> None:
     import torch
 
-    from vitpcm.data.transforms import jitter_authors_with
+    from vitpcm.data.jitter import jitter_authors_with
 
     data = np.load(ref)
     facts = json.loads(str(data["facts"]))

@@ -10,15 +10,13 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from vitpcm.config import AugmentConfig, load_config
+from vitpcm.data.jitter import apply_jitter, apply_jitter_batch, draw_jitter
 from vitpcm.data.transforms import (
     EvalTransform,
     MultiScaleTransform,
     TrainTransform,
     apply_flips,
-    apply_jitter,
-    apply_jitter_batch,
     collate,
-    draw_jitter,
     resize_image,
     to_model_input,
     transforms_on_device,

@@ -13,14 +13,11 @@ from tests.datafix import make_coco
 
 import vitpcm.data.coco as coco_module
 from vitpcm.data.coco import COCODataset, prepare_coco, rasterize
+from vitpcm.data.jitter import _tf_hsv_to_rgb, _tf_rgb_to_hsv, color_jitter, jitter_authors_with
 from vitpcm.data.transforms import (
     EvalTransform,
     TagRule,
     TrainTransform,
-    _tf_hsv_to_rgb,
-    _tf_rgb_to_hsv,
-    color_jitter,
-    jitter_authors_with,
     map_to_et_grid,
     resize_image,
     resize_mask,
