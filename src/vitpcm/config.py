@@ -197,7 +197,7 @@ class InferConfig:
 
 @dataclass
 class CRFConfig(CRFParams):
-    # Dense CRF (`vitpcm crf`, `vitpcm infer --crf`): the seven parameters are CRFParams' (one
+    # Dense CRF (`vitpcm crf`, `vitpcm infer --crf`): the seven parameters and crf.gaussian are CRFParams' (one
     # definition, the authors' `CRF:` section as defaults; vitpcm/crf_params.py), plus how to run it.
     workers: int = 0  # processes over images; 0 = one per CPU
     # Big images: one with more pixels is solved at this many (bilateral_sxy scaled with it) and
@@ -497,6 +497,7 @@ def validate_bounds(cfg: DictConfig) -> None:
     if int(cfg.crf.max_pixels) < 0 or 0 < int(cfg.crf.max_pixels) < 4096:
         raise VitpcmError(f"crf.max_pixels must be 0 (no bound) or at least 4096, got {cfg.crf.max_pixels}")
     parse_size(cfg.crf.memory_budget, "crf.memory_budget")  # raises on a bad value
+    CRFParams.from_config(cfg.crf)  # raises on a bad crf.* value now, not after training
 
 
 def validate_segment(cfg: DictConfig) -> None:

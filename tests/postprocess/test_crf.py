@@ -39,16 +39,63 @@ def _direct(image, probs, params=CRFParams()):
     return np.array(crf.inference(10)).reshape(c, h, w)
 
 
+LATTICE = CRFParams(gaussian="lattice")
+
+
 def test_defaults_are_the_papers():
-    assert CRFParams() == CRFParams(10, 1.0, 3.0, 67.0, 3.0, 4.0, 1e-5)
+    assert CRFParams() == CRFParams(10, 1.0, 3.0, 67.0, 3.0, 4.0, 1e-5, "exact")
     from vitpcm.config import load_config
 
-    assert CRFParams.from_config(load_config("voc12").crf) == CRFParams()
+    assert CRFParams.from_config(load_config("voc12").crf) == LATTICE  # the authors' pydensecrf, lattice and all
+    assert CRFParams.from_config(load_config("synthetic").crf) == CRFParams()
+    with pytest.raises(VitpcmError, match="crf.gaussian must be exact or lattice"):
+        CRFParams(gaussian="fast").validated()
 
 
 def test_dense_crf_equals_a_direct_pydensecrf_call():
     image, probs, _, _ = _scene(0)
-    np.testing.assert_allclose(dense_crf(image, probs), _direct(image, probs), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(dense_crf(image, probs, LATTICE), _direct(image, probs), rtol=0, atol=1e-6)
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(0, keepdims=True))
+    return e / e.sum(0, keepdims=True)
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_the_exact_smoothness_kernel_is_the_papers_gaussian(iterations):
+    """gaussian=exact with the appearance kernel off: mean field with exp(-|p_i - p_j|^2 / 2),
+    written out as a dense N x N matrix (4-sigma window, as the separable filter), both sides
+    normalised by sqrt(K 1) as pydensecrf does."""
+    image, probs, _, _ = _scene(2, h=7, w=11)
+    params = CRFParams(iterations=iterations, bilateral_compat=0.0)
+    ys, xs = np.mgrid[0:7, 0:11]
+    dy, dx = ys.reshape(-1, 1) - ys.reshape(1, -1), xs.reshape(-1, 1) - xs.reshape(1, -1)
+    kernel = np.exp(-(dy**2 + dx**2) / 2.0) * ((np.abs(dy) <= 4) & (np.abs(dx) <= 4))
+    norm = 1.0 / np.sqrt(kernel.sum(1))
+    unary = -np.log(np.maximum(probs.reshape(3, -1).astype(np.float64), 1e-5))
+    q = _softmax(-unary)
+    for _ in range(iterations):
+        q = _softmax(-unary + 3.0 * norm * ((q * norm) @ kernel.T))
+    np.testing.assert_allclose(dense_crf(image, probs, params).reshape(3, -1), q, rtol=0, atol=2e-5)
+
+
+def test_the_exact_path_takes_the_appearance_kernel_from_pydensecrf():
+    """With the smoothness kernel off, both paths are pydensecrf's mean field over the
+    bilateral lattice alone: the same marginals up to float rounding."""
+    image, probs, _, _ = _scene(4)
+    params = CRFParams(gauss_compat=0.0)
+    exact = dense_crf(image, probs, params)
+    np.testing.assert_allclose(exact, dense_crf(image, probs, CRFParams(gauss_compat=0.0, gaussian="lattice")),
+                               rtol=0, atol=1e-5)  # fmt: skip
+    assert not np.allclose(exact, dense_crf(image, probs, CRFParams(gauss_compat=0.0, bilateral_compat=0.0)))
+
+
+def test_exact_and_lattice_smoothness_agree_on_the_masks():
+    for seed in range(4):
+        image, probs, classes, _ = _scene(seed, h=48, w=64)
+        agree = (crf_labels(image, probs, classes) == crf_labels(image, probs, classes, LATTICE)).mean()
+        assert agree >= 0.999
 
 
 def test_present_classes_only_agrees_with_all_21_channels():

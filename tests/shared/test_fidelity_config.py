@@ -16,6 +16,7 @@ AUTHORS = {
     "data.tags_from": "resized",
     "input.align_corners": True,
     "train.amp": False,
+    "crf.gaussian": "lattice",
 }
 VITPCM = {
     "model.backbone_dropout": 0.0,
@@ -26,6 +27,7 @@ VITPCM = {
     "data.tags_from": "original",
     "input.align_corners": False,
     "data.coco_gt": "vitpcm",
+    "crf.gaussian": "exact",
 }
 
 
@@ -57,6 +59,7 @@ def test_synthetic_preset_and_defaults_keep_vitpcm_behaviour():
         ("model.backbone_dropout=1.0", r"model.backbone_dropout must lie in \[0, 1\)"),
         ("model.lstm_dropout=-0.1", r"model.lstm_dropout must lie in \[0, 1\)"),
         ("train.global_batch=-1", "train.global_batch must be >= 0"),
+        ("crf.gaussian=fast", "crf.gaussian must be exact or lattice"),
     ],
 )
 def test_bad_switch_values_are_refused(override, match):

@@ -56,9 +56,11 @@ def test_quick_bench_writes_every_section(quick):
 
     c = result["crf"]
     _numbers(c, ["vitpcm_seconds", "authors_seconds", "crf_speedup", "agreement_pct", "vitpcm_cpu_seconds",
-                 "authors_cpu_seconds", "crf_cpu_ratio"])  # fmt: skip
+                 "authors_cpu_seconds", "crf_cpu_ratio", "lattice_seconds", "crf_speedup_lattice",
+                 "agreement_lattice_pct"])  # fmt: skip
     assert c["images"] == 3 and c["process_start_included"] is True
-    assert c["agreement_pct"] > 99.0  # same parameters, present classes vs all channels
+    assert c["agreement_pct"] > 99.0  # same parameters, present classes vs all channels, exact smoothness kernel
+    assert c["agreement_lattice_pct"] > 99.0  # the same with pydensecrf's lattice, as the authors
 
     cli = result["cli"]
     _numbers(cli, ["help_seconds", "crf_help_seconds"])

@@ -17,7 +17,8 @@ In one process, on one device, each part beside its floor:
 * ``crf``: ``vitpcm crf`` on N VOC-sized images (present classes, one worker per CPU)
   against the authors' single-process all-channel path
   (:mod:`vitpcm.stages.bench_crf`), both as fresh processes, start-up included;
-  ``crf_speedup`` = authors' wall time / vitpcm's, and the pixel agreement of the masks.
+  ``crf_speedup`` = authors' wall time / vitpcm's, and the pixel agreement of the masks;
+  the same for ``crf.gaussian=lattice`` (``crf_speedup_lattice``: the paper presets' CRF).
 * ``cli``: wall time of ``vitpcm --help`` and ``vitpcm crf --help`` (median of runs).
 
 Each pair runs interleaved (pipeline, floor, pipeline, floor, ...; the order alternates per
@@ -576,7 +577,9 @@ def _timed_cpu(cmd: Sequence[str]) -> tuple:
 
 def bench_crf(work: Path, images: int, repeats: int = 1, sizes: Optional[Sequence[tuple]] = None) -> Dict[str, Any]:
     """``vitpcm crf`` (fresh process, present classes, one worker per CPU) vs the authors'
-    path (fresh process, all 21 channels, one image after another) on VOC-sized images."""
+    path (fresh process, all 21 channels, one image after another) on VOC-sized images; the
+    stage twice: as it runs by default (``crf.gaussian=exact``) and with the authors'
+    lattice for the smoothness kernel (``crf.gaussian=lattice``, the paper presets)."""
     from vitpcm.io import names_in
     from vitpcm.stages.bench_crf import VOC_CLASSES, VOC_SIZES, agreement, make_crf_inputs
     from vitpcm.utils.system import cpu_count
@@ -584,24 +587,32 @@ def bench_crf(work: Path, images: int, repeats: int = 1, sizes: Optional[Sequenc
     folder = work / "crf"
     names = make_crf_inputs(folder, images, seed=0, num_classes=VOC_CLASSES, sizes=sizes or VOC_SIZES)
     probs, imgs = folder / "probs", folder / "images"
-    ours_cmd = [*_vitpcm_command(), "crf", "--probs", str(probs), "--images", str(imgs), "--out",
-                str(folder / "vitpcm"), "--overwrite", "-q"]  # fmt: skip
-    authors_cmd = [sys.executable, "-m", "vitpcm.stages.bench_crf", "authors", str(probs), str(imgs),
-                   str(folder / "authors"), str(VOC_CLASSES)]  # fmt: skip
-    ours: List[float] = []
-    theirs: List[float] = []
-    cpu: Dict[str, List[float]] = {"ours": [], "authors": []}
+
+    def ours(out: str, *keys: str) -> List[str]:
+        return [*_vitpcm_command(), "crf", "--probs", str(probs), "--images", str(imgs), "--out", str(folder / out),
+                "--overwrite", "-q", *keys]  # fmt: skip
+
+    commands = {
+        "ours": ours("vitpcm"),
+        "lattice": ours("vitpcm_lattice", "crf.gaussian=lattice"),
+        "authors": [sys.executable, "-m", "vitpcm.stages.bench_crf", "authors", str(probs), str(imgs),
+                    str(folder / "authors"), str(VOC_CLASSES)],
+    }  # fmt: skip
+    walls: Dict[str, List[float]] = {k: [] for k in commands}
+    cpu: Dict[str, List[float]] = {k: [] for k in commands}
+    order = list(commands)
     for r in range(repeats):
-        pair = (("ours", ours_cmd), ("authors", authors_cmd))
-        for which, cmd in pair if r % 2 == 0 else pair[::-1]:
-            wall, used = _timed_cpu(cmd)
-            (ours if which == "ours" else theirs).append(wall)
+        for which in order if r % 2 == 0 else order[::-1]:  # alternate: drift hits every command alike
+            wall, used = _timed_cpu(commands[which])
+            walls[which].append(wall)
             cpu[which].append(used)
     agree = agreement(folder / "vitpcm", folder / "authors", names)
+    agree_lattice = agreement(folder / "vitpcm_lattice", folder / "authors", names)
     import numpy as np
 
     present = [len(np.load(probs / f"{n}.npz")["classes"]) for n in names_in(probs, ".npz")]
-    a, o = _median(theirs), _median(ours)
+    a, o, lat = (_median(walls[k]) for k in ("authors", "ours", "lattice"))
+    a_cpu, o_cpu, lat_cpu = (_median(cpu[k]) for k in ("authors", "ours", "lattice"))
     return {
         "images": images,
         "sizes_wxh": [list(s) for s in (sizes or VOC_SIZES)],
@@ -612,15 +623,23 @@ def bench_crf(work: Path, images: int, repeats: int = 1, sizes: Optional[Sequenc
         "vitpcm_seconds": _r(o, 3),
         "authors_seconds": _r(a, 3),
         "crf_speedup": _r(a / o, 3),
-        "vitpcm_cpu_seconds": _r(_median(cpu["ours"]), 3),
-        "authors_cpu_seconds": _r(_median(cpu["authors"]), 3),
-        "crf_cpu_ratio": _r(_median(cpu["authors"]) / _median(cpu["ours"]), 3),
+        "vitpcm_cpu_seconds": _r(o_cpu, 3),
+        "authors_cpu_seconds": _r(a_cpu, 3),
+        "crf_cpu_ratio": _r(a_cpu / o_cpu, 3),
         "agreement_pct": _r(agree["pixels_equal_pct"], 4),
         "agreement_worst_image_pct": _r(agree["worst_image_pct"], 4),
         "images_identical": agree["images_identical"],
-        "vitpcm_seconds_runs": [_r(t, 3) for t in ours],
-        "authors_seconds_runs": [_r(t, 3) for t in theirs],
+        "lattice_seconds": _r(lat, 3),
+        "crf_speedup_lattice": _r(a / lat, 3),
+        "lattice_cpu_seconds": _r(lat_cpu, 3),
+        "crf_cpu_ratio_lattice": _r(a_cpu / lat_cpu, 3),
+        "agreement_lattice_pct": _r(agree_lattice["pixels_equal_pct"], 4),
+        "images_identical_lattice": agree_lattice["images_identical"],
+        "vitpcm_seconds_runs": [_r(t, 3) for t in walls["ours"]],
+        "lattice_seconds_runs": [_r(t, 3) for t in walls["lattice"]],
+        "authors_seconds_runs": [_r(t, 3) for t in walls["authors"]],
         "command_vitpcm": "vitpcm crf --probs P --images I --out O --overwrite -q",
+        "command_lattice": "vitpcm crf --probs P --images I --out O --overwrite -q crf.gaussian=lattice",
         "command_authors": "python -m vitpcm.stages.bench_crf authors P I O 21",
         "process_start_included": True,
     }
@@ -799,7 +818,8 @@ def format_bench(result: Dict[str, Any]) -> str:
     if "crf" in result:
         c = result["crf"]
         lines.append(f"crf on {c['images']} images: vitpcm {c['vitpcm_seconds']:.2f} s, authors {c['authors_seconds']:.2f} s;"
-                     f" crf_speedup {c['crf_speedup']:.2f} (CPU seconds: {c['crf_cpu_ratio']:.2f}x); agreement {c['agreement_pct']:.3f}%")  # fmt: skip
+                     f" crf_speedup {c['crf_speedup']:.2f} (CPU seconds: {c['crf_cpu_ratio']:.2f}x); agreement {c['agreement_pct']:.3f}%;"
+                     f" with crf.gaussian=lattice {c['crf_speedup_lattice']:.2f}, agreement {c['agreement_lattice_pct']:.3f}%")  # fmt: skip
     if "cli" in result:
         c = result["cli"]
         lines.append(f"cli: vitpcm --help {c['help_seconds']:.2f} s, vitpcm crf --help {c['crf_help_seconds']:.2f} s")
