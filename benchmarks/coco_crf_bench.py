@@ -10,7 +10,9 @@ it times, image by image and in alternating order:
 
 * ``present``: what one ``vitpcm crf`` worker does per image: read the npz and the JPEG,
   the dense CRF over the present classes, argmax, palette PNG
-  (:func:`vitpcm.postprocess.crf.crf_labels`);
+  (:func:`vitpcm.postprocess.crf.crf_labels`; the default ``crf.gaussian=exact``);
+* ``present_lattice``: the same with ``crf.gaussian=lattice`` (the paper presets: the
+  smoothness kernel through pydensecrf's lattice, as the authors);
 * ``all_81``: the authors' path (:func:`vitpcm.stages.bench_crf.authors_one`): the same with
   the probabilities scattered into all 81 channels (absent = 0, clipped to 1e-5).
 
@@ -41,7 +43,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from vitpcm.images import load_rgb  # noqa: E402
 from vitpcm.io import save_mask_png  # noqa: E402
-from vitpcm.postprocess.crf import crf_labels, load_probs, run_crf  # noqa: E402
+from vitpcm.postprocess.crf import CRFParams, crf_labels, load_probs, run_crf  # noqa: E402
 from vitpcm.stages.bench import PeakMemory, machine_info  # noqa: E402
 from vitpcm.stages.bench_crf import COCO_CLASSES, COCO_SIZES, agreement, authors_one, make_crf_inputs  # noqa: E402
 
@@ -50,12 +52,12 @@ CORES = 16
 PEERS_HOURS = 30.0  # reported by peers' users: the CRF over COCO val with 16 processes
 
 
-def present_one(probs_path: Path, image_path: Path, out_path: Path) -> float:
+def present_one(probs_path: Path, image_path: Path, out_path: Path, params: CRFParams) -> float:
     """One image as a ``vitpcm crf`` worker does it; returns CPU seconds."""
     start = time.process_time()
     probs, classes = load_probs(probs_path)
     image = load_rgb(image_path)
-    save_mask_png(out_path, crf_labels(image, probs, classes))
+    save_mask_png(out_path, crf_labels(image, probs, classes, params))
     return time.process_time() - start
 
 
@@ -64,35 +66,37 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20, help="COCO-sized images (default 20)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "coco_crf.json"))
+    parser.add_argument("--note", default="", help="how the machine was used meanwhile, stored with the results")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="cococrf-"))
     try:
         names = make_crf_inputs(work, args.n, args.seed, num_classes=COCO_CLASSES, sizes=COCO_SIZES)
         probs, images = work / "probs", work / "images"
-        (work / "present").mkdir()
-        (work / "all81").mkdir()
-        times: Dict[str, Dict[str, List[float]]] = {
-            "present": {"cpu": [], "wall": []},
-            "all_81": {"cpu": [], "wall": []},
-        }
-        memory = {"present": PeakMemory("cpu"), "all_81": PeakMemory("cpu")}
+        paths = ("present", "present_lattice", "all_81")
+        for path in paths:
+            (work / path).mkdir()
+        times: Dict[str, Dict[str, List[float]]] = {p: {"cpu": [], "wall": []} for p in paths}
+        memory = {p: PeakMemory("cpu") for p in paths}
         load0 = os.getloadavg()[0]
         for i, n in enumerate(names):
             jobs = {
-                "present": lambda n=n: present_one(probs / f"{n}.npz", images / f"{n}.jpg", work / "present" / f"{n}.png"),
-                "all_81": lambda n=n: authors_one(probs / f"{n}.npz", images / f"{n}.jpg", work / "all81" / f"{n}.png",
+                "present": lambda n=n: present_one(probs / f"{n}.npz", images / f"{n}.jpg", work / "present" / f"{n}.png",
+                                                   CRFParams()),
+                "present_lattice": lambda n=n: present_one(probs / f"{n}.npz", images / f"{n}.jpg",
+                                                           work / "present_lattice" / f"{n}.png",
+                                                           CRFParams(gaussian="lattice")),
+                "all_81": lambda n=n: authors_one(probs / f"{n}.npz", images / f"{n}.jpg", work / "all_81" / f"{n}.png",
                                                   COCO_CLASSES),
             }  # fmt: skip
-            order = ["present", "all_81"] if i % 2 == 0 else ["all_81", "present"]
+            order = list(paths) if i % 2 == 0 else list(paths)[::-1]
             for path in order:
                 t0 = time.perf_counter()
                 with memory[path].measure():
                     cpu = jobs[path]()
                 times[path]["wall"].append(time.perf_counter() - t0)
                 times[path]["cpu"].append(cpu)
-            print(f"{n}: present {times['present']['cpu'][-1]:.2f}s cpu, all 81 {times['all_81']['cpu'][-1]:.2f}s cpu",
-                  flush=True)  # fmt: skip
+            print(f"{n}: " + ", ".join(f"{p} {times[p]['cpu'][-1]:.2f}s cpu" for p in paths), flush=True)
         load1 = os.getloadavg()[0]
         scaling = {}
         for workers in (1, 2):
@@ -105,11 +109,12 @@ def main() -> None:
         npz_bytes = [(probs / f"{n}.npz").stat().st_size for n in names]
         med = {p: {k: statistics.median(v) for k, v in d.items()} for p, d in times.items()}
         projection = {}
-        for path in ("present", "all_81"):
+        for path in paths:
             for basis in ("cpu", "wall"):
                 projection[f"{path}_{basis}_hours"] = round(med[path][basis] * COCO_VAL / CORES / 3600, 2)
         result: Dict[str, Any] = {
-            "what": "dense CRF per image on COCO-like inputs: present classes (vitpcm) vs all 81 channels (authors)",
+            "what": "dense CRF per image on COCO-like inputs: present classes (vitpcm; smoothness kernel exact, the"
+            " default, or through pydensecrf's lattice) vs all 81 channels (authors)",
             "date": time.strftime("%Y-%m-%d %H:%M"),
             "command": "python benchmarks/coco_crf_bench.py " + " ".join(sys.argv[1:]),
             "machine": {
@@ -119,7 +124,7 @@ def main() -> None:
                     if k in ("cpu", "cpus_usable", "platform", "python", "processes_running")
                 },
                 "loadavg_1min_before_after": [round(load0, 2), round(load1, 2)],
-                "shared": "other jobs ran on this 2-core machine during the measurement",
+                "note": args.note,
             },  # fmt: skip
             "inputs": {
                 "images": len(names),
@@ -134,8 +139,10 @@ def main() -> None:
                 p: {f"{k}_seconds": [round(x, 3) for x in v] for k, v in d.items()} for p, d in times.items()
             },  # fmt: skip
             "all_81_vs_present_cpu": round(med["all_81"]["cpu"] / med["present"]["cpu"], 2),
+            "all_81_vs_present_lattice_cpu": round(med["all_81"]["cpu"] / med["present_lattice"]["cpu"], 2),
             "peak_rss_mb_one_worker": {p: round(m.peak_mb, 1) for p, m in memory.items()},
-            "agreement_present_vs_all_81": agreement(work / "present", work / "all81", names),
+            "agreement_present_vs_all_81": agreement(work / "present", work / "all_81", names),
+            "agreement_present_lattice_vs_all_81": agreement(work / "present_lattice", work / "all_81", names),
             "vitpcm_crf_workers": scaling,
             "coco_val_projection": {
                 "EXTRAPOLATION": f"median seconds per image x {COCO_VAL} images / {CORES} processes / 3600, assuming"
