@@ -165,6 +165,9 @@ def test_other_parameters_make_finished_masks_stale(tmp_path):
     assert (s["computed"], s["skipped"]) == (3, 0)
     image, probs, classes, _ = _scene(0)
     assert np.array_equal(read_mask_png(tmp_path / "o/im0.png"), crf_labels(image, probs, classes, s_params(2)))
+    lattice = {"iterations": 2, "gaussian": "lattice"}  # how the smoothness kernel is computed counts too
+    assert run_crf(*args, params=lattice, workers=1, progress=False)["computed"] == 3
+    assert run_crf(*args, params=lattice, workers=1, progress=False)["computed"] == 0
 
 
 def s_params(iterations):

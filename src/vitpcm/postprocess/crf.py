@@ -583,6 +583,8 @@ def _refine_shard(
                 busy, reduced = busy + seconds, reduced + small
                 bar.update()
         elif jobs:
+            if params.gaussian == "exact":
+                import scipy.ndimage  # noqa: F401  (0.2-0.3 s: once here, inherited by the forked workers)
             with process_pool(n_workers, mp_context=_pool_context()) as pool:
                 pending: set[Future] = {
                     pool.submit(_refine_one, p, i, o, params, max_pixels, key) for _, p, i, o in jobs
