@@ -71,7 +71,8 @@ def from_model_input(image: torch.Tensor, mean: Triple = HALF, std: Triple = HAL
 
 
 def resize_image(image: torch.Tensor, size: Tuple[int, int], align_corners: bool = False) -> torch.Tensor:
-    """Bilinear resize of ``[3, H, W]`` (any dtype) to ``size``; float [0, 1] out.
+    """Bilinear resize of ``[3, H, W]`` or a batch ``[B, 3, H, W]`` (any dtype) to ``size``;
+    float [0, 1] out.
 
     ``align_corners=False``: pixel centres, antialiased when shrinking (vitpcm);
     ``True``: corner pixels on corners and no antialiasing, TF1's ``resize(align_corners=True)``
@@ -82,8 +83,23 @@ def resize_image(image: torch.Tensor, size: Tuple[int, int], align_corners: bool
     if tuple(image.shape[-2:]) == tuple(size):
         return image
     down = (size[0] < image.shape[-2] or size[1] < image.shape[-1]) and not align_corners
-    out = F.interpolate(image[None], size=size, mode="bilinear", align_corners=align_corners, antialias=down)[0]
-    return out.clamp_(0.0, 1.0)
+    batch = image if image.dim() == 4 else image[None]
+    out = F.interpolate(batch, size=size, mode="bilinear", align_corners=align_corners, antialias=down)
+    return (out if image.dim() == 4 else out[0]).clamp_(0.0, 1.0)
+
+
+def resize_images(images: Sequence[torch.Tensor], size: Tuple[int, int], align_corners: bool = False,
+                  device: Optional[torch.device] = None) -> torch.Tensor:  # fmt: skip
+    """:func:`resize_image` of ``[3, H_i, W_i]`` images of any sizes -> ``[B, 3, *size]`` on
+    ``device`` (None: where they are). Images of one size are resized as one batch (a
+    dataset has few sizes: VOC's are mostly 500 x 375 and 375 x 500), each uploaded as it is."""
+    images = [im if device is None else im.to(device, non_blocking=True) for im in images]
+    out: List[Optional[torch.Tensor]] = [None] * len(images)
+    for shape in dict.fromkeys(tuple(im.shape) for im in images):
+        rows = [i for i, im in enumerate(images) if tuple(im.shape) == shape]
+        for i, resized in zip(rows, resize_image(torch.stack([images[i] for i in rows]), size, align_corners)):
+            out[i] = resized
+    return torch.stack(out)  # type: ignore[arg-type]
 
 
 def resize_mask(mask: torch.Tensor, size: Tuple[int, int], align_corners: bool = False) -> torch.Tensor:
@@ -202,10 +218,6 @@ def transforms_on_device(cfg: Any, device: Any) -> bool:
     return where == "device" or (where == "auto" and torch.device(device).type == "cuda")
 
 
-def _upload(images: Sequence[torch.Tensor], device: Optional[torch.device]) -> List[torch.Tensor]:
-    return [im if device is None else im.to(device, non_blocking=True) for im in images]
-
-
 def _small_mask(sample: Sample) -> Sample:
     """An evaluation sample's mask as uint8 (class indices and the ignore value 255 fit; it is
     only scored): a VOC-sized mask leaves the worker in 0.19 MB instead of int64's 1.5 MB."""
@@ -252,7 +264,8 @@ class EvalTransform:
         if "image_raw" not in batch:
             return batch
         out = dict(batch)
-        out["image"] = torch.stack([self.prepare(im) for im in _upload(out.pop("image_raw"), device)])
+        resized = resize_images(out.pop("image_raw"), (self.size, self.size), self.align_corners, device)
+        out["image"] = to_model_input(resized, self.mean, self.std)
         return out
 
 
@@ -288,9 +301,11 @@ class MultiScaleTransform:
         if "image_raw" not in batch:
             return batch
         out = dict(batch)
-        views = [self.prepare(im) for im in _upload(out.pop("image_raw"), device)]
-        for key in views[0]:
-            out[key] = torch.stack([v[key] for v in views])
+        raw = out.pop("image_raw")
+        for n in self.sizes:
+            out[f"image_{n}"] = to_model_input(
+                resize_images(raw, (n, n), self.align_corners, device), self.mean, self.std
+            )
         return out
 
 
@@ -370,7 +385,7 @@ class TrainTransform:
             return batch
         out = dict(batch)
         n, s, ac = self.size, self.et_scale, self.align_corners
-        base = torch.stack([resize_image(im, (n, n), ac) for im in _upload(out.pop("image_raw"), device)])
+        base = resize_images(out.pop("image_raw"), (n, n), ac, device)
         view = apply_jitter_batch(base, out.pop("jitter"), self.space)
         view = torch.stack([apply_flips(v, f) for v, f in zip(view, out["flips"])])
         et_full = apply_jitter_batch(base, out.pop("jitter_et"), self.space)
