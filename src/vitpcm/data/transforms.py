@@ -346,9 +346,8 @@ class TrainTransform:
         plan = self.draw(sample)
         if self.defer:
             return plan
-        one = self.finish(collate([plan]))
-        return {k: (v[0] if k in ("image", "image_et", "labels", "flips", "et_box", "et_flips") else plan[k])
-                for k, v in one.items()}  # fmt: skip
+        one = self.finish(collate([plan]))  # the batch path on a batch of one, then unstacked
+        return {k: v[0] if isinstance(v, torch.Tensor) else plan[k] for k, v in one.items()}
 
     def draw(self, sample: Sample) -> Sample:
         """One sample's random choices, in the order they have always been drawn (view-1 flips,
