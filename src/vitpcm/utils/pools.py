@@ -116,7 +116,7 @@ def process_pool(
 
 def terminate_pool(pool: ProcessPoolExecutor, grace: float = 2.0) -> None:
     """Cancel what has not started, stop the workers (SIGTERM, then SIGKILL after ``grace``
-    seconds) and reap them."""
+    seconds), reap them and let the executor settle the futures they were running."""
     processes = list((getattr(pool, "_processes", None) or {}).values())
     pool.shutdown(wait=False, cancel_futures=True)
     for p in processes:
@@ -129,6 +129,11 @@ def terminate_pool(pool: ProcessPoolExecutor, grace: float = 2.0) -> None:
             if p.is_alive():
                 p.kill()
                 p.join(1.0)
+    # the executor's manager thread marks the futures still running as failed once it sees
+    # their workers gone: wait for it (bounded), so the caller finds every future settled
+    manager = getattr(pool, "_executor_manager_thread", None)
+    if manager is not None:
+        manager.join(grace)
 
 
 # ----------------------------------------------------------------------------- writer threads
