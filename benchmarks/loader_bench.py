@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -36,16 +35,6 @@ def _nbytes(sample: dict) -> int:
         if isinstance(value, torch.Tensor):
             total += value.numel() * value.element_size()
     return total
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -64,9 +53,10 @@ def main() -> None:
     from vitpcm.data import build_dataset
     from vitpcm.data.transforms import EvalTransform, TagRule, TrainTransform, collate
     from vitpcm.models.backbone import resolve_config
-    from vitpcm.stages.bench import _bench_config, _make_data
+    from vitpcm.stages.bench import _bench_config, _make_data, machine_info
 
     torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="vitpcm-loader-"))
     _make_data(work / "data", args.images, 0, ((500, 375), (375, 500)))
     cfg = resolve_config(_bench_config(args.preset, work / "data", "cpu", 0, []))
@@ -109,13 +99,13 @@ def main() -> None:
                 "loader_items_per_second_runs": [round(p, 1) for p in passes],
             }
             if mode == "device":
-                batch = collate([dataset[i] for i in range(args.batch)])
+                batch = collate([dataset[i] for i in range(min(args.batch, len(dataset)))])
                 times = []
                 for _ in range(args.repeats):
                     start = time.perf_counter()
                     dataset.transform.finish(dict(batch), torch.device("cpu"))
                     times.append(time.perf_counter() - start)
-                row["finish_ms_per_item_on_this_cpu"] = round(1000 * statistics.median(times) / args.batch, 2)
+                row["finish_ms_per_item_on_this_cpu"] = round(1000 * statistics.median(times) / len(batch["name"]), 2)
             results[f"{stage}_{mode}"] = row
             print(stage, mode, row, flush=True)
         lo, de = results[f"{stage}_loader"], results[f"{stage}_device"]
@@ -134,16 +124,10 @@ def main() -> None:
         "images": args.images,
         "workers": args.workers,
         "batch": args.batch,
-        "machine": {
-            "cpu": _cpu_model(),
-            "cpus": os.cpu_count(),
-            "loadavg_before": os.getloadavg(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
+        "machine": {**machine_info("cpu"), "loadavg_before": load_before},
         "results": results,
     }
-    out["machine"]["loadavg_after"] = os.getloadavg()
+    out["machine"]["loadavg_after"] = os.getloadavg()[0]
     Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps({k: v for k, v in results.items() if "ratio" in k}))
 
