@@ -113,3 +113,15 @@ def test_presets_use_the_authors_adam_and_the_library_default_is_torch():
 def test_bad_adam_settings_are_one_line(override):
     with pytest.raises(VitpcmError, match=override.split("=")[0]):
         load_config("synthetic", [override])
+
+
+def test_the_training_run_uses_the_configured_adam(tmp_path, tiny_overrides):
+    from vitpcm.engine.checkpoint import read_checkpoint
+    from vitpcm.stages.train import train
+
+    run = tmp_path / "run"
+    cfg = load_config("synthetic", [*tiny_overrides, "train.adam_epsilon=keras", "train.summed_replicas=4"])
+    train(cfg, run, progress=False)
+    saved = read_checkpoint(run / "checkpoints" / "last.pt")["optimizer"]
+    assert saved["param_groups"][0]["eps"] == pytest.approx(1e-7 / 4)
+    assert "foreach" not in saved["param_groups"][0]  # KerasAdam's groups, not torch.optim.Adam's
