@@ -46,6 +46,9 @@ class DataConfig:
     val_split: Optional[str] = "val"  # empty (data.val_split=) = no validation
     # voc trainaug: SBD release (benchmark_RELEASE) or a SegmentationClassAug folder; default ROOT/SegmentationClassAug
     sbd: Optional[str] = None
+    # How JPEGs are decoded (vitpcm/images.py; docs/reproduce.md, switch 12): pillow (libjpeg's accurate
+    # IDCT, EXIF orientation applied) | tf (TensorFlow's decode_jpeg, the authors': fast IDCT, no EXIF)
+    jpeg_decoder: str = "pillow"
     tags: Optional[str] = None  # tag file (CSV / JSON); folder: default ROOT/tags.csv|json; voc: splits without masks
     masks: Optional[str] = None  # coco: output of `vitpcm prepare coco`, default ROOT/masks; folder: default ROOT/masks
     num_workers: int = 2
@@ -479,6 +482,7 @@ def validate_config(cfg: DictConfig) -> None:
         ("augment.jitter_space", ("clamped", "authors")),
         ("train.adam_epsilon", ("torch", "keras")),
         ("infer.probs_resize", ("mask", "skimage")),
+        ("data.jpeg_decoder", ("pillow", "tf")),
     ):
         if str(OmegaConf.select(cfg, key)) not in allowed:
             raise VitpcmError(f"{key} must be {' or '.join(allowed)}, got {OmegaConf.select(cfg, key)!r}")
