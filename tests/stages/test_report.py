@@ -93,7 +93,7 @@ def test_report_of_a_run(tiny_run, capsys):
     for needle in ("Split val", "Per-class IoU", "pixel acc", "<td>bpm</td>", "<td>crf</td>", "Training",
                    "training curves", "heat map per present class", "Config (resolved)", "backbone: vit_tiny_patch16_224",
                    "Per-image mIoU of split val (6 images, worst first)", "by per-image mIoU (bpm): image | ground truth",
-                   "Most confused class pairs", "Tags from the pooled scores", "mAP (percent)"):  # fmt: skip
+                   "Most confused class pairs", "Tags from the pooled scores", "mAP (percent)", "last val tag mean F1 / mAP"):  # fmt: skip
         assert needle in text, needle
     hrefs = set(refs.links)
     for target in (

@@ -403,9 +403,13 @@ def _training_facts(rows: Sequence[Dict[str, Any]]) -> List[List[str]]:
     vals = [(r.get("val_miou"), r["epoch"]) for r in rows if r.get("val_miou") is not None]
     best = max(vals) if vals else None
     secs = sum(float(r.get("seconds", 0) or 0) for r in rows)
-    return [["epochs", str(rows[-1]["epoch"])], ["last loss", f"{rows[-1].get('loss', float('nan')):.4f}"],
+    facts = [["epochs", str(rows[-1]["epoch"])], ["last loss", f"{rows[-1].get('loss', float('nan')):.4f}"],
             ["best val mIoU", f"{100 * best[0]:.2f} (epoch {best[1]})" if best else "–"],
             ["training time", f"{secs / 60:.1f} min"]]  # fmt: skip
+    if rows[-1].get("val_tag_f1") is not None:  # the pooled scores as tag classifiers (last epoch)
+        facts.append(["last val tag mean F1 / mAP", f"{100 * rows[-1]['val_tag_f1']:.1f} / "
+                      + (f"{100 * rows[-1]['val_tag_map']:.1f}" if rows[-1].get("val_tag_map") is not None else "–")])  # fmt: skip
+    return facts
 
 
 def report(
