@@ -88,6 +88,11 @@ def test_report_with_a_deeplab_run(synth_root, tmp_path, capsys):
     assert list(metrics["results"]) == ["bpm", "crf", "deeplab", "deeplab+crf"]
     assert metrics["results"]["deeplab+crf"]["miou"] == 1.0 and metrics["results"]["deeplab"]["miou"] < 1.0
     assert metrics["published"]["id"] == "voc12-deeplabv2-val" and metrics["published"]["iou"]["cat"] == 90.2
+    # each image's own mIoU, DeepLab + CRF first (its masks are the ground truth here: 100 each)
+    per_image = (ver / "per_image.csv").read_text().splitlines()
+    assert per_image[0] == "name,deeplab+crf_miou,deeplab_miou" and len(per_image) == 1 + len(names)
+    assert all(row.split(",")[1] == "100.00" for row in per_image[1:])
+    assert "eval/val/verification/per_image.csv" in refs.links
     # BPM / CRF reused from the split section: the same numbers as eval/val
     split_metrics = json.loads((RunLayout(run).eval("val") / "metrics.json").read_text())
     assert metrics["results"]["bpm"] == split_metrics["results"]["bpm"]

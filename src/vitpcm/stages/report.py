@@ -121,7 +121,7 @@ def _split_section(
         eval_dir = run.eval(split)
         evaluation = write_evaluation_files(cms, classes, eval_dir, published=published_row(classes, compare))
         evaluation_html = page.evaluation_html(split, evaluation, eval_dir, run.root)
-        evaluation_html += _per_image_html(run, split, scores, preds, dataset, classes, worst, progress)
+        evaluation_html += _per_image_html(run, split, scores, preds, dataset, classes, worst)
         evaluation_html += _confused_pairs_html(run, split, cms["bpm"], pseudo.masks, dataset, classes, mask_names)
     elif dataset is not None:
         notes.append(f"split {split} has no ground-truth masks: no metrics.")
@@ -162,9 +162,10 @@ def _percent(value: float) -> str:
 
 
 def _per_image_html(run: RunLayout, split: str, scores: Dict[str, Dict[str, Dict[str, Any]]], preds: Dict[str, Path],
-                    dataset: Any, classes: List[str], worst: int, progress: bool) -> str:  # fmt: skip
-    """Every image's own mIoU per mask folder (``eval/SPLIT/per_image.csv``, worst BPM first)
-    and the ``worst`` images as image | ground truth | BPM (``figures/SPLIT/worst.png``)."""
+                    dataset: Any, classes: List[str], worst: int, csv_path: Optional[Path] = None) -> str:  # fmt: skip
+    """Every image's own mIoU per mask folder (``csv_path``, default ``eval/SPLIT/per_image.csv``;
+    worst first by the first folder's) and the ``worst`` images as image | ground truth |
+    that folder's mask (``figures/SPLIT/worst.png``; 0: none)."""
     from vitpcm.images import load_rgb
     from vitpcm.viz import html as page
     from vitpcm.viz.figures import figure_triplet_grid
@@ -180,14 +181,14 @@ def _per_image_html(run: RunLayout, split: str, scores: Dict[str, Dict[str, Dict
 
     names = sorted(bpm, key=key)
     rows = [[n, *(_percent(scores[label][n]["miou"]) for label in labels)] for n in names]
-    csv_path = run.per_image(split)
+    csv_path = csv_path or run.per_image(split)
     write_text_atomic(csv_path, "name," + ",".join(f"{label}_miou" for label in labels) + "\n"
                       + "".join(",".join(r) + "\n" for r in rows))  # fmt: skip
     text = page.per_image_html(split, rows, ["image", *(f"{label} mIoU" for label in labels)], csv_path, run.root)
     # the worst images that show an object (an all-background image tells little)
     picked = [n for n in names if any(c > 0 for c in bpm[n]["gt_classes"]) and bpm[n]["miou"] == bpm[n]["miou"]]
     picked = picked[:worst]
-    if picked:
+    if picked and worst > 0:
         items = []
         for name in picked:
             image = load_rgb(dataset.image_path(name))
@@ -349,6 +350,7 @@ def _verification_section(
             notes.append(f"the paper gives no DeepLab row for split {split}.")
 
     evaluation = whole = None
+    per_image = ""
     scores: Dict[str, Dict[str, Dict[str, Any]]] = {}
     eval_dir = run.verification(split)
     if has_gt:
@@ -358,6 +360,8 @@ def _verification_section(
         if reuse:
             cms = {label: (evaluated["cms"][label] if label not in cms else cms[label]) for label in preds}
         evaluation = write_evaluation_files(cms, classes, eval_dir, published=published)
+        final_first = {final: preds[final], **{label: preds[label] for label in preds if label != final}}
+        per_image = _per_image_html(run, split, scores, final_first, dataset, classes, 0, eval_dir / "per_image.csv")
         if published is not None and "table" in published and compare in (None, "all"):
             table = published_table(classes, split)
             whole = full_tables({lab: evaluation["results"][lab] for lab in ours}, classes, table)
@@ -393,7 +397,8 @@ def _verification_section(
     outputs = [p for p in (seg_pseudo.masks, seg_pseudo.crf) if p.is_dir()]
     html_text = page.verification_section(split, run.root, segment=seg.root, evaluation=evaluation, eval_dir=eval_dir,
                                           whole=whole, samples_title=samples_title, samples=rows,
-                                          best_title=best_title, best=best_path, best_caption=best_caption, outputs=outputs, notes=notes)  # fmt: skip
+                                          best_title=best_title, best=best_path, best_caption=best_caption, outputs=outputs, notes=notes,
+                                          per_image=per_image)  # fmt: skip
     return {"html": html_text, "evaluation": evaluation}
 
 

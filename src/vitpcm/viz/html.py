@@ -193,6 +193,7 @@ def verification_section(
     best_caption: str = "",
     outputs: Sequence[Path] = (),
     notes: Sequence[str] = (),
+    per_image: str = "",
 ) -> str:
     """The verification section of one split: BPM vs CRF vs DeepLab (a run of ``segment``).
 
@@ -220,6 +221,7 @@ def verification_section(
         parts.append("<p>Files: " + ", ".join(link(eval_dir / f, base) for f in ("metrics.json", files["csv"], files["markdown"]))
                      + ", " + ", ".join(link(eval_dir / c["png"], base) for c in files["confusion"].values() if "png" in c)
                      + "</p>")  # fmt: skip
+    parts.append(per_image)  # per_image_html: each image's own mIoU, DeepLab first
     if whole is not None:
         tables, note = whole
         parts.append("<details><summary>The paper's whole table with our DeepLab rows</summary>"
