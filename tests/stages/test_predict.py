@@ -222,3 +222,35 @@ def test_cli_prints_where_the_outputs_are(run, photos, tmp_path, capsys):
     text = capsys.readouterr().out
     assert f"wrote 1 masks to {out / 'masks'}" in text and "predictions.jsonl" in text
     assert (out / "overlays" / "a.jpg").is_file()
+
+
+def test_torchrun_two_cpu_ranks_write_what_one_process_writes(run, photos, tmp_path):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "MASTER_PORT"):
+        env.pop(key, None)
+    tail = ["predict", str(run), str(photos), "--threshold", "0.18", "--crf", "--overlay", "crf.workers=1", "-q"]
+    one = subprocess.run([sys.executable, "-m", "vitpcm", *tail, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "vitpcm", *tail, "--out", str(tmp_path / "two")]  # fmt: skip
+    two = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("wrote 4 masks") == 1  # rank 0 speaks
+    a, b = tmp_path / "one", tmp_path / "two"
+    names = ["a", "b", "trip/c", "trip/d"]
+    for name in names:
+        for sub in ("masks", "crf"):
+            np.testing.assert_array_equal(
+                read_mask_png(a / sub / f"{name}.png"), read_mask_png(b / sub / f"{name}.png")
+            )
+        assert (b / "overlays" / f"{name}.jpg").is_file()
+
+    def records(folder: Path) -> list:
+        rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in ("seconds", "time")} for r in rows]
+
+    assert records(a) == records(b) and [r["name"] for r in records(b)] == names
