@@ -42,7 +42,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from vitpcm.errors import VitpcmError
 from vitpcm.io import format_names, names_in, read_classes, read_mask_png, write_text_atomic
 from vitpcm.runs import PseudoLayout, RunLayout
-from vitpcm.stages.tag_quality import read_tag_quality
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +90,7 @@ def _split_section(
     from vitpcm.images import load_rgb
     from vitpcm.postprocess.crf import load_probs
     from vitpcm.stages.evaluate import write_evaluation_files
+    from vitpcm.stages.tag_quality import read_tag_quality
     from vitpcm.viz import html as page
     from vitpcm.viz.figures import figure_heatmaps, figure_masks
 
