@@ -31,6 +31,12 @@ def test_folders_files_and_globs_name_their_images(tree):
     assert list(collect_images([tree / "b.PNG", tree, tree / "a.jpg"])) == ["b", "a", "sub/c", "sub/deeper/d"]
 
 
+def test_a_home_folder_glob_is_expanded(tree, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert list(collect_images(["~/photos/sub/**/*.webp"])) == ["deeper/d"]
+    assert list(collect_images(["~/photos/a.jpg"])) == ["a"]
+
+
 def test_inputs_that_find_nothing_or_clash(tree, tmp_path):
     with pytest.raises(VitpcmError, match="not found"):
         collect_images([tmp_path / "nowhere"])

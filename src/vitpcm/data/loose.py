@@ -78,7 +78,7 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> Dict[str, Path]:
         elif path.is_dir():
             items = _folder_images(path)
         elif any(c in text for c in _GLOB_CHARS):
-            base = _glob_base(text)
+            base = _glob_base(str(path))
             items = []
             for match in sorted(glob.glob(str(path), recursive=True)):
                 m = Path(match)
