@@ -166,6 +166,13 @@ class TrainConfig:
     deterministic: bool = False
     checkpoint_every: int = 0  # also save checkpoints/last.pt every N steps (batches) in an epoch; 0 = epoch ends only
     max_loss: float = 1.0e4  # a finite loss above this stops the run as diverged (0 = no limit)
+    # Adam's epsilon (engine/optim.py; docs/reproduce.md, switch 10): torch (torch.optim.Adam, 1e-8
+    # after bias correction) | keras (the authors' Keras Adam: 1e-7 on the uncorrected sqrt(v))
+    adam_epsilon: str = "torch"
+    # Take each step as on the sum of this many replicas' mean gradients: the authors' 4 GPUs
+    # (MirroredStrategy sums them); with either epsilon the update depends on the gradient's
+    # scale. 1 = the mean over the global batch (docs/reproduce.md#global-batch)
+    summed_replicas: int = 1
 
 
 @dataclass
@@ -452,6 +459,10 @@ def validate_config(cfg: DictConfig) -> None:
         raise VitpcmError(f"train.schedule must be constant or cosine, got {cfg.train.schedule!r}")
     if cfg.train.batch_size < 1:
         raise VitpcmError(f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
+    if cfg.train.summed_replicas < 1:
+        raise VitpcmError(
+            f"train.summed_replicas must be >= 1 (1 = the mean gradient), got {cfg.train.summed_replicas}"
+        )
     for key in ("checkpoint_every", "max_loss"):
         if cfg.train[key] < 0:
             raise VitpcmError(f"train.{key} must be >= 0 (0 = off), got {cfg.train[key]}")
@@ -461,6 +472,7 @@ def validate_config(cfg: DictConfig) -> None:
         ("data.coco_gt", ("vitpcm", "authors")),
         ("data.transforms_on", ("auto", "loader", "device")),
         ("augment.jitter_space", ("clamped", "authors")),
+        ("train.adam_epsilon", ("torch", "keras")),
     ):
         if str(OmegaConf.select(cfg, key)) not in allowed:
             raise VitpcmError(f"{key} must be {' or '.join(allowed)}, got {OmegaConf.select(cfg, key)!r}")
