@@ -163,7 +163,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from vitpcm.stages.report import report
 
     result = report(args.run, splits=args.split, overrides=args.overrides, samples=args.samples, names=args.names,
-                    seed=args.seed, compare=args.compare, segment=args.segment, progress=not args.quiet)  # fmt: skip
+                    seed=args.seed, compare=args.compare, segment=args.segment, predict=args.predict,
+                    progress=not args.quiet)  # fmt: skip
     for split, ev in result["evaluations"].items():
         scores = "  ".join(f"{label} mIoU {100 * s['miou']:.2f}" for label, s in ev["results"].items())
         print(f"{split}: {scores}")
@@ -419,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segment", metavar="SEGRUN",
                    help="a DeepLab run trained on these pseudo-masks (`vitpcm segment train`): adds the verification"
                         " section (BPM vs CRF vs DeepLab per class, Fig. S2 rows, Fig. S3 best images)")  # fmt: skip
+    p.add_argument("--predict", metavar="DIR",
+                   help="a `vitpcm predict --overlay` output folder: a gallery of its overlays (default RUN/predict)")  # fmt: skip
     p.set_defaults(func=_cmd_report)
 
     p = add("demo", "the whole pipeline on the built-in synthetic set, on a CPU, in minutes")

@@ -138,6 +138,15 @@ def test_report_shows_predict_overlays(tiny_run, synth_root, tmp_path):
     first = records[0]
     assert f"{first['name']}: {', '.join(first['tags']) or 'background only'}" in text
 
+    # a predict --out folder elsewhere: named with --predict
+    elsewhere = tmp_path / "elsewhere"
+    predict(run, [synth_root / "JPEGImages" / "val_00000.jpg", synth_root / "JPEGImages" / "val_00001.jpg"],
+            out=elsewhere, overlay=True, progress=False)  # fmt: skip
+    assert main(["report", str(run), "--samples", "0", "--predict", str(elsewhere), "-q"]) == 0
+    check_self_contained(run / "report.html")
+    assert "2 of 2 overlays shown" in (run / "report.html").read_text()
+    assert main(["report", str(run), "--predict", str(tmp_path), "-q"]) == 2  # no overlays/ there
+
 
 def test_confused_pairs_ranks_by_share_of_the_true_class():
     m = np.array([[90, 10, 0], [30, 60, 10], [0, 0, 0]])  # rows: ground truth

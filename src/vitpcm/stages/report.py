@@ -237,16 +237,19 @@ def _confused_pairs_html(run: RunLayout, split: str, cm: Any, masks: Path, datas
     return page.confused_pairs_html(rows, examples, run.root)
 
 
-def _predict_gallery(layout: RunLayout, shown: int = 24) -> Optional[Tuple[str, str, str]]:
-    """``vitpcm predict``'s overlays in ``RUN/predict`` (no ground truth): thumbnails of the
-    first ``shown``, captioned with their predicted classes. None when there are none."""
+def _predict_gallery(
+    layout: RunLayout, folder: Optional[Path] = None, shown: int = 24
+) -> Optional[Tuple[str, str, str]]:
+    """``vitpcm predict``'s overlays in ``folder`` (default ``RUN/predict``; no ground truth):
+    thumbnails of the first ``shown``, captioned with their predicted classes. None when
+    there are none."""
     import json
 
     from vitpcm.runs import PredictLayout
     from vitpcm.viz import html as page
     from vitpcm.viz.overlay import thumbnail_jpeg
 
-    target = PredictLayout(layout.predict)
+    target = PredictLayout(folder if folder is not None else layout.predict)
     overlays = names_in(target.overlays, ".jpg") if target.overlays.is_dir() else []
     if not overlays:
         return None
@@ -428,6 +431,7 @@ def report(
     compare: Optional[str] = None,
     segment: Optional[str | Path] = None,
     best: int = 9,
+    predict: Optional[str | Path] = None,
     progress: bool = True,
 ) -> Dict[str, Any]:
     """Write ``RUN/report.html`` (and ``RUN/figures/``, ``RUN/eval/<split>/``).
@@ -444,6 +448,8 @@ def report(
             section per split it has (``splits`` limits them too), scored with this run's
             dataset; its ViT-PCM row is the paper's DeepLabV2 row of that split.
         best: images in the Fig. S3 grid of the verification (highest per-image mIoU).
+        predict: a ``vitpcm predict --out`` folder whose overlays get a gallery (default
+            ``RUN/predict`` when it has overlays).
 
     Returns ``{"report": path, "evaluations": {split: what eval/<split>/metrics.json holds},
     "verification": {split: what eval/<split>/verification/metrics.json holds}}``
@@ -503,7 +509,10 @@ def report(
         if section["evaluation"] is not None:
             verification[split] = section["evaluation"]
 
-    gallery = _predict_gallery(layout)
+    if predict is not None and not (Path(predict) / "overlays").is_dir():
+        raise VitpcmError(f"--predict {predict}: no overlays/ there; run `vitpcm predict {layout.root} ... --out"
+                          f" {predict} --overlay` first")  # fmt: skip
+    gallery = _predict_gallery(layout, Path(predict) if predict is not None else None)
 
     # training
     facts = curves = None
