@@ -14,7 +14,16 @@ from PIL import Image, ImageDraw, ImageFont
 from vitpcm.io import atomic_path, pascal_palette
 
 ALPHA = 0.5  # the mask's weight over the image (background pixels are left as they are)
-_ROW = 16  # legend row height in pixels (Pillow's built-in font is ~11 px high)
+
+
+def _legend_font(width: int):
+    """A font that stays legible beside the image: ~1/50 of its width, at least 11 px
+    (Pillow < 10.1 has only its fixed ~11 px bitmap font)."""
+    size = max(11, width // 50)
+    try:
+        return ImageFont.load_default(size=size), size
+    except TypeError:
+        return ImageFont.load_default(), 11
 
 
 def blend(image: np.ndarray, mask: np.ndarray, alpha: float = ALPHA) -> np.ndarray:
@@ -35,26 +44,25 @@ def overlay_with_legend(image: np.ndarray, mask: np.ndarray, class_names: Sequen
     counts = np.bincount(mask.ravel(), minlength=256)
     shown = [int(c) for c in np.argsort(-counts) if counts[c] > 0 and c != 255]
     palette = pascal_palette()
-    font = ImageFont.load_default()
+    font, size = _legend_font(w)
+    row = size + 5  # legend row height
     # lay the entries out in rows that fit the image width
     entries = [f"{class_names[c] if c < len(class_names) else c} {100 * counts[c] / mask.size:.0f}%" for c in shown]
-    widths = [_ROW + 4 + int(font.getlength(e)) + 10 for e in entries]
+    widths = [row + 4 + int(font.getlength(e)) + 10 for e in entries]
     rows, x = 1, 0
     for wd in widths:
         if x and x + wd > w:
             rows, x = rows + 1, 0
         x += wd
-    canvas = Image.new("RGB", (w, h + rows * _ROW + 4), (255, 255, 255))
+    canvas = Image.new("RGB", (w, h + rows * row + 4), (255, 255, 255))
     canvas.paste(Image.fromarray(blend(image, mask)), (0, 0))
     draw = ImageDraw.Draw(canvas)
     x, y = 2, h + 2
     for c, text, wd in zip(shown, entries, widths):
         if x > 2 and x + wd > w:
-            x, y = 2, y + _ROW
-        draw.rectangle(
-            [x, y + 2, x + _ROW - 4, y + _ROW - 2], fill=tuple(int(v) for v in palette[c]), outline=(0, 0, 0)
-        )
-        draw.text((x + _ROW, y + 2), text, fill=(0, 0, 0), font=font)
+            x, y = 2, y + row
+        draw.rectangle([x, y + 2, x + row - 4, y + row - 2], fill=tuple(int(v) for v in palette[c]), outline=(0, 0, 0))
+        draw.text((x + row, y + 2), text, fill=(0, 0, 0), font=font)
         x += wd
     return canvas
 
