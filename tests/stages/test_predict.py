@@ -254,3 +254,19 @@ def test_torchrun_two_cpu_ranks_write_what_one_process_writes(run, photos, tmp_p
         return [{k: v for k, v in r.items() if k not in ("seconds", "time")} for r in rows]
 
     assert records(a) == records(b) and [r["name"] for r in records(b)] == names
+
+
+def test_tta_path(run, photos, tmp_path):
+    """--tta with one scale and no flip is exactly plain inference (predict_tta's one-view
+    case); with flips it is another setting: recomputed, same names and sizes."""
+    plain = predict(run, [photos], out=tmp_path / "plain", threshold=0.2, progress=False)
+    one = predict(run, [photos], out=tmp_path / "tta", threshold=0.2, tta=True, progress=False,
+                  overrides=["infer.tta_scales=[1.0]", "infer.tta_flip=false"])  # fmt: skip
+    for a, b in zip(plain, one):
+        np.testing.assert_array_equal(read_mask_png(tmp_path / "plain" / "masks" / f"{a['name']}.png"),
+                                      read_mask_png(tmp_path / "tta" / "masks" / f"{b['name']}.png"))  # fmt: skip
+        assert a["scores"] == b["scores"] and a["tags"] == b["tags"]
+    flipped = predict_images(run, [photos], out=tmp_path / "tta", threshold=0.2, tta=True, progress=False,
+                             overrides=["infer.tta_scales=[0.75,1.0]"])  # fmt: skip
+    assert flipped["computed"] == 4 and flipped["tta"] == {"sizes": [24, 32], "flip": True}
+    assert [r["size"] for r in flipped["records"]] == [r["size"] for r in plain]
