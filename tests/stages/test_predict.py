@@ -270,3 +270,14 @@ def test_tta_path(run, photos, tmp_path):
                              overrides=["infer.tta_scales=[0.75,1.0]"])  # fmt: skip
     assert flipped["computed"] == 4 and flipped["tta"] == {"sizes": [24, 32], "flip": True}
     assert [r["size"] for r in flipped["records"]] == [r["size"] for r in plain]
+
+
+def test_big_images_keep_smaller_probabilities_and_a_full_size_mask(run, photos, tmp_path):
+    records = predict(run, [photos / "a.jpg"], out=tmp_path / "o", threshold=0.2, crf=True, progress=False,
+                      overrides=["infer.max_side=64", "crf.workers=1"])  # fmt: skip
+    h, w = records[0]["size"]
+    assert max(h, w) > 64
+    with np.load(tmp_path / "o" / "probs" / "a.npz") as z:
+        assert max(z["probs"].shape[1:]) == 64 and z["size"].tolist() == [h, w]
+    assert read_mask_png(tmp_path / "o" / "masks" / "a.png").shape == (h, w)
+    assert read_mask_png(tmp_path / "o" / "crf" / "a.png").shape == (h, w)  # the CRF upsamples
