@@ -15,7 +15,8 @@ size and argmax'ed. ``OUT`` (default ``RUN/predict``) receives::
     OUT/crf/NAME.png          with crf: after the dense CRF (the `crf` config section)
     OUT/overlays/NAME.jpg     with overlay: the image blended with the mask's class colours
                               (the CRF mask with crf) and a legend with each class's pixel share
-    OUT/predictions.jsonl     one JSON object per image (:func:`predict` documents the fields)
+    OUT/predictions.jsonl     one JSON object per image of this call, in input order (:func:`predict`
+                              documents the fields); files of earlier calls' other images stay
     OUT/summary.json          settings, counts, seconds, images/s
     OUT/skipped.txt           with skip_bad: the images left out (name, kind, file, reason)
 
