@@ -159,6 +159,8 @@ def _settings(cfg: Any, ckpt_path: Path, scale: int, sizes: Sequence[int], tta: 
     }
     if bool(cfg.infer.amp):  # only when on: stamps written before the key existed stay valid
         settings["amp"] = True
+    if str(cfg.infer.probs_resize) != "mask":  # likewise
+        settings["probs_resize"] = str(cfg.infer.probs_resize)
     return settings
 
 
@@ -273,7 +275,8 @@ def _infer(
                 batch = sub.transform.finish(batch, dev)
                 merged += _infer_batch(model, batch, dev, merge, threshold, files, save_probs, cm,
                                        sizes if tta else None, flip, align_corners=ac, max_side=max_side, text=text,
-                                       amp=amp, writer=writer, tag_scores=tag_scores)  # fmt: skip
+                                       amp=amp, writer=writer, tag_scores=tag_scores,
+                                       probs_resize=str(cfg.infer.probs_resize))  # fmt: skip
         bar.close()
         seconds = time.time() - start
 
@@ -386,6 +389,7 @@ def _infer_batch(
     amp: bool = False,
     writer: Optional[WriterThreads] = None,
     tag_scores: Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]] = None,
+    probs_resize: str = "mask",
 ) -> int:
     """Predict one batch; write each image's probabilities, then its mask (so a mask implies
     its npz); update ``cm``. Returns how many of its images were merged with their tags.
@@ -395,6 +399,8 @@ def _infer_batch(
     ``max_side``: an image whose longer side exceeds it keeps its probabilities at a reduced
     size (module docstring); 0 = never. ``text``: the stamp of the mask PNGs. ``amp``: bf16
     autocast of the forward (CUDA). ``writer``: where the file writes run (None: here).
+    ``probs_resize``: ``mask`` or ``skimage`` (``infer.probs_resize``: how the stored
+    probabilities are enlarged; the mask is the same either way).
     """
     labels = batch.get("labels")
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
@@ -410,7 +416,7 @@ def _infer_batch(
         tags = labels[i] if (merge and labels is not None) else None
         height, width = (int(v) for v in batch["size"][i])
         mask, probs = image_outputs(grid[i], tags, pooled[i], (height, width), threshold, align_corners=align_corners,
-                                    max_side=max_side, keep_probs=save_probs)  # fmt: skip
+                                    max_side=max_side, keep_probs=save_probs, probs_resize=probs_resize)  # fmt: skip
         scores = pooled[i].cpu().numpy().astype(np.float32)
         if probs is not None:
             probs["pooled"] = scores

@@ -180,6 +180,7 @@ def predict_images(
     if threshold is None:
         threshold, threshold_source = default_threshold(layout, ckpt_path, cfg)
     dataset = LooseImages(files, classes, given)
+    dataset.jpeg_decoder = str(cfg.data.get("jpeg_decoder", "pillow") or "pillow")  # as the run's images were read
 
     with stage_group(device) as (dist_info, dev):
         # 2. what is left to do: this rank's share, less the finished images
@@ -233,6 +234,8 @@ def _image_key(cfg: Any, ckpt_path: Path, scale: int, sizes: Sequence[int], tta:
         "max_side": int(cfg.infer.max_side),
         "input": OmegaConf.to_container(cfg.input, resolve=True),
         "amp": bool(cfg.infer.amp),
+        "probs_resize": str(cfg.infer.get("probs_resize", "mask")),
+        "jpeg_decoder": str(cfg.data.get("jpeg_decoder", "pillow") or "pillow"),
         "tags": tags.astype(int).tolist() if tags is not None else None,
         "threshold": None if tags is not None else round(float(threshold), 6),
         "image": [str(image.resolve()), image_stat.st_size, image_stat.st_mtime_ns],
@@ -303,7 +306,8 @@ def _predict(
             for batch in bar:
                 batch = sub.transform.finish(batch, dev)
                 for record in _predict_batch(model, batch, dev, dataset, target, threshold, keys, sizes if tta else None,
-                                             flip, ac, max_side, amp, writer):  # fmt: skip
+                                             flip, ac, max_side, amp, writer,
+                                             str(cfg.infer.get("probs_resize", "mask"))):  # fmt: skip
                     records[record["name"]] = record
         bar.close()
         model_seconds = time.time() - start
@@ -374,6 +378,7 @@ def _predict_batch(
     max_side: int,
     amp: bool,
     writer: WriterThreads,
+    probs_resize: str = "mask",
 ) -> List[Dict[str, Any]]:
     """One batch: patch distributions ``[B, C, h, w]`` and pooled scores ``[B, C]``, the tags
     (given, else ``pooled >= threshold``), merged; per image its mask, npz and record
@@ -395,7 +400,7 @@ def _predict_batch(
     for i, name in enumerate(batch["name"]):
         height, width = (int(v) for v in batch["size"][i])
         mask, probs = image_outputs(grid[i], tags[i], pooled[i], (height, width), threshold,
-                                    align_corners=align_corners, max_side=max_side)  # fmt: skip
+                                    align_corners=align_corners, max_side=max_side, probs_resize=probs_resize)  # fmt: skip
         probs["pooled"] = pooled[i].cpu().numpy().astype(np.float32)
         counts = np.bincount(mask.ravel(), minlength=len(classes))
         kept = torch.nonzero(tags[i] > 0).flatten().tolist()
