@@ -11,6 +11,7 @@ The small public API::
     cfg = vitpcm.load_config("synthetic", ["data.root=/data/shapes"])
     vitpcm.train(cfg, "runs/shapes")                 # the stages: config / run in, summary dict out
     vitpcm.infer("runs/shapes", split="val", crf=True)
+    records = vitpcm.predict("runs/shapes", ["new_photos/"])   # masks for untagged images
     vitpcm.report("runs/shapes")
 
 Names are imported on first use (PEP 562), so ``import vitpcm`` (and the CLI's light
@@ -46,6 +47,7 @@ _EXPORTS: Dict[str, str] = {
     # the stages
     "train": "vitpcm.stages.train",
     "infer": "vitpcm.stages.infer",
+    "predict": "vitpcm.stages.predict",
     "run_inference": "vitpcm.stages.infer",  # the name of `infer` before the stages existed
     "refine": "vitpcm.stages.refine",
     "evaluate": "vitpcm.stages.evaluate",

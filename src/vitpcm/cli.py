@@ -72,6 +72,44 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_inputs(tokens: Sequence[str]) -> tuple:
+    """``vitpcm predict RUN INPUT... key=value...``: a token with ``=`` that is not a path on
+    disk is a config override; the rest are inputs."""
+    inputs, overrides = [], []
+    for t in tokens:
+        key = t.split("=", 1)[0]
+        if "=" in t and not Path(t).exists() and key.replace(".", "").replace("_", "").isalnum():
+            overrides.append(t)
+        else:
+            inputs.append(t)
+    return inputs, overrides
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from vitpcm.stages.predict import predict_images
+
+    inputs, overrides = _split_inputs(args.inputs)
+    s = predict_images(args.run, inputs, out=args.out, tags=args.tags, tags_file=args.tags_file,
+                       threshold=args.threshold, crf=args.crf, overlay=args.overlay, scale=args.scale,
+                       tta=True if args.tta else None, device=args.device, overrides=[*overrides, *args.overrides],
+                       skip_bad=args.skip_bad, overwrite=args.overwrite, progress=not args.quiet)  # fmt: skip
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
+        return 0
+    out = Path(s["out"])
+    resumed = f" ({s['resumed']} already done)" if s.get("resumed") else ""
+    speed = f", {s['images_per_second']:.2f} images/s" if s.get("images_per_second") else ""
+    print(f"wrote {s['images']} masks to {out / 'masks'}{resumed}{speed}; threshold {s['threshold']:g}"
+          f" ({s['threshold_from']})")  # fmt: skip
+    if s.get("skipped"):
+        print(f"skipped {s['skipped']} unreadable image(s): listed in {out / 'skipped.txt'}")
+    if "crf" in s:
+        print(f"wrote CRF masks to {s['crf']['out']}")
+    if "overlays" in s:
+        print(f"wrote overlays to {s['overlays']}")
+    print(f"per-image classes, scores and pixel shares: {out / 'predictions.jsonl'}")
+    return 0
+
+
 def _cmd_crf(args: argparse.Namespace) -> int:
     from vitpcm.stages.refine import refine_folders
 
@@ -125,7 +163,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from vitpcm.stages.report import report
 
     result = report(args.run, splits=args.split, overrides=args.overrides, samples=args.samples, names=args.names,
-                    seed=args.seed, compare=args.compare, segment=args.segment, progress=not args.quiet)  # fmt: skip
+                    seed=args.seed, compare=args.compare, segment=args.segment, predict=args.predict,
+                    progress=not args.quiet)  # fmt: skip
     for split, ev in result["evaluations"].items():
         scores = "  ".join(f"{label} mIoU {100 * s['miou']:.2f}" for label, s in ev["results"].items())
         print(f"{split}: {scores}")
@@ -317,6 +356,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute every image (default: a rerun keeps the finished ones)")  # fmt: skip
     p.set_defaults(func=_cmd_infer)
 
+    p = add("predict", "masks for new images (files, folders, globs) with a trained run; no tags needed")
+    p.add_argument("run", help="run folder of `vitpcm train` (or a checkpoint .pt)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files, folders (searched recursively) or globs such as 'photos/*.jpg' (quote them);"
+                        " key=value config overrides may follow, e.g. infer.batch_size=8")  # fmt: skip
+    p.add_argument("--out", help="output folder (default RUN/predict)")
+    p.add_argument("--tags", help='classes of every image, e.g. "cat,person" (default: predicted per image)')
+    p.add_argument("--tags-file", help="CSV or JSON tag file (NAME.jpg,cat;person) for some images; the others:"
+                                       " predicted")  # fmt: skip
+    p.add_argument("--threshold", type=float,
+                   help="pooled-score threshold in (0, 1) for predicted tags (default: the best mean F1 on the"
+                        " run's val split, recorded by `vitpcm infer`; else infer.present_threshold)")  # fmt: skip
+    p.add_argument("--crf", action="store_true", help="also the dense CRF into OUT/crf/ (crf.* keys)")
+    p.add_argument("--overlay", action="store_true",
+                   help="also OUT/overlays/NAME.jpg: the image blended with the class colours, and a legend")  # fmt: skip
+    p.add_argument("--scale", type=int, help="input side, a multiple of the patch size (default infer.scale)")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation (as `vitpcm infer --tta`)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave unreadable images out (listed in OUT/skipped.txt) instead of stopping")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true",
+                   help="recompute every image (default: a rerun keeps the finished ones)")  # fmt: skip
+    p.set_defaults(func=_cmd_predict, overrides=[])
+
     p = add("crf", "refine pseudo-masks with the dense CRF (the paper's parameters; crf.* overrides)")
     p.add_argument("overrides", nargs="*", metavar="crf.key=value",
                    help="CRF parameters, e.g. crf.iterations=5 crf.bilateral_srgb=5 (see `vitpcm config synthetic`)")  # fmt: skip
@@ -357,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segment", metavar="SEGRUN",
                    help="a DeepLab run trained on these pseudo-masks (`vitpcm segment train`): adds the verification"
                         " section (BPM vs CRF vs DeepLab per class, Fig. S2 rows, Fig. S3 best images)")  # fmt: skip
+    p.add_argument("--predict", metavar="DIR",
+                   help="a `vitpcm predict --overlay` output folder: a gallery of its overlays (default RUN/predict)")  # fmt: skip
     p.set_defaults(func=_cmd_report)
 
     p = add("demo", "the whole pipeline on the built-in synthetic set, on a CPU, in minutes")

@@ -10,7 +10,10 @@ A run folder (``vitpcm train --out RUN``) holds::
     logs/metrics.jsonl        one JSON object per epoch; logs/events.*: TensorBoard
     logs/resumes.jsonl        one JSON object per --resume (position, changed keys)
     pseudo/SPLIT/masks/       BPM palette PNGs; probs/NAME.npz; crf/NAME.png; summary.json
+    predict/                  `vitpcm predict` without --out (see PredictLayout)
     eval/SPLIT/               per_class.csv/.md, metrics.json, confusion_*.npy/.png;
+                              tags.json: how well the pooled scores tell the tags (`vitpcm infer`);
+                              per_image.csv: each image's own mIoU (`vitpcm report`)
                               verification/ the same for BPM / CRF / DeepLab (report --segment)
     figures/                  training_curves.png, SPLIT/NAME_*.png
     report.html               the run report
@@ -96,9 +99,24 @@ class RunLayout:
     def eval(self, split: str) -> Path:
         return self.eval_root / split
 
+    def tag_quality(self, split: str) -> Path:
+        """``eval/SPLIT/tags.json``: the multi-label quality of the pooled class scores on a
+        split with known tags, and the threshold with the best mean F1 (``vitpcm infer``
+        writes it; ``vitpcm predict`` takes its default threshold from the val split's)."""
+        return self.eval(split) / "tags.json"
+
+    def per_image(self, split: str) -> Path:
+        """``eval/SPLIT/per_image.csv``: every image's own mIoU per mask folder (``vitpcm report``)."""
+        return self.eval(split) / "per_image.csv"
+
     def verification(self, split: str) -> Path:
         """``eval/SPLIT/verification``: ``vitpcm report --segment``'s BPM / CRF / DeepLab evaluation."""
         return self.eval(split) / "verification"
+
+    @property
+    def predict(self) -> Path:
+        """``predict/``: the default output folder of ``vitpcm predict`` (:class:`PredictLayout`)."""
+        return self.root / "predict"
 
     @property
     def pseudo_root(self) -> Path:
@@ -188,6 +206,25 @@ class PseudoLayout:
     def skipped(self) -> Path:
         """``skipped.txt``: with ``vitpcm infer --skip-bad``, the items left out (as the run's)."""
         return self.root / "skipped.txt"
+
+
+@dataclass(frozen=True)
+class PredictLayout(PseudoLayout):
+    """Paths of a ``vitpcm predict`` output folder: :class:`PseudoLayout`'s ``masks/``,
+    ``probs/``, ``crf/``, ``summary.json``, ``skipped.txt``, plus ``overlays/NAME.jpg`` and
+    ``predictions.jsonl`` (one JSON object per image)."""
+
+    def __init__(self, root: PathLike) -> None:
+        super().__init__(root)
+
+    @property
+    def overlays(self) -> Path:
+        return self.root / "overlays"
+
+    @property
+    def records(self) -> Path:
+        """``predictions.jsonl``: per image its classes, scores, kept tags, pixel shares, size, time."""
+        return self.root / "predictions.jsonl"
 
 
 def read_metrics_file(path: PathLike) -> List[Dict[str, Any]]:

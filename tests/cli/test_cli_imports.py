@@ -37,7 +37,7 @@ def _run_cli(argv, cwd: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-COMMANDS = ["synth", "train", "check-data", "prepare", "infer", "crf", "evaluate", "report", "demo", "config", "import-keras",
+COMMANDS = ["synth", "train", "check-data", "prepare", "infer", "predict", "crf", "evaluate", "report", "demo", "config", "import-keras",
             "segment", "segment train", "segment infer"]  # fmt: skip
 
 

@@ -41,6 +41,26 @@ def test_training_writes_run_folder(trained_run):
     assert state["epoch"] == 2 and state["arch"]["num_classes"] == 6
 
 
+def test_validation_records_the_tag_quality(trained_run, synth_root):
+    """metrics.jsonl's val_tag_f1 / val_tag_map: the pooled scores of the last epoch's model
+    on the val images (at the training size) against their tags, recomputed here."""
+    from vitpcm.data import EvalTransform, build_dataset
+    from vitpcm.evaluation.tags import tag_quality
+    from vitpcm.stages.load import load_run
+
+    run, _ = trained_run
+    last = [json.loads(line) for line in (run / "logs/metrics.jsonl").read_text().splitlines()][-1]
+    model, info = load_run(run, "last")
+    cfg = load_config(run / "config.yaml")
+    norm = info["normalisation"]
+    val = build_dataset(cfg.data, "val", EvalTransform(32, mean=norm["mean"], std=norm["std"]))
+    with torch.no_grad():
+        scores = np.stack([model(val[i]["image"][None])["pooled"][0].numpy() for i in range(len(val))])
+    truth = np.stack([val[i]["labels"].numpy() for i in range(len(val))])
+    q = tag_quality(scores, truth, val.classes, float(cfg.infer.present_threshold))
+    assert last["val_tag_f1"] == pytest.approx(q["mean_f1"]) and last["val_tag_map"] == pytest.approx(q["map"])
+
+
 def test_warmup_leaves_backbone_untouched(tmp_path, tiny_overrides):
     cfg = load_config("synthetic", [*tiny_overrides, "train.epochs=1", "train.warmup_epochs=1", "loss.et=false"])
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from vitpcm.cli import main
 from vitpcm.errors import VitpcmError
-from vitpcm.evaluation import ConfusionMatrix
+from vitpcm.evaluation import ConfusionMatrix, confused_pairs
 from vitpcm.viz.figures import figure_heatmaps, figure_masks, plot_confusion, plot_iou_bars, plot_training_curves
 
 
@@ -69,9 +69,11 @@ def check_self_contained(report: Path) -> _Refs:
     assert "script" not in refs.tags and "iframe" not in refs.tags
     assert refs.imgs
     for src in refs.imgs:
-        assert src.startswith("data:image/png;base64,")
+        mime = src.split(";", 1)[0]
+        assert mime in ("data:image/png", "data:image/jpeg") and src.startswith(f"{mime};base64,")
         with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as im:
-            assert im.format == "PNG"
+            assert im.format == {"data:image/png": "PNG", "data:image/jpeg": "JPEG"}[mime]
+            im.load()  # decodes completely
     for href in refs.links:
         url = urlparse(href)
         if url.fragment and not url.path:
@@ -89,7 +91,9 @@ def test_report_of_a_run(tiny_run, capsys):
     refs = check_self_contained(report)
     text = report.read_text()
     for needle in ("Split val", "Per-class IoU", "pixel acc", "<td>bpm</td>", "<td>crf</td>", "Training",
-                   "training curves", "heat map per present class", "Config (resolved)", "backbone: vit_tiny_patch16_224"):  # fmt: skip
+                   "training curves", "heat map per present class", "Config (resolved)", "backbone: vit_tiny_patch16_224",
+                   "Per-image mIoU of split val (6 images, worst first)", "by per-image mIoU (bpm): image | ground truth",
+                   "Most confused class pairs", "Tags from the pooled scores", "mAP (percent)", "last val tag mean F1 / mAP"):  # fmt: skip
         assert needle in text, needle
     hrefs = set(refs.links)
     for target in (
@@ -98,12 +102,56 @@ def test_report_of_a_run(tiny_run, capsys):
         "pseudo/val/crf/",
         "config.yaml",
         "eval/val/per_class.csv",
+        "eval/val/per_image.csv",
+        "eval/val/tags.json",
     ):
         assert target in hrefs, target
-    assert len(refs.imgs) == 1 + 2 + 1 + 2 * 2  # bars, 2 confusions, curves, 2 samples x (S2 + S1)
+    pairs = confused_pairs(np.load(tiny_run / "eval/val/confusion_bpm.npy"), 5)
+    assert pairs  # a one-epoch model confuses classes
+    # bars, 2 confusions, curves, 2 samples x (S2 + S1), the worst images, an example per confused pair
+    assert len(refs.imgs) == 1 + 2 + 1 + 2 * 2 + 1 + len(pairs)
+    rows = (tiny_run / "eval/val/per_image.csv").read_text().splitlines()
+    assert rows[0] == "name,bpm_miou,crf_miou" and len(rows) == 7
+    worst = [float(r.split(",")[1]) for r in rows[1:] if r.split(",")[1]]
+    assert worst == sorted(worst)  # worst first
     for png in (tiny_run / "figures").rglob("*.png"):
         _png_ok(png, min_side=50)
     assert json.loads((tiny_run / "eval/val/metrics.json").read_text())["results"]["crf"]["miou"] >= 0
+
+
+def test_report_shows_predict_overlays(tiny_run, synth_root, tmp_path):
+    """`vitpcm predict --overlay` into RUN/predict: the report shows a gallery of them."""
+    import shutil
+
+    from vitpcm.stages.predict import predict
+    from vitpcm.stages.report import report as write_report
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("figures", "report.html"))
+    records = predict(run, [synth_root / "JPEGImages"], overlay=True, threshold=0.18, progress=False)
+    write_report(run, samples=0, progress=False)
+    refs = check_self_contained(run / "report.html")
+    text = (run / "report.html").read_text()
+    assert len(records) == 18 and "18 of 18 overlays shown" in text
+    jpegs = [s for s in refs.imgs if s.startswith("data:image/jpeg")]
+    assert len(jpegs) == 18 and "predict/predictions.jsonl" in refs.links
+    first = records[0]
+    assert f"{first['name']}: {', '.join(first['tags']) or 'background only'}" in text
+
+    # a predict --out folder elsewhere: named with --predict
+    elsewhere = tmp_path / "elsewhere"
+    predict(run, [synth_root / "JPEGImages" / "val_00000.jpg", synth_root / "JPEGImages" / "val_00001.jpg"],
+            out=elsewhere, overlay=True, progress=False)  # fmt: skip
+    assert main(["report", str(run), "--samples", "0", "--predict", str(elsewhere), "-q"]) == 0
+    check_self_contained(run / "report.html")
+    assert "2 of 2 overlays shown" in (run / "report.html").read_text()
+    assert main(["report", str(run), "--predict", str(tmp_path), "-q"]) == 2  # no overlays/ there
+
+
+def test_confused_pairs_ranks_by_share_of_the_true_class():
+    m = np.array([[90, 10, 0], [30, 60, 10], [0, 0, 0]])  # rows: ground truth
+    assert confused_pairs(m, 5) == [(1, 0, 0.3, 30), (0, 1, 0.1, 10), (1, 2, 0.1, 10)]
+    assert confused_pairs(np.diag([5, 5]), 3) == []
 
 
 def test_report_needs_a_run_and_known_names(tiny_run, tmp_path):

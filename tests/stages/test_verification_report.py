@@ -17,6 +17,7 @@ from tests.stages.test_report import _png_ok, check_self_contained
 from vitpcm.cli import main
 from vitpcm.config import load_config, to_yaml
 from vitpcm.errors import VitpcmError
+from vitpcm.evaluation import confused_pairs
 from vitpcm.io import class_list, names_in, read_mask_png, read_names, save_mask_png, write_text_atomic
 from vitpcm.runs import PseudoLayout, RunLayout
 
@@ -78,13 +79,20 @@ def test_report_with_a_deeplab_run(synth_root, tmp_path, capsys):
                    'href="#verification-val"', "Best 6 of 6 images by per-image mIoU of the deeplab+crf masks"):  # fmt: skip
         assert needle in text, needle
     assert "../seg/pseudo/val/masks/" in refs.links and "../seg/pseudo/val/crf/" in refs.links
-    # images: split section (bars, 2 confusions, 2 S2 rows) + verification (bars, 2 S2 rows, S3 grid)
-    assert len(refs.imgs) == 1 + 2 + 2 + 1 + 2 + 1
+    # images: split section (bars, 2 confusions, 2 S2 rows, the worst images, an example per confused
+    # pair) + verification (bars, 2 S2 rows, S3 grid)
+    pairs = confused_pairs(np.load(run / "eval/val/confusion_bpm.npy"), 5)
+    assert len(refs.imgs) == 1 + 2 + 2 + 1 + len(pairs) + 1 + 2 + 1
     ver = RunLayout(run).verification("val")
     metrics = json.loads((ver / "metrics.json").read_text())
     assert list(metrics["results"]) == ["bpm", "crf", "deeplab", "deeplab+crf"]
     assert metrics["results"]["deeplab+crf"]["miou"] == 1.0 and metrics["results"]["deeplab"]["miou"] < 1.0
     assert metrics["published"]["id"] == "voc12-deeplabv2-val" and metrics["published"]["iou"]["cat"] == 90.2
+    # each image's own mIoU, DeepLab + CRF first (its masks are the ground truth here: 100 each)
+    per_image = (ver / "per_image.csv").read_text().splitlines()
+    assert per_image[0] == "name,deeplab+crf_miou,deeplab_miou" and len(per_image) == 1 + len(names)
+    assert all(row.split(",")[1] == "100.00" for row in per_image[1:])
+    assert "eval/val/verification/per_image.csv" in refs.links
     # BPM / CRF reused from the split section: the same numbers as eval/val
     split_metrics = json.loads((RunLayout(run).eval("val") / "metrics.json").read_text())
     assert metrics["results"]["bpm"] == split_metrics["results"]["bpm"]

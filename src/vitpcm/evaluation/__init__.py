@@ -12,7 +12,7 @@ numpy, PIL and the standard library only (no torch, no matplotlib: figures are d
   paper's whole table) and :func:`write_evaluation`.
 """
 
-from vitpcm.evaluation.confusion import ConfusionMatrix
+from vitpcm.evaluation.confusion import ConfusionMatrix, confused_pairs
 from vitpcm.evaluation.folders import GroundTruth, evaluate_folder, evaluate_folders, names_from_split_file
 from vitpcm.evaluation.published import (
     COCO_S2_NAMES,
@@ -38,6 +38,7 @@ from vitpcm.evaluation.tables import (
 
 __all__ = [
     "ConfusionMatrix",
+    "confused_pairs",
     "GroundTruth",
     "evaluate_folder",
     "evaluate_folders",

@@ -9,7 +9,7 @@ definitions too (see :meth:`ConfusionMatrix.summary`).
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -112,3 +112,22 @@ class ConfusionMatrix:
 
 def _none_if_nan(value: float) -> Optional[float]:
     return None if math.isnan(value) else float(value)
+
+
+def confused_pairs(matrix: np.ndarray, k: int = 5) -> List[Tuple[int, int, float, int]]:
+    """The ``k`` most confused class pairs of a confusion matrix ``[C, C]`` (rows: ground
+    truth, columns: prediction): ``(true class, predicted class, share of the true class's
+    pixels predicted as the other, pixel count)``, largest share first; pairs with no pixel
+    are left out."""
+    m = np.asarray(matrix, dtype=np.float64)
+    totals = m.sum(1, keepdims=True)
+    share = np.divide(m, totals, out=np.zeros_like(m), where=totals > 0)
+    np.fill_diagonal(share, 0.0)
+    order = np.argsort(-share, axis=None, kind="stable")
+    pairs = []
+    for flat in order[:k]:
+        g, p = divmod(int(flat), m.shape[1])
+        if share[g, p] <= 0:
+            break
+        pairs.append((g, p, float(share[g, p]), int(m[g, p])))
+    return pairs

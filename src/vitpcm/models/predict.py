@@ -6,8 +6,9 @@ Shapes: B = batch, C = classes (background at 0), h x w = patch grid, H x W = im
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -80,6 +81,68 @@ def present_classes(
     keep[0] = True
     keep[probs_full.argmax(0).unique()] = True
     return torch.nonzero(keep).flatten()
+
+
+def tags_from_scores(pooled: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Predicted tags: ``pooled`` ``[..., C]`` max-pooled class scores -> multi-hot ``[..., C]``
+    float, a class on where its score reaches ``threshold``; background (0) always on."""
+    tags = (pooled >= threshold).float()
+    tags[..., 0] = 1.0
+    return tags
+
+
+def image_outputs(
+    grid: torch.Tensor,
+    tags: Optional[torch.Tensor],
+    pooled: torch.Tensor,
+    size: Tuple[int, int],
+    threshold: float,
+    *,
+    align_corners: bool = False,
+    max_side: int = 0,
+    keep_probs: bool = True,
+    probs_resize: str = "mask",
+) -> Tuple[np.ndarray, Optional[Dict[str, np.ndarray]]]:
+    """One image's mask and stored probabilities from its (already merged) patch distributions.
+
+    Args:
+        grid: ``[C, h, w]`` patch distributions (merged with ``tags`` by the caller when known).
+        tags: ``[C]`` multi-hot, or None (then the kept channels follow :func:`present_classes`).
+        pooled: ``[C]`` max-pooled scores; ``threshold``: :func:`present_classes`'s.
+        size: the image's ``(H, W)``.
+        max_side: an image whose longer side exceeds it keeps its probabilities at a reduced
+            size (longer side = ``max_side``) plus ``size`` [2]; 0 = never.
+        keep_probs: also return the probabilities (else None).
+        probs_resize: ``mask`` (the probabilities the mask is the argmax of) or ``skimage``
+            (stored ones enlarged by :func:`upsample_skimage`, the authors' CRF input;
+            ``infer.probs_resize``); the mask is the same either way.
+
+    Returns ``(mask [H, W] uint8, {"probs": [P, H', W'] float32, "classes": [P] int64
+    (, "size": [2] int64)} or None)``: the files of ``vitpcm infer``.
+    """
+    height, width = size
+    extra: Dict[str, np.ndarray] = {}
+    if max_side and max(height, width) > max_side:
+        # big image: probabilities at a reduced size; the mask at full size over the kept classes
+        f = max_side / max(height, width)
+        small_size = (max(1, round(height * f)), max(1, round(width * f)))
+        small = upsample(grid, small_size, align_corners)
+        keep = present_classes(small, tags, pooled.float(), threshold)
+        stored = small[keep]
+        mask = keep[upsample(grid[keep], (height, width), align_corners).argmax(0)].to(torch.uint8).cpu().numpy()
+        extra["size"] = np.array([height, width], dtype=np.int64)
+    else:
+        full = upsample(grid, (height, width), align_corners)
+        mask = full.argmax(0).to(torch.uint8).cpu().numpy()
+        keep = present_classes(full, tags, pooled.float(), threshold) if keep_probs else None
+        stored = full[keep] if keep_probs else None
+        if keep_probs and probs_resize == "skimage":  # the authors' CRF input (infer.probs_resize)
+            stored = upsample_skimage(grid[keep], (height, width))
+    if not keep_probs:
+        return mask, None
+    probs = {"probs": stored.cpu().numpy().astype(np.float32, copy=False), "classes": keep.cpu().numpy().astype(np.int64),
+             **extra}  # fmt: skip
+    return mask, probs
 
 
 def tta_sizes(scale: int, factors: Sequence[float], patch_size: int) -> List[int]:

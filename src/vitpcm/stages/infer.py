@@ -3,12 +3,16 @@
 ``vitpcm infer RUN --split val`` writes, for every image NAME of the split::
 
     OUT/masks/NAME.png   palette PNG at the original image size (class indices)
-    OUT/probs/NAME.npz   probs [P, H, W] float32 of the P present classes, classes [P] int64
+    OUT/probs/NAME.npz   probs [P, H, W] float32 of the P present classes, classes [P] int64,
+                         pooled [C] float32: every class's max-pooled score y_k
                          (an image whose longer side exceeds infer.max_side: probs at a
                          reduced size, longer side = max_side, and size [2] = its (H, W))
     OUT/summary.json     what was run, and the mIoU when the split has masks
     OUT/skipped.txt      with --skip-bad: the items left out (split, name, kind, file, reason)
     OUT/crf/NAME.png     with --crf: the masks after the dense CRF (vitpcm.postprocess.crf)
+    RUN/eval/SPLIT/tags.json  when the split's tags are known: how well the pooled scores
+                         tell them (per-class precision / recall / F1 at infer.present_threshold,
+                         AP, mAP, the threshold with the best mean F1; vitpcm.stages.tag_quality)
 
 With ``--tta`` (``infer.tta``; not in the paper) the per-patch distributions are averaged
 over the scales ``infer.tta_scales`` (factors of the inference side, snapped to multiples
@@ -51,9 +55,9 @@ from vitpcm.engine.checkpoint import find_run_checkpoint
 from vitpcm.engine.distributed import Dist, all_reduce_sum, gather_objects, stage_group
 from vitpcm.errors import VitpcmError
 from vitpcm.evaluation import ConfusionMatrix
-from vitpcm.io import read_mask_png, save_mask_png, save_npz_atomic, write_text_atomic
+from vitpcm.io import labels_from_mask, read_mask_png, save_mask_png, save_npz_atomic, write_text_atomic
 from vitpcm.models.backbone import resolve_normalisation
-from vitpcm.models.predict import predict_tta, present_classes, tta_sizes, upsample, upsample_skimage
+from vitpcm.models.predict import image_outputs, predict_tta, tta_sizes
 from vitpcm.models.vitpcm import ViTPCM, merge_class_labels
 from vitpcm.runs import PseudoLayout, RunLayout, run_of_checkpoint
 from vitpcm.stages.load import load_model
@@ -242,11 +246,15 @@ def _infer(
                 write_text_atomic(files.skipped, "".join(f"{split}\t{n}\t{k}\t{p}\t{m}\n" for n, k, p, m in problems))
             else:
                 files.skipped.unlink(missing_ok=True)  # from an earlier run whose bad items are fixed now
-        # 3. the finished images only count in the score
-        if cm is not None:
-            for name in done:
+        # 3. the finished images only count in the score (and, with their npz, in the tag quality)
+        tag_scores: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
+        for name in done:
+            mask = None
+            if cm is not None:
                 pred = read_mask_png(files.masks / f"{name}.png")
-                cm.update(pred, dataset.read_mask(name, pred.shape))
+                mask = dataset.read_mask(name, pred.shape)
+                cm.update(pred, mask)
+            _stored_tag_scores(dataset, name, files, mask, tag_scores)
 
         # 4. the model over the rest
         sub = copy.copy(dataset)
@@ -267,7 +275,8 @@ def _infer(
                 batch = sub.transform.finish(batch, dev)
                 merged += _infer_batch(model, batch, dev, merge, threshold, files, save_probs, cm,
                                        sizes if tta else None, flip, align_corners=ac, max_side=max_side, text=text,
-                                       amp=amp, writer=writer, probs_resize=str(cfg.infer.probs_resize))  # fmt: skip
+                                       amp=amp, writer=writer, tag_scores=tag_scores,
+                                       probs_resize=str(cfg.infer.probs_resize))  # fmt: skip
         bar.close()
         seconds = time.time() - start
 
@@ -295,11 +304,55 @@ def _infer(
         }
         if shard.enabled:
             summary["ranks"] = shard.world
+        tags = _tag_quality(layout, split, ckpt_path, dataset, tag_scores, float(cfg.infer.present_threshold),
+                            dist_info, shard.main)  # fmt: skip
+        if tags is not None:
+            summary["tags"] = tags
         from vitpcm.stages.refine import finish_pseudo
 
         # score, CRF, summary (rank 0); every rank returns once the summary exists
         return finish_pseudo(cfg, dataset, files, summary, cm, main=shard.main, dist_info=dist_info, crf=crf,
                              overwrite=overwrite, progress=progress)  # fmt: skip
+
+
+def _stored_tag_scores(dataset: Any, name: str, files: PseudoLayout, mask: Optional[np.ndarray],
+                       into: Dict[str, Tuple[np.ndarray, np.ndarray]]) -> None:  # fmt: skip
+    """A finished image's ``(pooled [C], tags [C])`` for the tag quality: the scores from its
+    npz (absent in files of older versions: then it is left out), the tags from the tag file
+    or its mask."""
+    npz = files.probs / f"{name}.npz"
+    if not npz.is_file():
+        return
+    try:
+        with np.load(npz) as z:
+            if "pooled" not in z.files:
+                return
+            pooled = z["pooled"].astype(np.float32)
+    except (OSError, ValueError):
+        return
+    tags = dataset.file_tags(name)
+    if tags is None and mask is not None:
+        tags = labels_from_mask(mask, dataset.num_classes)
+    if tags is not None and len(tags) == len(pooled):
+        into[name] = (pooled, np.asarray(tags, np.float32))
+
+
+def _tag_quality(layout: RunLayout, split: str, ckpt_path: Path, dataset: Any,
+                 tag_scores: Dict[str, Tuple[np.ndarray, np.ndarray]], threshold: float, dist_info: Dist,
+                 main: bool) -> Optional[Dict[str, Any]]:  # fmt: skip
+    """Every rank's pooled scores and known tags together; rank 0 writes ``RUN/eval/SPLIT/tags.json``.
+    Returns its headline numbers (None when the split's tags are unknown)."""
+    from vitpcm.stages.tag_quality import record_tag_quality
+
+    parts = gather_objects(tag_scores, dist_info)
+    merged = {name: v for part in parts for name, v in part.items()}
+    if not merged or not main:
+        return None
+    names = [n for n in dataset.names if n in merged]
+    scores = np.stack([merged[n][0] for n in names])
+    truth = np.stack([merged[n][1] for n in names])
+    q = record_tag_quality(layout, split, ckpt_path, scores, truth, dataset.classes, threshold)
+    return {k: q[k] for k in ("images", "threshold", "mean_f1", "map", "best_threshold", "best_mean_f1")}
 
 
 def speed_settings(cfg: Any, dev: torch.device) -> Tuple[int, int, bool]:
@@ -335,10 +388,12 @@ def _infer_batch(
     text: Optional[Dict[str, str]] = None,
     amp: bool = False,
     writer: Optional[WriterThreads] = None,
+    tag_scores: Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]] = None,
     probs_resize: str = "mask",
 ) -> int:
     """Predict one batch; write each image's probabilities, then its mask (so a mask implies
     its npz); update ``cm``. Returns how many of its images were merged with their tags.
+    ``tag_scores``: where each image's ``(pooled [C], tags [C])`` go when its tags are known.
 
     ``sizes``: the TTA input sides (``image_<n>`` keys of the batch); None: plain ``image``.
     ``max_side``: an image whose longer side exceeds it keeps its probabilities at a reduced
@@ -360,27 +415,13 @@ def _infer_batch(
     for i, name in enumerate(batch["name"]):
         tags = labels[i] if (merge and labels is not None) else None
         height, width = (int(v) for v in batch["size"][i])
-        extra: Dict[str, np.ndarray] = {}
-        if max_side and max(height, width) > max_side:
-            # big image: probabilities at a reduced size; the mask at full size over the kept classes
-            f = max_side / max(height, width)
-            small_size = (max(1, round(height * f)), max(1, round(width * f)))
-            small = upsample(grid[i], small_size, align_corners)
-            keep = present_classes(small, tags, pooled[i].float(), threshold)
-            stored = small[keep]
-            mask = keep[upsample(grid[i][keep], (height, width), align_corners).argmax(0)].to(torch.uint8).cpu().numpy()
-            extra["size"] = np.array([height, width], dtype=np.int64)
-        else:
-            full = upsample(grid[i], (height, width), align_corners)
-            mask = full.argmax(0).to(torch.uint8).cpu().numpy()
-            keep = present_classes(full, tags, pooled[i].float(), threshold) if save_probs else None
-            stored = full[keep] if save_probs else None
-            if save_probs and probs_resize == "skimage":  # the authors' CRF input (infer.probs_resize)
-                stored = upsample_skimage(grid[i][keep], (height, width))
-        probs = None
-        if save_probs:
-            probs = {"probs": stored.cpu().numpy().astype(np.float32, copy=False), "classes": keep.cpu().numpy().astype(np.int64),
-                     **extra}  # fmt: skip
+        mask, probs = image_outputs(grid[i], tags, pooled[i], (height, width), threshold, align_corners=align_corners,
+                                    max_side=max_side, keep_probs=save_probs, probs_resize=probs_resize)  # fmt: skip
+        scores = pooled[i].cpu().numpy().astype(np.float32)
+        if probs is not None:
+            probs["pooled"] = scores
+        if tag_scores is not None and labels is not None:
+            tag_scores[name] = (scores, labels[i].numpy().astype(np.float32))
         if writer is None:
             _write_outputs(files, name, mask, probs, text)
         else:

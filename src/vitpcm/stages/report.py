@@ -11,8 +11,13 @@ It gathers what a run folder holds and what the user needs to judge the pseudo-m
 
 Sections: results per split (BPM ``pseudo/<split>/masks`` and, when complete, CRF
 ``pseudo/<split>/crf`` against the ground truth, beside a published ViT-PCM row for the
-VOC / COCO class lists), per-class IoU bars, confusion matrices, training curves from
-``logs/metrics.jsonl``, sample figures, links to the files, the resolved config.
+VOC / COCO class lists), per-class IoU bars, confusion matrices, each image's own mIoU
+(``eval/<split>/per_image.csv``), the worst 24 images (image | ground truth | BPM), the
+most confused class pairs with an example each, the tag quality of the pooled scores
+(``eval/<split>/tags.json``, written by ``vitpcm infer``), training curves from
+``logs/metrics.jsonl``, sample figures, links to the files, the resolved config; and a
+gallery of ``vitpcm predict``'s overlays when ``RUN/predict/overlays`` exists (images
+without ground truth).
 
 With ``segment=SEGRUN`` (a DeepLab run trained on the pseudo-masks: ``SEGRUN/pseudo/<split>/
 masks`` and, after its dense CRF, ``.../crf``) a verification section per split follows:
@@ -30,6 +35,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import random
+from html import escape as html_escape
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -76,6 +82,7 @@ def _split_section(
     compare: Optional[str],
     progress: bool,
     datasets: Dict[str, Tuple[Any, Optional[str]]],
+    worst: int = 24,
 ) -> Dict[str, Any]:
     """Evaluate one split, draw its figures; returns {'html': str, 'evaluation': dict or None,
     'cms': {label: ConfusionMatrix} or None, 'names': the names scored}."""
@@ -83,6 +90,7 @@ def _split_section(
     from vitpcm.images import load_rgb
     from vitpcm.postprocess.crf import load_probs
     from vitpcm.stages.evaluate import write_evaluation_files
+    from vitpcm.stages.tag_quality import read_tag_quality
     from vitpcm.viz import html as page
     from vitpcm.viz.figures import figure_heatmaps, figure_masks
 
@@ -107,12 +115,19 @@ def _split_section(
     evaluation = None
     evaluation_html = ""
     if has_gt:
-        cms = evaluate_folders(preds, dataset.read_mask, classes, names=mask_names, progress=progress)
+        scores: Dict[str, Dict[str, Dict[str, Any]]] = {}
+        cms = evaluate_folders(preds, dataset.read_mask, classes, names=mask_names, progress=progress,
+                               image_scores=scores)  # fmt: skip
         eval_dir = run.eval(split)
         evaluation = write_evaluation_files(cms, classes, eval_dir, published=published_row(classes, compare))
         evaluation_html = page.evaluation_html(split, evaluation, eval_dir, run.root)
+        evaluation_html += _per_image_html(run, split, scores, preds, dataset, classes, worst)
+        evaluation_html += _confused_pairs_html(run, split, cms["bpm"], pseudo.masks, dataset, classes, mask_names)
     elif dataset is not None:
         notes.append(f"split {split} has no ground-truth masks: no metrics.")
+    tags = read_tag_quality(run, split)
+    if tags is not None:
+        evaluation_html += page.tag_quality_html(split, tags, run.tag_quality(split), run.root)
 
     # sample figures (need the images)
     sample_rows: List[List[page.Figure]] = []
@@ -140,6 +155,120 @@ def _split_section(
     html_text = page.split_section(split, run.root, evaluation=evaluation_html, samples_title=title, samples=sample_rows,
                                    outputs=outputs, notes=notes)  # fmt: skip
     return {"html": html_text, "evaluation": evaluation, "cms": cms, "names": mask_names}
+
+
+def _percent(value: float) -> str:
+    return "" if value != value else f"{100 * value:.2f}"  # NaN: the image's ground truth is all ignore
+
+
+def _per_image_html(run: RunLayout, split: str, scores: Dict[str, Dict[str, Dict[str, Any]]], preds: Dict[str, Path],
+                    dataset: Any, classes: List[str], worst: int, csv_path: Optional[Path] = None) -> str:  # fmt: skip
+    """Every image's own mIoU per mask folder (``csv_path``, default ``eval/SPLIT/per_image.csv``;
+    worst first by the first folder's) and the ``worst`` images as image | ground truth |
+    that folder's mask (``figures/SPLIT/worst.png``; 0: none)."""
+    from vitpcm.images import load_rgb
+    from vitpcm.viz import html as page
+    from vitpcm.viz.figures import figure_triplet_grid
+
+    labels = [label for label in preds if label in scores]
+    if not labels:
+        return ""
+    bpm = scores[labels[0]]
+
+    def key(name: str) -> Tuple[float, str]:
+        m = bpm[name]["miou"]
+        return (m if m == m else float("inf"), name)  # NaN (all ignore) last
+
+    names = sorted(bpm, key=key)
+    rows = [[n, *(_percent(scores[label][n]["miou"]) for label in labels)] for n in names]
+    csv_path = csv_path or run.per_image(split)
+    write_text_atomic(csv_path, "name," + ",".join(f"{label}_miou" for label in labels) + "\n"
+                      + "".join(",".join(r) + "\n" for r in rows))  # fmt: skip
+    text = page.per_image_html(split, rows, ["image", *(f"{label} mIoU" for label in labels)], csv_path, run.root)
+    # the worst images that show an object (an all-background image tells little)
+    picked = [n for n in names if any(c > 0 for c in bpm[n]["gt_classes"]) and bpm[n]["miou"] == bpm[n]["miou"]]
+    picked = picked[:worst]
+    if picked and worst > 0:
+        items = []
+        for name in picked:
+            image = load_rgb(dataset.image_path(name))
+            items.append((f"{name} · {100 * bpm[name]['miou']:.1f}", image, dataset.read_mask(name, image.shape[:2]),
+                          read_mask_png(preds[labels[0]] / f"{name}.png")))  # fmt: skip
+        title = f"Worst {len(items)} of {len(names)} images by per-image mIoU ({labels[0]}): image | ground truth | {labels[0]}"
+        path = figure_triplet_grid(items, classes, run.figures / split / "worst.png", title=title)
+        text += f"<h3>{html_escape(title)}</h3>" + page.inline_image(path, run.root, title)
+    return text
+
+
+def _confused_pairs_html(run: RunLayout, split: str, cm: Any, masks: Path, dataset: Any, classes: List[str],
+                         names: Sequence[str], k: int = 5) -> str:  # fmt: skip
+    """The ``k`` most confused class pairs of the BPM confusion matrix, each with the image
+    that has the most pixels of that confusion (a second pass over the masks)."""
+    import numpy as np
+
+    from vitpcm.evaluation import confused_pairs
+    from vitpcm.images import load_rgb
+    from vitpcm.viz import html as page
+    from vitpcm.viz.figures import figure_masks
+
+    pairs = confused_pairs(cm.matrix, k)
+    if not pairs:
+        return ""
+    best: Dict[Tuple[int, int], Tuple[int, str]] = {}
+    for name in names:
+        pred = read_mask_png(masks / f"{name}.png")
+        gt = dataset.read_mask(name, pred.shape)
+        for g, p, _, _ in pairs:
+            count = int(np.count_nonzero((gt == g) & (pred == p)))
+            if count > best.get((g, p), (0, ""))[0]:
+                best[(g, p)] = (count, name)
+    rows, examples = [], []
+    for g, p, share, _ in pairs:
+        count, name = best.get((g, p), (0, ""))
+        rows.append([classes[g], classes[p], f"{100 * share:.1f}", f"{name} ({count} px)" if name else "–"])
+        if name:
+            image = load_rgb(dataset.image_path(name))
+            pred = read_mask_png(masks / f"{name}.png")
+            title = f"{name}: {classes[g]} predicted as {classes[p]}"
+            path = figure_masks(image, {"bpm": pred}, classes,
+                                run.figures / split / f"confused_{g}_{p}.png",
+                                gt=dataset.read_mask(name, image.shape[:2]), title=title)  # fmt: skip
+            examples.append((path, title))
+    return page.confused_pairs_html(rows, examples, run.root)
+
+
+def _predict_gallery(
+    layout: RunLayout, folder: Optional[Path] = None, shown: int = 24
+) -> Optional[Tuple[str, str, str]]:
+    """``vitpcm predict``'s overlays in ``folder`` (default ``RUN/predict``; no ground truth):
+    thumbnails of the first ``shown``, captioned with their predicted classes. None when
+    there are none."""
+    import json
+
+    from vitpcm.runs import PredictLayout
+    from vitpcm.viz import html as page
+    from vitpcm.viz.overlay import thumbnail_jpeg
+
+    target = PredictLayout(folder if folder is not None else layout.predict)
+    overlays = names_in(target.overlays, ".jpg") if target.overlays.is_dir() else []
+    if not overlays:
+        return None
+    tags: Dict[str, List[str]] = {}
+    if target.records.is_file():
+        for line in target.records.read_text(encoding="utf-8").splitlines():
+            try:
+                r = json.loads(line)
+                tags[r["name"]] = r.get("tags", [])
+            except (ValueError, KeyError, TypeError):
+                continue
+    order = [n for n in tags if n in set(overlays)] + [n for n in overlays if n not in tags]
+    thumbs = []
+    for name in order[:shown]:
+        path = target.overlays / f"{name}.jpg"
+        caption = f"{name}: {', '.join(tags.get(name, [])) or 'background only'}"
+        thumbs.append((thumbnail_jpeg(path), path, caption))
+    records = target.records if target.records.is_file() else None
+    return "predict", "predict", page.gallery_section(target.root, layout.root, thumbs, len(overlays), records)
 
 
 DEEPLAB = "deeplab"  # the labels of the DeepLab masks in the verification tables
@@ -224,6 +353,7 @@ def _verification_section(
             notes.append(f"the paper gives no DeepLab row for split {split}.")
 
     evaluation = whole = None
+    per_image = ""
     scores: Dict[str, Dict[str, Dict[str, Any]]] = {}
     eval_dir = run.verification(split)
     if has_gt:
@@ -233,6 +363,8 @@ def _verification_section(
         if reuse:
             cms = {label: (evaluated["cms"][label] if label not in cms else cms[label]) for label in preds}
         evaluation = write_evaluation_files(cms, classes, eval_dir, published=published)
+        final_first = {final: preds[final], **{label: preds[label] for label in preds if label != final}}
+        per_image = _per_image_html(run, split, scores, final_first, dataset, classes, 0, eval_dir / "per_image.csv")
         if published is not None and "table" in published and compare in (None, "all"):
             table = published_table(classes, split)
             whole = full_tables({lab: evaluation["results"][lab] for lab in ours}, classes, table)
@@ -268,7 +400,8 @@ def _verification_section(
     outputs = [p for p in (seg_pseudo.masks, seg_pseudo.crf) if p.is_dir()]
     html_text = page.verification_section(split, run.root, segment=seg.root, evaluation=evaluation, eval_dir=eval_dir,
                                           whole=whole, samples_title=samples_title, samples=rows,
-                                          best_title=best_title, best=best_path, best_caption=best_caption, outputs=outputs, notes=notes)  # fmt: skip
+                                          best_title=best_title, best=best_path, best_caption=best_caption, outputs=outputs, notes=notes,
+                                          per_image=per_image)  # fmt: skip
     return {"html": html_text, "evaluation": evaluation}
 
 
@@ -278,9 +411,13 @@ def _training_facts(rows: Sequence[Dict[str, Any]]) -> List[List[str]]:
     vals = [(r.get("val_miou"), r["epoch"]) for r in rows if r.get("val_miou") is not None]
     best = max(vals) if vals else None
     secs = sum(float(r.get("seconds", 0) or 0) for r in rows)
-    return [["epochs", str(rows[-1]["epoch"])], ["last loss", f"{rows[-1].get('loss', float('nan')):.4f}"],
+    facts = [["epochs", str(rows[-1]["epoch"])], ["last loss", f"{rows[-1].get('loss', float('nan')):.4f}"],
             ["best val mIoU", f"{100 * best[0]:.2f} (epoch {best[1]})" if best else "–"],
             ["training time", f"{secs / 60:.1f} min"]]  # fmt: skip
+    if rows[-1].get("val_tag_f1") is not None:  # the pooled scores as tag classifiers (last epoch)
+        facts.append(["last val tag mean F1 / mAP", f"{100 * rows[-1]['val_tag_f1']:.1f} / "
+                      + (f"{100 * rows[-1]['val_tag_map']:.1f}" if rows[-1].get("val_tag_map") is not None else "–")])  # fmt: skip
+    return facts
 
 
 def report(
@@ -294,6 +431,7 @@ def report(
     compare: Optional[str] = None,
     segment: Optional[str | Path] = None,
     best: int = 9,
+    predict: Optional[str | Path] = None,
     progress: bool = True,
 ) -> Dict[str, Any]:
     """Write ``RUN/report.html`` (and ``RUN/figures/``, ``RUN/eval/<split>/``).
@@ -310,6 +448,8 @@ def report(
             section per split it has (``splits`` limits them too), scored with this run's
             dataset; its ViT-PCM row is the paper's DeepLabV2 row of that split.
         best: images in the Fig. S3 grid of the verification (highest per-image mIoU).
+        predict: a ``vitpcm predict --out`` folder whose overlays get a gallery (default
+            ``RUN/predict`` when it has overlays).
 
     Returns ``{"report": path, "evaluations": {split: what eval/<split>/metrics.json holds},
     "verification": {split: what eval/<split>/verification/metrics.json holds}}``
@@ -369,6 +509,11 @@ def report(
         if section["evaluation"] is not None:
             verification[split] = section["evaluation"]
 
+    if predict is not None and not (Path(predict) / "overlays").is_dir():
+        raise VitpcmError(f"--predict {predict}: no overlays/ there; run `vitpcm predict {layout.root} ... --out"
+                          f" {predict} --overlay` first")  # fmt: skip
+    gallery = _predict_gallery(layout, Path(predict) if predict is not None else None)
+
     # training
     facts = curves = None
     if layout.metrics.is_file():
@@ -385,6 +530,6 @@ def report(
     text = page.render_page(layout.root, version=__version__, backbone=str(cfg.model.backbone), num_classes=len(classes),
                             splits=found, sections=sections, training=training, files=files, config_text=config_text,
                             written=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
-                            verification=seg_splits or ())  # fmt: skip
+                            verification=seg_splits or (), extra_sections=[gallery] if gallery else ())  # fmt: skip
     write_text_atomic(layout.report, text)
     return {"report": str(layout.report), "evaluations": evaluations, "verification": verification}

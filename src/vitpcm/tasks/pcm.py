@@ -21,6 +21,7 @@ import logging
 import os
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
@@ -31,15 +32,16 @@ from vitpcm.data import EvalTransform, TrainTransform, build_dataset, collate
 from vitpcm.data.check import screen_for_training
 from vitpcm.data.transforms import TagRule, map_to_et_grid, tile_views, transforms_on_device, untile_grid
 from vitpcm.engine.checkpoint import init_from
-from vitpcm.engine.distributed import all_reduce_sum
+from vitpcm.engine.distributed import all_reduce_sum, gather_objects
 from vitpcm.engine.optim import build_adam
 from vitpcm.engine.task import EngineContext, Phase, Task, cosine_lr, eval_mode, trainable_parameters
 from vitpcm.engine.trainer import TrainSettings
 from vitpcm.errors import VitpcmError
 from vitpcm.evaluation.confusion import ConfusionMatrix
+from vitpcm.evaluation.tags import tag_quality
 from vitpcm.losses import et_loss, mce_loss, reg_loss
 from vitpcm.models.backbone import resolve_normalisation
-from vitpcm.models.predict import predict_grid, upsample
+from vitpcm.models.predict import upsample
 from vitpcm.models.registry import build_model, model_arch
 from vitpcm.models.vitpcm import merge_class_labels
 
@@ -291,8 +293,10 @@ class PcmTask(Task):
 
     @torch.no_grad()
     def validate(self, ctx: EngineContext) -> Optional[Dict[str, float]]:
-        """Val mIoU of tag-merged predictions at the training size, upsampled to each mask.
-        Each rank scores every world-th image; the confusion matrices are summed."""
+        """Val mIoU of tag-merged predictions at the training size, upsampled to each mask,
+        and the tag quality of the pooled scores (``tag_f1``: mean F1 at
+        ``infer.present_threshold``, ``tag_map``; metrics.jsonl's ``val_tag_*``). Each rank
+        scores every world-th image; the confusion matrices are summed, the scores gathered."""
         if self.val_set is None:
             return None
         self.model.eval()
@@ -302,9 +306,14 @@ class PcmTask(Task):
         subset = torch.utils.data.Subset(self.val_set, indices)
         loader = DataLoader(subset, batch_size=int(self.cfg.train.val_batch_size), shuffle=False,
                             num_workers=int(self.cfg.data.num_workers), collate_fn=collate)  # fmt: skip
+        pooled: List[np.ndarray] = []
+        tags: List[np.ndarray] = []
         for batch in loader:
             with ctx.autocast():
-                grid = predict_grid(self.model, batch["image"].to(ctx.device), batch["labels"].to(ctx.device))
+                out = self.model(batch["image"].to(ctx.device))
+            grid = merge_class_labels(out["probs"].float(), batch["labels"].to(ctx.device))  # as predict_grid
+            pooled.append(out["pooled"].float().cpu().numpy())
+            tags.append(batch["labels"].numpy())
             for i in range(grid.shape[0]):
                 pred = upsample(grid[i].float(), batch["size"][i], bool(self.cfg.input.align_corners))
                 pred = pred.argmax(0).cpu().numpy()
@@ -313,7 +322,14 @@ class PcmTask(Task):
         cm.matrix = all_reduce_sum(total, dist).cpu().numpy()
         self.model.train()
         self.last_val = cm
-        return {"miou": cm.miou()}
+        parts = gather_objects((pooled, tags), dist)
+        scores = np.concatenate([a for p, _ in parts for a in p]) if any(p for p, _ in parts) else None
+        result = {"miou": cm.miou()}
+        if scores is not None:
+            truth = np.concatenate([a for _, t in parts for a in t])
+            q = tag_quality(scores, truth, self.classes, float(self.cfg.infer.present_threshold))
+            result.update(tag_f1=q["mean_f1"], **({"tag_map": q["map"]} if q["map"] is not None else {}))
+        return result
 
     # ----------------------------------------------------------------- checkpoints
     def checkpoint_extras(self) -> Dict[str, Any]:

@@ -176,6 +176,48 @@ def figure_best_grid(
     return save_figure(fig, path)
 
 
+def figure_triplet_grid(
+    items: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
+    class_names: Sequence[str],
+    path: str | Path,
+    columns: int = 2,
+    title: str = "",
+    panel: float = 1.6,
+) -> Path:
+    """A grid of ``(caption, image [H, W, 3] uint8, ground truth [H, W], prediction [H, W])``
+    items, each shown as image | ground truth | prediction, ``columns`` items per row; one
+    legend for every class shown (the report's worst images)."""
+    if not items:
+        raise ValueError("figure_triplet_grid needs at least one item")
+    columns = max(1, min(columns, len(items)))
+    nrows = math.ceil(len(items) / columns)
+    aspect = max(im.shape[0] / max(im.shape[1], 1) for _, im, _, _ in items)
+    height = nrows * (panel * aspect + 0.35) + 0.9
+    fig = _figure(panel * 3 * columns, height)
+    axes = fig.subplots(nrows, 3 * columns, squeeze=False)
+    values: set = set()
+    for i, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        item, side = divmod(i % (3 * columns), 3)
+        k = (i // (3 * columns)) * columns + item
+        if k >= len(items):
+            continue
+        caption, image, gt, pred = items[k]
+        if side == 0:
+            ax.imshow(image)
+            ax.set_title(caption, fontsize=7, loc="left")
+        else:
+            mask = gt if side == 1 else pred
+            ax.imshow(colorize(mask), interpolation="nearest")
+            values |= set(np.unique(mask).tolist()) - {255}
+    fig.legend(handles=_legend_handles(sorted(values), class_names), loc="lower center",
+               ncol=min(max(len(values), 1), 8), fontsize=7, frameon=False)  # fmt: skip
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.5 / height, top=1 - 0.45 / height, wspace=0.04, hspace=0.25)
+    return save_figure(fig, path)
+
+
 def plot_training_curves(metrics: Union[str, Path, Sequence[Mapping[str, Any]]], path: str | Path) -> Optional[Path]:
     """Losses, val mIoU and learning rate per epoch; None if there are no rows.
 

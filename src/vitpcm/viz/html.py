@@ -21,7 +21,7 @@ body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px auto;
 h1{font-size:1.5em;margin-bottom:0}h2{border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:2em}
 table{border-collapse:collapse;font-size:13px;margin:8px 0}th,td{border:1px solid #ddd;padding:3px 7px;text-align:right}
 th:first-child,td:first-child{text-align:left}thead th{background:#f3f3f3}tbody tr:nth-child(even){background:#fafafa}
-.scroll{overflow-x:auto}.note{color:#666;font-size:13px}.meta{color:#555;font-size:13px}
+.scroll{overflow-x:auto}.gallery figure{max-width:24%;margin-right:1%}.note{color:#666;font-size:13px}.meta{color:#555;font-size:13px}
 figure{margin:8px 0;display:inline-block;vertical-align:top}figure img{max-width:100%;border:1px solid #eee}
 figcaption{font-size:12px;color:#555}.row figure{max-width:48%;margin-right:1%}
 pre{background:#f6f6f6;padding:10px;font-size:12px;overflow-x:auto}nav a{margin-right:12px}
@@ -47,6 +47,72 @@ def inline_image(path: Optional[Path], base: Path, alt: str) -> str:
     href = html.escape(rel(path, base))
     return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
             f'<figcaption>{html.escape(alt)} · <a href="{href}">{href}</a></figcaption></figure>')  # fmt: skip
+
+
+def inline_jpeg(data: bytes, href: str, caption: str) -> str:
+    """An inline JPEG (base64 data URI, e.g. a thumbnail) with a relative link to the full file."""
+    b64 = base64.b64encode(data).decode("ascii")
+    return (f'<figure><img src="data:image/jpeg;base64,{b64}" alt="{html.escape(caption)}">'
+            f'<figcaption>{html.escape(caption)} · <a href="{html.escape(href)}">{html.escape(href)}</a></figcaption>'
+            "</figure>")  # fmt: skip
+
+
+def _pct(value: Any) -> str:
+    return "–" if value is None or value != value else f"{100 * float(value):.1f}"
+
+
+def tag_quality_html(split: str, record: Mapping[str, Any], path: Path, base: Path) -> str:
+    """How well the pooled scores tell the tags of ``split`` (``RUN/eval/SPLIT/tags.json``,
+    :func:`vitpcm.evaluation.tags.tag_quality`): the means, then per class."""
+    head = [["images", str(record.get("images", "–"))],
+            ["threshold (infer.present_threshold)", f"{record.get('threshold', float('nan')):g}"],
+            ["mean F1 at the threshold (percent)", _pct(record.get("mean_f1"))],
+            ["mAP (percent)", _pct(record.get("map"))],
+            ["threshold with the best mean F1", f"{record.get('best_threshold', float('nan')):g}"],
+            ["best mean F1 (percent)", _pct(record.get("best_mean_f1"))]]  # fmt: skip
+    rows = [[name, _pct(c.get("precision")), _pct(c.get("recall")), _pct(c.get("f1")), _pct(c.get("ap")),
+             str(c.get("support", 0))] for name, c in record.get("per_class", {}).items()]  # fmt: skip
+    return "\n".join([
+        "<h3>Tags from the pooled scores</h3>",
+        "<p class=note>An image's class k is predicted present when its max-pooled score y_k reaches the threshold"
+        " (what <code>vitpcm predict</code> does for untagged images; it takes the best threshold as its default)."
+        " Measured against the split's known tags.</p>",
+        html_table(["", "value"], head, cls="overall"),
+        '<details><summary>Per class (percent)</summary><div class="scroll">'
+        + html_table(["class", "precision", "recall", "F1", "AP", "images"], rows, cls="perclass")
+        + "</div></details>",
+        f"<p>File: {link(path, base)}</p>",
+    ])  # fmt: skip
+
+
+def per_image_html(split: str, rows: Sequence[Sequence[str]], header: Sequence[str], csv_path: Path, base: Path) -> str:
+    """Every image's own mIoU per evaluated mask folder (worst first), folded away."""
+    return (f"<details><summary>Per-image mIoU of split {html.escape(split)} ({len(rows)} images, worst first)"
+            f'</summary><div class="scroll">{html_table(header, rows, cls="perclass")}</div></details>'
+            f"<p>File: {link(csv_path, base)}</p>")  # fmt: skip
+
+
+def confused_pairs_html(rows: Sequence[Sequence[str]], examples: Sequence[Figure], base: Path) -> str:
+    """The most confused class pairs (ground truth -> prediction) and an example image of each."""
+    parts = ["<h3>Most confused class pairs (BPM)</h3>",
+             "<p class=note>Share of the ground-truth class's pixels predicted as the other class; the example is"
+             " the image with the most such pixels.</p>",
+             html_table(["ground truth", "predicted as", "share of its pixels (percent)", "example"], rows)]  # fmt: skip
+    if examples:
+        parts.append('<div class="sample">' + "".join(inline_image(p, base, alt) for p, alt in examples) + "</div>")
+    return "\n".join(parts)
+
+
+def gallery_section(folder: Path, base: Path, thumbs: Sequence[Tuple[bytes, Path, str]], total: int,
+                    records: Optional[Path]) -> str:  # fmt: skip
+    """``vitpcm predict`` outputs without ground truth: overlay thumbnails ``(jpeg bytes, file,
+    caption)``, ``total`` overlays in all, a link to ``predictions.jsonl``."""
+    parts = ['<h2 id="predict">Predictions on new images (<code>vitpcm predict</code>)</h2>',
+             f'<p class="meta">{link(folder, base)}: {len(thumbs)} of {total} overlays shown'
+             + (f", per-image classes and scores in {link(records, base)}" if records is not None else "") + "</p>",
+             '<div class="gallery">' + "".join(inline_jpeg(data, rel(path, base), caption) for data, path, caption in thumbs)
+             + "</div>"]  # fmt: skip
+    return "\n".join(parts)
 
 
 def html_table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") -> str:
@@ -127,6 +193,7 @@ def verification_section(
     best_caption: str = "",
     outputs: Sequence[Path] = (),
     notes: Sequence[str] = (),
+    per_image: str = "",
 ) -> str:
     """The verification section of one split: BPM vs CRF vs DeepLab (a run of ``segment``).
 
@@ -154,6 +221,7 @@ def verification_section(
         parts.append("<p>Files: " + ", ".join(link(eval_dir / f, base) for f in ("metrics.json", files["csv"], files["markdown"]))
                      + ", " + ", ".join(link(eval_dir / c["png"], base) for c in files["confusion"].values() if "png" in c)
                      + "</p>")  # fmt: skip
+    parts.append(per_image)  # per_image_html: each image's own mIoU, DeepLab first
     if whole is not None:
         tables, note = whole
         parts.append("<details><summary>The paper's whole table with our DeepLab rows</summary>"
@@ -206,12 +274,15 @@ def render_page(
     config_text: str,
     written: str,
     verification: Sequence[str] = (),
+    extra_sections: Sequence[Tuple[str, str, str]] = (),
 ) -> str:
     """The whole page. ``base``: the run folder (links are relative to it); ``files``:
     what the file list links (those that exist); ``written``: the date line's time;
-    ``verification``: the splits with a verification section (after the split sections)."""
+    ``verification``: the splits with a verification section (after the split sections);
+    ``extra_sections``: ``(anchor id, nav label, html)`` after those (e.g. predict's gallery)."""
     nav = " ".join(f'<a href="#split-{html.escape(s)}">{html.escape(s)}</a>' for s in splits)
     nav += "".join(f' <a href="#verification-{html.escape(s)}">DeepLab {html.escape(s)}</a>' for s in verification)
+    nav += "".join(f' <a href="#{html.escape(a)}">{html.escape(label)}</a>' for a, label, _ in extra_sections)
     nav += ' <a href="#training">training</a> <a href="#files">files</a> <a href="#config">config</a>'
     file_links = "".join(f"<li>{link(p, base)}</li>" for p in files if p.exists())
     name = html.escape(base.resolve().name)
@@ -226,6 +297,7 @@ def render_page(
 backbone {html.escape(str(backbone))} · {num_classes} classes</p>
 <nav>{nav}</nav>
 {"".join(sections)}
+{"".join(text for _, _, text in extra_sections)}
 {training}
 <h2 id="files">Files</h2><ul>{file_links}</ul>
 <h2 id="config">Config (resolved)</h2><pre>{html.escape(config_text)}</pre>
