@@ -152,9 +152,10 @@ class TransformerBlock(keras.layers.Layer):
         return x + self.mlpblock(self.layernorm2(x), training=training)
 
 
-def build_backbone(arch: dict) -> keras.Model:
+def build_backbone(arch: dict, dropout: float = 0.1) -> keras.Model:
     """vit-keras ``build_model(include_top=False)`` at 384, CLS dropped after encoder_norm
-    (the authors' ``ViT``), as a Model named ``patch_encoder``."""
+    (the authors' ``ViT``), as a Model named ``patch_encoder``. ``dropout``: of every block
+    (vit-keras: 0.1; ``keras_train_step.py`` sets 0)."""
     width = arch["hidden_size"]
     inputs = keras.layers.Input(shape=(None, None, 3))
     y = keras.layers.Conv2D(width, PATCH, strides=PATCH, padding="valid", name="embedding")(inputs)
@@ -162,7 +163,7 @@ def build_backbone(arch: dict) -> keras.Model:
     y = ClassToken(name="class_token")(y)
     y = AddPositionEmbs(IMAGE, PATCH, width, name="Transformer/posembed_input")(y)
     for n in range(arch["num_layers"]):
-        y = TransformerBlock(arch["num_heads"], arch["mlp_dim"], 0.1, name=f"Transformer/encoderblock_{n}")(y)
+        y = TransformerBlock(arch["num_heads"], arch["mlp_dim"], dropout, name=f"Transformer/encoderblock_{n}")(y)
     y = keras.layers.LayerNormalization(epsilon=1e-6, name="Transformer/encoder_norm")(y)
     return keras.Model(inputs=inputs, outputs=y[:, 1:], name="patch_encoder")
 
