@@ -75,12 +75,14 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 def _cmd_crf(args: argparse.Namespace) -> int:
     from vitpcm.stages.refine import refine_folders
 
-    s = refine_folders(args.probs, args.images, args.out, overrides=args.overrides, workers=args.workers,
-                       split_file=args.split_file, overwrite=args.overwrite, progress=not args.quiet)  # fmt: skip
+    overrides = list(args.overrides) + ([f"crf.backend={args.backend}"] if args.backend else [])
+    s = refine_folders(args.probs, args.images, args.out, overrides=overrides, workers=args.workers,
+                       split_file=args.split_file, overwrite=args.overwrite, progress=not args.quiet,
+                       device=args.device)  # fmt: skip
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all ranks
         return 0
     print(f"wrote {s['computed']} CRF masks to {s['out']} ({s['skipped']} already done;"
-          f" {s['seconds']:.1f}s with {s['workers']} worker(s))")  # fmt: skip
+          f" {s['seconds']:.1f}s with {s['workers']} worker(s), {s['backend']})")  # fmt: skip
     return 0
 
 
@@ -324,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder of the original images (NAME.jpg / .png)")
     p.add_argument("--out", required=True, help="output folder for the refined masks (NAME.png)")
     p.add_argument("--workers", type=int, help="processes (default crf.workers: 0 = one per CPU)")
+    p.add_argument("--backend", choices=("auto", "pydensecrf", "torch"),
+                   help="the CRF's implementation (default crf.backend: auto = torch on a CUDA --device, else pydensecrf)")  # fmt: skip
+    p.add_argument("--device", help="where the torch backend computes: cpu (default), cuda, cuda:1")
     p.add_argument("--split-file", help="refine only the names in this list (default: every NAME.npz)")
     p.add_argument("--overwrite", action="store_true", help="recompute masks that are already done")
     p.set_defaults(func=_cmd_crf)

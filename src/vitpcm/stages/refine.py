@@ -6,7 +6,8 @@
   when it has masks; ``vitpcm infer --crf`` and the demo chain it this way.
 * :func:`refine`: the same from a run folder and overrides (``vitpcm.refine``).
 
-Importing this module imports neither torch nor timm: the CRF is numpy and pydensecrf. Only
+Importing this module imports neither torch nor timm: the CRF is numpy and pydensecrf (torch
+only when ``crf.backend`` resolves to torch, inside the call). Only
 :func:`refine_run` / :func:`refine` build the dataset (``vitpcm.data``), inside the call.
 """
 
@@ -61,6 +62,7 @@ def refine_folders(
     overwrite: bool = False,
     progress: bool = True,
     image_paths: Optional[Mapping[str, Path]] = None,
+    device: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Refine every ``probs/NAME.npz`` (of ``vitpcm infer``) into ``out/NAME.png``.
 
@@ -76,6 +78,8 @@ def refine_folders(
         names / split_file: only these images (default every npz in ``probs``).
         overwrite: recompute masks that are already done.
         image_paths: ``{name: image file}`` instead of ``images``.
+        device: where ``crf.backend=torch`` computes (``cpu`` / ``cuda``); ``auto`` picks
+            torch on a CUDA device (:func:`vitpcm.postprocess.crf.run_crf`).
 
     Returns the summary (also written to ``out/summary.json``): ``computed``, ``skipped``,
     ``workers``, ``seconds``, ``params``, ...
@@ -90,7 +94,7 @@ def refine_folders(
         names = names_from_split_file(split_file)
     # params goes on as given: a config section also carries max_pixels and memory_budget
     return run_crf(probs, images, out, params=params, workers=workers, names=names,
-                   overwrite=overwrite, progress=progress, image_paths=image_paths)  # fmt: skip
+                   overwrite=overwrite, progress=progress, image_paths=image_paths, device=device)  # fmt: skip
 
 
 def refine_pseudo(
