@@ -31,6 +31,7 @@ only when the torch backend runs (``vitpcm crf`` stays torch-free otherwise).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -124,27 +125,40 @@ class PermutohedralLattice:
         bary.scatter_add_(1, slot + 1, -v)
         bary[:, 0] += 1.0 + bary[:, d + 1]
         self.weights = bary[:, : d + 1].contiguous()  # [N, d+1]
-        # the d + 1 vertices of each point's simplex: key_i = rem0_i + canonical[r, rank_i]
-        r = torch.arange(d + 1, device=device).view(1, d + 1, 1)
-        rank_i = rank[:, None, :d].to(torch.int64)  # [N, 1, d]
-        canonical = torch.where(rank_i <= d - r, r, r - (d + 1))  # [N, d+1, d]
-        keys = rem0[:, None, :d].to(torch.int64) + canonical  # [N, d+1 vertices, d coords]
-        packed, deltas = self._pack(keys, segments)
-        self.vertices, inverse = torch.unique(packed.reshape(-1), sorted=True, return_inverse=True)
+        packed, deltas = self._pack(rem0[:, :d].to(torch.int64), rank[:, :d].to(torch.int64), segments)
+        # the vertices: the distinct keys, sorted (torch.unique's way, with the sort kept: it
+        # also orders the splatting matrix by vertex)
+        sorted_keys, order = torch.sort(packed.reshape(-1), stable=True)
+        self.vertices, inverse_sorted, counts = torch.unique_consecutive(
+            sorted_keys, return_inverse=True, return_counts=True
+        )
         self.num_vertices = int(self.vertices.numel())
+        inverse = torch.empty_like(inverse_sorted)
+        inverse[order] = inverse_sorted
         self.offsets = inverse.view(n, d + 1)  # [N, d+1] vertex index per point
+        self._splat, self._slice = self._sparse_maps(n, order, counts)
         # blur neighbours along each direction j: n1 = key - 1 except key_j + d (n2 = -that);
         # a missing neighbour points at row M, which stays zero
         self.neighbours: List[Tuple[torch.Tensor, torch.Tensor]] = []
         for delta in deltas:
             self.neighbours.append((self._find(self.vertices + delta), self._find(self.vertices - delta)))
 
-    def _pack(self, keys: torch.Tensor, segments: Optional[torch.Tensor]) -> Tuple[torch.Tensor, List[int]]:
-        """Keys ``[N, d+1, d]`` -> int64 ``[N, d+1]`` (and the packed steps to each direction's
-        first neighbour); each coordinate gets a bit field with room for the neighbours' +-d."""
+    def _pack(
+        self, rem0: torch.Tensor, rank: torch.Tensor, segments: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, List[int]]:
+        """The keys of each point's d + 1 simplex vertices, packed: int64 ``[N, d+1]``.
+
+        Vertex r of a point has the coordinates ``key_i = rem0_i + canonical[r, rank_i]`` (i < d;
+        the last one follows from the sum 0), with ``canonical[r, k] = r`` for ``k <= d - r``,
+        else ``r - (d + 1)``. Each coordinate gets a bit field wide enough for every vertex and
+        its blur neighbours (+-d); the image index takes the bits above. Computed from
+        ``rem0`` and ``rank`` ``[N, d]`` without materialising the ``[N, d+1, d]`` keys.
+        Also returns the packed step to each direction's first blur neighbour.
+        """
         d = self.d
-        low = keys.amin(dim=(0, 1)) - (d + 1)
-        widths = (keys.amax(dim=(0, 1)) - low + (d + 2)).tolist()
+        margin = 2 * (d + 1)  # canonical adds -d..d, a blur neighbour another -d..d
+        low = rem0.amin(0) - margin
+        widths = (rem0.amax(0) - low + margin + 1).tolist()
         bits = [max(1, int(w).bit_length()) for w in widths]
         n_segments = int(segments.max()) + 1 if segments is not None and segments.numel() else 1
         seg_bits = max(1, n_segments.bit_length())
@@ -157,10 +171,15 @@ class PermutohedralLattice:
         for b in bits:
             offsets.append(at)
             at += b
-        weights = torch.tensor([1 << o for o in offsets], dtype=torch.int64, device=keys.device)
-        packed = ((keys - low) * weights).sum(-1)
+        fields = torch.tensor([1 << o for o in offsets], dtype=torch.int64, device=rem0.device)
+        base = ((rem0 - low) * fields).sum(1)  # [N]
         if segments is not None:
-            packed = packed + (segments.to(torch.int64) << at)[:, None]
+            base = base + (segments.to(torch.int64) << at)
+        all_fields = int(fields.sum())
+        packed = torch.empty(rem0.shape[0], d + 1, dtype=torch.int64, device=rem0.device)
+        for r in range(d + 1):
+            wrapped = ((rank > d - r).to(torch.int64) * fields).sum(1)  # coordinates where canonical is r - (d+1)
+            packed[:, r] = base + r * all_fields - (d + 1) * wrapped
         deltas = []
         for j in range(d + 1):
             step = [-1] * d
@@ -168,6 +187,24 @@ class PermutohedralLattice:
                 step[j] = d
             deltas.append(sum(s * (1 << o) for s, o in zip(step, offsets)))
         return packed, deltas
+
+    def _sparse_maps(self, n: int, order: torch.Tensor, counts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Splatting as a CSR matrix ``[M, N]`` (barycentric weights) and slicing as its
+        transpose ``[N, M]``: a sparse product is several times faster than ``index_add_`` and
+        gathers over ``N (d + 1)`` entries, on the CPU as on CUDA. ``order``: the entries
+        ``[N (d+1)]`` sorted by vertex; ``counts``: entries per vertex ``[M]``."""
+        d, m, device = self.d, self.num_vertices, self.offsets.device
+        weight = self.weights.reshape(-1)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the products used here are stable
+            warnings.simplefilter("ignore", UserWarning)
+            per_pixel = torch.arange(0, n * (d + 1) + 1, d + 1, device=device)
+            slice_map = torch.sparse_csr_tensor(per_pixel, self.offsets.reshape(-1), weight, (n, m),
+                                                check_invariants=False)  # fmt: skip
+            per_vertex = torch.zeros(m + 1, dtype=torch.int64, device=device)
+            per_vertex[1:] = torch.cumsum(counts, 0)
+            splat_map = torch.sparse_csr_tensor(per_vertex, order // (d + 1), weight[order], (m, n),
+                                                check_invariants=False)  # fmt: skip
+        return splat_map, slice_map
 
     def _find(self, wanted: torch.Tensor) -> torch.Tensor:
         """Index of each packed key in ``self.vertices``, or M where absent."""
@@ -178,17 +215,12 @@ class PermutohedralLattice:
     def filter(self, values: torch.Tensor) -> torch.Tensor:
         """Splat, blur, slice: ``values`` ``[N, C]`` float32 -> ``[N, C]`` float32."""
         d, m = self.d, self.num_vertices
-        grid = values.new_zeros(m + 1, values.shape[1])
-        for r in range(d + 1):
-            grid.index_add_(0, self.offsets[:, r], self.weights[:, r : r + 1] * values)
+        zero = values.new_zeros(1, values.shape[1])  # row M: the missing neighbour
+        grid = torch.cat([self._splat @ values, zero])
         for n1, n2 in self.neighbours:
-            blurred = grid[:m] + 0.5 * (grid[n1] + grid[n2])
-            grid = torch.cat([blurred, grid.new_zeros(1, grid.shape[1])])
+            grid = torch.cat([grid[:m] + 0.5 * (grid[n1] + grid[n2]), zero])
         alpha = float(np.float32(1.0 / (1.0 + 2.0**-d)))
-        out = values.new_zeros(values.shape)
-        for r in range(d + 1):
-            out += self.weights[:, r : r + 1] * grid[self.offsets[:, r]] * alpha
-        return out
+        return (self._slice @ grid[:m]) * alpha
 
 
 def smooth_exact(planes: torch.Tensor, sigma: float) -> torch.Tensor:
