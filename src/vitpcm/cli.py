@@ -231,7 +231,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     r = bench(args.preset, device=args.device, quick=args.quick, overrides=args.overrides, json_path=args.json,
               sections=args.section or ("infer", "train", "crf", "cli"), infer_images=args.images,
               repeats=args.repeats, train_steps=args.steps, batch_size=args.batch, crf_images=args.crf_images,
-              crf_repeats=args.crf_repeats, threads=args.threads, note=args.note, progress=not args.quiet)  # fmt: skip
+              crf_repeats=args.crf_repeats, authors_jobs=args.authors_jobs, threads=args.threads, note=args.note,
+              progress=not args.quiet)  # fmt: skip
     print(format_bench(r))
     if args.json:
         print(f"wrote {args.json}")
@@ -428,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, help="training batch (default 4 on a CPU, the preset's on a GPU)")
     p.add_argument("--crf-images", type=int, help="VOC-sized images of the CRF comparison (default 50)")
     p.add_argument("--crf-repeats", type=int, default=1, help="runs of each CRF command, interleaved (default 1)")
+    p.add_argument("--authors-jobs", type=int,
+                   help="processes of the authors' joblib CRF baseline (default one per CPU, as their main.py)")  # fmt: skip
     p.add_argument(
         "--threads", type=int, help="torch CPU threads (default torch's; 1 on a machine shared with other jobs)"
     )
