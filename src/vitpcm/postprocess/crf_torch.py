@@ -325,6 +325,13 @@ def dense_crf_tensor(
     return q
 
 
+def _tensor(array: np.ndarray | torch.Tensor, dtype: type) -> torch.Tensor:
+    """A tensor of ``array`` (numpy arrays copied only when read-only, e.g. from PIL)."""
+    if isinstance(array, torch.Tensor):
+        return array
+    return torch.from_numpy(np.require(array, dtype=dtype, requirements=["C", "W"]))
+
+
 def dense_crf_batch(
     images: Sequence[np.ndarray | torch.Tensor],
     probs: Sequence[np.ndarray | torch.Tensor],
@@ -358,8 +365,8 @@ def dense_crf_batch(
     valid = torch.zeros(bsz, hmax, wmax, dtype=torch.bool, device=device)
     classes_valid = torch.zeros(bsz, cmax, dtype=torch.bool, device=device)
     for i, ((c, h, w), image, p) in enumerate(zip(shapes, images, probs)):
-        img[i, :h, :w] = torch.as_tensor(image, device=device)
-        prob[i, :c, :h, :w] = torch.as_tensor(p, device=device)
+        img[i, :h, :w] = _tensor(image, np.uint8).to(device)
+        prob[i, :c, :h, :w] = _tensor(p, np.float32).to(device)
         valid[i, :h, :w] = True
         classes_valid[i, :c] = True
     q = dense_crf_tensor(img, prob, params, valid, classes_valid)

@@ -98,13 +98,20 @@ def refine_folders(
 
 
 def refine_pseudo(
-    cfg: Any, dataset: Any, pseudo: PathLike, *, overwrite: bool = True, progress: bool = True
+    cfg: Any,
+    dataset: Any,
+    pseudo: PathLike,
+    *,
+    overwrite: bool = True,
+    progress: bool = True,
+    device: Optional[str] = None,
 ) -> Dict[str, Any]:
     """The dense CRF of one inferred split: ``PSEUDO/probs`` -> ``PSEUDO/crf`` (``crf`` config section).
 
     ``dataset``: the split's dataset (its names, image files and, when it has masks, the
     ground truth the CRF masks are scored against). ``overwrite``: recompute every mask
-    (right after inference: the probabilities were just rewritten).
+    (right after inference: the probabilities were just rewritten). ``device``: the
+    inference device (``crf.backend=auto`` means torch on a CUDA one).
 
     Under torchrun (``RANK`` / ``WORLD_SIZE``) each rank refines its share of the images
     (:func:`vitpcm.postprocess.crf.run_crf`); rank 0 returns once all are done and scores
@@ -118,7 +125,7 @@ def refine_pseudo(
     files = PseudoLayout(pseudo)
     result = refine_folders(files.probs, None, files.crf, params=cfg.crf, workers=int(cfg.crf.workers),
                             names=dataset.names, overwrite=overwrite, progress=progress,
-                            image_paths={n: dataset.image_path(n) for n in dataset.names})  # fmt: skip
+                            image_paths={n: dataset.image_path(n) for n in dataset.names}, device=device)  # fmt: skip
     info: Dict[str, Any] = {"out": str(files.crf)}
     info.update({k: result[k] for k in ("seconds", "workers", "computed", "skipped", "reduced") if k in result})
     if dataset.has_masks and Shard.from_env().main:
@@ -140,12 +147,14 @@ def finish_pseudo(
     crf: bool,
     overwrite: bool,
     progress: bool,
+    crf_device: Optional[str] = None,
 ) -> Dict[str, Any]:
     """The common end of the stages that write pseudo-masks (``vitpcm infer``, ``vitpcm
     segment infer``): the score into ``summary`` (and ``files.confusion``, by rank 0; ``cm``
     None: no ground truth), the CRF chained when ``crf`` (once every rank's probabilities are
     on disk; finished CRF masks are kept unless ``overwrite``: a rewritten npz is newer than
-    its mask, which makes it stale), ``files.summary`` written by rank 0. Every rank returns
+    its mask, which makes it stale; ``crf_device``: the inference device, where
+    ``crf.backend=auto`` runs torch if it is a GPU), ``files.summary`` written by rank 0. Every rank returns
     once it exists. Returns ``summary``."""
     import numpy as np
 
@@ -160,7 +169,8 @@ def finish_pseudo(
                 np.save(f, cm.matrix)
     if crf:
         barrier(dist_info)
-        summary["crf"] = refine_pseudo(cfg, dataset, files.root, overwrite=overwrite, progress=progress)
+        summary["crf"] = refine_pseudo(cfg, dataset, files.root, overwrite=overwrite, progress=progress,
+                                       device=crf_device)  # fmt: skip
         if "miou" in summary["crf"]:
             summary["crf_miou"] = summary["crf"].pop("miou")
     if main:
