@@ -129,7 +129,7 @@ def test_auto_means_torch_on_cuda_only_and_the_key_tells_the_backends_apart():
 def test_run_crf_with_the_torch_backend(tmp_path):
     _write_folder(tmp_path, 3)
     s = run_crf(tmp_path / "probs", tmp_path / "images", tmp_path / "torch", TORCH, workers=2, progress=False)
-    assert (s["computed"], s["workers"], s["backend"]) == (3, 1, "torch")
+    assert (s["computed"], s["workers"], s["backend"]) == (3, 2, "torch")  # CPU: worker processes, as pydensecrf
     theirs = run_crf(tmp_path / "probs", tmp_path / "images", tmp_path / "pyd", CRFParams(backend="pydensecrf"),
                      workers=1, progress=False)  # fmt: skip
     assert theirs["backend"] == "pydensecrf"

@@ -27,8 +27,8 @@ Differences from the authors' path, each measured (``docs/benchmarks.md``, ``doc
   99.99 % of the pixels as with the lattice (docs/reproduce.md, switch 9).
 * ``crf.backend``: ``pydensecrf`` (pydensecrf2's C++), ``torch``
   (:mod:`vitpcm.postprocess.crf_torch`: the same lattice and mean field in PyTorch, on the
-  CPU or a CUDA device; run in this process, one image at a time) or ``auto`` (torch on a
-  CUDA device, pydensecrf otherwise). The torch backend's keys that cannot be packed fall
+  CPU or a CUDA device; on a GPU in this process, one image at a time, on the CPU in the
+  worker processes) or ``auto`` (torch on a CUDA device, pydensecrf otherwise). The torch backend's keys that cannot be packed fall
   back to pydensecrf with a warning.
 
 What a run guarantees (docs/reliability.md):
@@ -446,6 +446,13 @@ def _refine_one(
     return time.perf_counter() - start, reduced
 
 
+def _one_torch_thread() -> None:
+    """Pool initializer of the torch backend's CPU workers (as torch's DataLoader workers)."""
+    from vitpcm.postprocess.crf_torch import use_threads
+
+    use_threads(1)
+
+
 def _pool_context():
     # fork: workers start in milliseconds and re-import nothing. They only run numpy /
     # pydensecrf / PIL, so torch's thread pools (loaded when the CRF is chained after
@@ -512,8 +519,9 @@ def run_crf(
             or ``auto``.
         shard: this process's share (default from the environment: ``RANK`` / ``WORLD_SIZE``).
         device: where the torch backend computes (``cpu`` / ``cuda``; ``crf.backend=auto``
-            picks torch on a CUDA device, pydensecrf otherwise). The torch backend runs in
-            this process, one image at a time (its threads, or the GPU, do the parallel work).
+            picks torch on a CUDA device, pydensecrf otherwise). On a GPU the torch backend
+            runs in this process, one image at a time; on the CPU in ``workers`` processes
+            of one torch thread each, as pydensecrf.
 
     Returns a summary dict (written to ``out_dir/summary.json`` by rank 0).
     """
@@ -548,11 +556,11 @@ def run_crf(
     mine = shard.take(names)
     images = _find_images(mine, images_dir, image_paths)  # every missing image named at once
     backend = params.resolved_backend(device)
-    if backend == "torch":
+    if backend == "torch" and device is not None and str(device) != "cpu":
         from vitpcm.postprocess.crf_torch import torch_device
 
         device = str(torch_device(device))  # a missing CUDA device: one line now, not a traceback later
-        workers = 1  # torch's own threads (or the GPU) parallelise; a fork would not survive CUDA
+        workers = 1  # the GPU parallelises; a forked worker would not survive CUDA
     key = settings_key(params, max_pixels, backend)
 
     with output_folders(out_dir):
@@ -663,7 +671,11 @@ def _refine_shard(
         elif jobs:
             if params.gaussian == "exact":
                 import scipy.ndimage  # noqa: F401  (0.2-0.3 s: once here, inherited by the forked workers)
-            with process_pool(n_workers, mp_context=_pool_context()) as pool:
+            # the torch backend on the CPU: one process per core like pydensecrf, each with one
+            # torch thread (threads of several processes on shared cores wait for each other at
+            # every parallel region: 2 threads each made it 3-5x slower under load)
+            init = _one_torch_thread if params.resolved_backend(device) == "torch" else None
+            with process_pool(n_workers, mp_context=_pool_context(), initializer=init) as pool:
                 pending: set[Future] = {
                     pool.submit(_refine_one, p, i, o, params, max_pixels, key) for _, p, i, o in jobs
                 }

@@ -48,7 +48,13 @@ __all__ = [
     "dense_crf_tensor",
     "smooth_exact",
     "torch_device",
+    "use_threads",
 ]
+
+
+def use_threads(threads: int) -> None:
+    """torch's CPU threads in this process (the CRF's worker processes take one each)."""
+    torch.set_num_threads(max(1, int(threads)))
 
 
 def torch_device(device: Optional[str | torch.device]) -> torch.device:
