@@ -106,6 +106,10 @@ def test_dense_crf_tensor_takes_tensors_and_keeps_the_device():
     torch.testing.assert_close(q.sum(1), torch.ones(1, 16, 20))
     with pytest.raises(ValueError, match=r"do not match probabilities"):
         dense_crf_tensor(torch.from_numpy(image)[None, :15], torch.from_numpy(probs)[None], TORCH)
+    nan = torch.from_numpy(probs)[None].clone()
+    nan[0, 1, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or infinite values"):
+        dense_crf_tensor(torch.from_numpy(image)[None], nan, TORCH)
 
 
 def test_auto_means_torch_on_cuda_only_and_the_key_tells_the_backends_apart():

@@ -70,7 +70,7 @@ def torch_device(device: Optional[str | torch.device]) -> torch.device:
 
 
 class LatticeKeyError(ValueError):
-    """The lattice's vertex keys do not fit into 63 bits (features spread too far)."""
+    """The lattice's vertex keys do not fit into 62 bits (features spread too far)."""
 
 
 class PermutohedralLattice:
@@ -114,7 +114,7 @@ class PermutohedralLattice:
         rounded = torch.round(elevated * down)
         rem0 = rounded * float(d + 1)
         total = rounded.sum(1, keepdim=True)
-        # rank of each coordinate of the remainder (ties as the C++ loop: the later index wins)
+        # rank of each coordinate of the remainder (a tie ranks the later coordinate higher, as the C++ loop)
         diff = elevated - rem0
         later_bigger = diff[:, :, None] < diff[:, None, :]  # [n, i, j]: diff_i < diff_j
         upper = torch.triu(torch.ones(d + 1, d + 1, dtype=torch.bool, device=device), diagonal=1)
@@ -285,6 +285,8 @@ def dense_crf_tensor(
             f"images {tuple(images.shape)} do not match probabilities {tuple(probs.shape)} (want [B, H, W, 3])"
         )
     device = probs.device
+    if not bool(torch.isfinite(probs).all()):  # NaN would come back as a mask, not as an error
+        raise ValueError("the probabilities hold NaN or infinite values: the CRF wants softmax outputs")
     if valid is None:
         valid = torch.ones(b, h, w, dtype=torch.bool, device=device)
     clip = torch.tensor(np.float32(params.clip), device=device)
