@@ -188,3 +188,11 @@ def test_keys_that_do_not_pack_fall_back_to_pydensecrf(caplog):
     assert "lattice keys need" in caplog.text and "goes to pydensecrf" in caplog.text
     np.testing.assert_array_equal(q, dense_crf(image, probs, CRFParams(bilateral_sxy=1e-4, bilateral_srgb=1e-4,
                                                                        iterations=2, backend="pydensecrf")))  # fmt: skip
+
+
+def test_the_memory_budget_counts_the_torch_backend_heavier():
+    from vitpcm.postprocess.crf import crf_memory
+
+    shape = (3, 1000, 1000, 1000, 1000)
+    pyd, tor = crf_memory(shape, 0), crf_memory(shape, 0, "torch")
+    assert tor - pyd > 1000 * 1000 * 800  # ~1.7 kB / px measured, and torch's own pages per worker

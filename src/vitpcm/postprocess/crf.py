@@ -373,17 +373,23 @@ def _npy_shape(zf: zipfile.ZipFile, member: str) -> Optional[Tuple[int, ...]]:
 # 561 (P = 3) / 1488 (P = 21) on a smooth one; docs/reliability.md.
 CRF_BYTES_PER_PIXEL = (600, 80)
 WORKER_OVERHEAD = 150 * 1024**2  # a forked worker's own pages, the PNG buffers
+# The torch backend (crf.backend=torch, one thread, same 1000 x 1000 noise image): P = 3 / 8
+# took 1705 / 2101 B/px above the process's own pages, and importing torch adds about
+# 450 MB to each worker (541 vs 90 MB before the CRF).
+TORCH_CRF_BYTES_PER_PIXEL = (1470, 80)
+TORCH_WORKER_OVERHEAD = 600 * 1024**2
 
 
-def crf_memory(shape: Tuple[int, int, int, int, int], max_pixels: int) -> int:
+def crf_memory(shape: Tuple[int, int, int, int, int], max_pixels: int, backend: str = "pydensecrf") -> int:
     """Estimated peak bytes of one worker refining an image of ``shape`` = (P, h, w, H, W)
-    (:func:`probs_shape`) under ``max_pixels``."""
+    (:func:`probs_shape`) under ``max_pixels`` with ``backend`` (resolved)."""
     p, h, w, big_h, big_w = shape
     solved = min(h * w, max_pixels) if max_pixels else h * w
-    base, per_label = CRF_BYTES_PER_PIXEL
+    torch_backend = backend == "torch"
+    base, per_label = TORCH_CRF_BYTES_PER_PIXEL if torch_backend else CRF_BYTES_PER_PIXEL
     crf = solved * (base + per_label * p) if p > 1 else 0
     inputs = h * w * p * 4 * 2 + big_h * big_w * (3 + 4 * 2 + 8 + 1)  # probs (+ resized), image, planes, index, mask
-    return crf + inputs + WORKER_OVERHEAD
+    return crf + inputs + (TORCH_WORKER_OVERHEAD if torch_backend else WORKER_OVERHEAD)
 
 
 # ------------------------------------------------------------------------------ the run
@@ -648,7 +654,8 @@ def _refine_shard(
     note = None
     if wanted > 1:
         shapes = {j[0]: probs_shape(j[1]) for j in jobs}
-        need = max((crf_memory(s, max_pixels) for s in shapes.values() if s is not None), default=0)
+        backend = params.resolved_backend(device)
+        need = max((crf_memory(s, max_pixels, backend) for s in shapes.values() if s is not None), default=0)
         budget = memory_budget(memory, share=shard.local_world, key="crf.memory_budget")
         n_workers, note = budget_workers(wanted, need, budget)
         # biggest first: a large image started last would run alone at the end
