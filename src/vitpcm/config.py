@@ -46,6 +46,9 @@ class DataConfig:
     val_split: Optional[str] = "val"  # empty (data.val_split=) = no validation
     # voc trainaug: SBD release (benchmark_RELEASE) or a SegmentationClassAug folder; default ROOT/SegmentationClassAug
     sbd: Optional[str] = None
+    # How JPEGs are decoded (vitpcm/images.py; docs/reproduce.md, switch 12): pillow (libjpeg's accurate
+    # IDCT, EXIF orientation applied) | tf (TensorFlow's decode_jpeg, the authors': fast IDCT, no EXIF)
+    jpeg_decoder: str = "pillow"
     tags: Optional[str] = None  # tag file (CSV / JSON); folder: default ROOT/tags.csv|json; voc: splits without masks
     masks: Optional[str] = None  # coco: output of `vitpcm prepare coco`, default ROOT/masks; folder: default ROOT/masks
     num_workers: int = 2
@@ -166,6 +169,13 @@ class TrainConfig:
     deterministic: bool = False
     checkpoint_every: int = 0  # also save checkpoints/last.pt every N steps (batches) in an epoch; 0 = epoch ends only
     max_loss: float = 1.0e4  # a finite loss above this stops the run as diverged (0 = no limit)
+    # Adam's epsilon (engine/optim.py; docs/reproduce.md, switch 10): torch (torch.optim.Adam, 1e-8
+    # after bias correction) | keras (the authors' Keras Adam: 1e-7 on the uncorrected sqrt(v))
+    adam_epsilon: str = "torch"
+    # Take each step as on the sum of this many replicas' mean gradients: the authors' 4 GPUs
+    # (MirroredStrategy sums them); with either epsilon the update depends on the gradient's
+    # scale. 1 = the mean over the global batch (docs/reproduce.md#global-batch)
+    summed_replicas: int = 1
 
 
 @dataclass
@@ -184,6 +194,11 @@ class InferConfig:
     # probabilities at a reduced size (longer side = max_side) plus the original size; the mask
     # stays at the original size and the CRF upsamples. 0 = no bound (docs/reliability.md)
     max_side: int = 2048
+    # How probs/NAME.npz (the CRF's input) is resized to the image: "mask" (as the mask: bilinear
+    # per input.align_corners) | "skimage" (the authors' CRF input: scikit-image's resize of the
+    # numpy array, half-pixel centres and mirrored edges; docs/reproduce.md, switch 11). The mask is
+    # the same either way.
+    probs_resize: str = "mask"
     # Speed (docs/scaling.md): images per forward (all are resized to scale x scale, so they
     # stack); 0 = auto: 1 on a CPU, 8 on a GPU. Does not change the results beyond float rounding.
     batch_size: int = 0
@@ -453,6 +468,10 @@ def validate_config(cfg: DictConfig) -> None:
         raise VitpcmError(f"train.schedule must be constant or cosine, got {cfg.train.schedule!r}")
     if cfg.train.batch_size < 1:
         raise VitpcmError(f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
+    if cfg.train.summed_replicas < 1:
+        raise VitpcmError(
+            f"train.summed_replicas must be >= 1 (1 = the mean gradient), got {cfg.train.summed_replicas}"
+        )
     for key in ("checkpoint_every", "max_loss"):
         if cfg.train[key] < 0:
             raise VitpcmError(f"train.{key} must be >= 0 (0 = off), got {cfg.train[key]}")
@@ -462,6 +481,9 @@ def validate_config(cfg: DictConfig) -> None:
         ("data.coco_gt", ("vitpcm", "authors")),
         ("data.transforms_on", ("auto", "loader", "device")),
         ("augment.jitter_space", ("clamped", "authors")),
+        ("train.adam_epsilon", ("torch", "keras")),
+        ("infer.probs_resize", ("mask", "skimage")),
+        ("data.jpeg_decoder", ("pillow", "tf")),
     ):
         if str(OmegaConf.select(cfg, key)) not in allowed:
             raise VitpcmError(f"{key} must be {' or '.join(allowed)}, got {OmegaConf.select(cfg, key)!r}")

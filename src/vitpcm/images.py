@@ -14,6 +14,13 @@ What is converted silently (and noted, so ``vitpcm check-data`` can count it):
 
 What is an error: a missing, unreadable or truncated file. The whole image is decoded
 (``Image.load``), so a truncated JPEG fails here rather than training on a grey half.
+
+JPEG pixels depend on the decoder's inverse DCT. Pillow uses libjpeg's accurate integer
+IDCT; TensorFlow's ``tf.image.decode_jpeg``, which the authors read every image with, uses
+its fast integer IDCT by default and ignores EXIF orientation: 31-50 % of the pixels of a
+photo differ, by up to about 16 grey levels. ``jpeg_decoder="tf"`` (``data.jpeg_decoder``,
+docs/reproduce.md, switch 12) decodes JPEGs as TensorFlow does, through libjpeg-turbo's fast
+IDCT (simplejpeg).
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ _FORMAT_SUFFIXES = {
     "PPM": (".ppm", ".pgm", ".pbm", ".pnm"),
 }
 _ORIENTATION_TAG = 0x0112
+#: ``data.jpeg_decoder`` values: Pillow's accurate IDCT, EXIF applied | TensorFlow's decode_jpeg
+JPEG_DECODERS = ("pillow", "tf")
 
 
 class ImageReadError(Exception):
@@ -46,12 +55,16 @@ class ImageReadError(Exception):
         self.truncated = truncated
 
 
-def decode_image(path: Path) -> Tuple[np.ndarray, List[str]]:
+def decode_image(path: Path, jpeg_decoder: str = "pillow") -> Tuple[np.ndarray, List[str]]:
     """Fully decode an image file.
 
     Returns ``[H, W, 3]`` uint8 RGB as displayed (EXIF orientation applied) and a list of
     short notes on what was converted (``"greyscale"``, ``"16-bit"``, ``"PNG data behind
     .jpg name"``, ...; empty for a plain RGB file). Raises :class:`ImageReadError`.
+
+    ``jpeg_decoder="tf"``: a greyscale or colour JPEG is decoded as TensorFlow's
+    ``decode_jpeg(channels=3)`` decodes it (fast IDCT, EXIF orientation not applied; module
+    docstring); other files and CMYK JPEGs as with ``"pillow"``.
     """
     notes: List[str] = []
     try:
@@ -60,6 +73,12 @@ def decode_image(path: Path) -> Tuple[np.ndarray, List[str]]:
             suffix = Path(path).suffix.lower()
             if fmt in _FORMAT_SUFFIXES and suffix not in _FORMAT_SUFFIXES[fmt]:
                 notes.append(f"{fmt} data behind {suffix or 'no'} suffix")
+            if jpeg_decoder == "tf" and fmt == "JPEG" and img.mode in ("L", "RGB"):
+                if img.mode == "L":
+                    notes.append("greyscale")
+                if img.getexif().get(_ORIENTATION_TAG, 1) in (2, 3, 4, 5, 6, 7, 8):
+                    notes.append("EXIF orientation ignored (data.jpeg_decoder=tf)")
+                return decode_jpeg_like_tf(Path(path).read_bytes()), notes
             img.load()  # decode everything now: truncation surfaces here, not in training
             orientation = img.getexif().get(_ORIENTATION_TAG, 1)
             if orientation in (2, 3, 4, 5, 6, 7, 8):  # other values mean nothing; exif_transpose ignores them
@@ -74,6 +93,15 @@ def decode_image(path: Path) -> Tuple[np.ndarray, List[str]]:
         text = str(exc)
         raise ImageReadError(text or type(exc).__name__, truncated="truncated" in text.lower()) from None
     return arr, notes
+
+
+def decode_jpeg_like_tf(data: bytes) -> np.ndarray:
+    """JPEG bytes -> ``[H, W, 3]`` uint8 as ``tf.image.decode_jpeg(data, channels=3)`` with its
+    default ``dct_method`` (libjpeg-turbo's fast integer IDCT, fancy upsampling). Raises
+    ValueError on damaged data (simplejpeg's strict mode: a truncated file too)."""
+    import simplejpeg  # only for data.jpeg_decoder=tf
+
+    return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=False, strict=True)
 
 
 def _to_rgb(img: Image.Image, notes: List[str]) -> np.ndarray:

@@ -13,20 +13,24 @@ Maps are channel-first ``[B, C, h, w]`` with C = classes including background.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 EPS = 1e-7  # Keras' clipping epsilon, which the authors' losses use
 
 
 def mce_loss(pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """L_MCE: mean over batch and classes (background included) of BCE(t_k, y_k).
+    """L_MCE: mean over batch and classes (background included) of BCE(t_k, y_k), as Keras's
+    ``binary_crossentropy`` computes it: y clipped to [1e-7, 1 - 1e-7], then
+    ``-(t log(y + 1e-7) + (1 - t) log(1 - y + 1e-7))`` (the epsilon inside the log too).
 
     Args:
         pooled: ``[B, C]`` max-pooled probabilities y.
         labels: ``[B, C]`` multi-hot tags t (background at 0).
+
+    Returns a scalar.
     """
     y = pooled.float().clamp(EPS, 1.0 - EPS)
-    return F.binary_cross_entropy(y, labels.to(y.dtype))
+    t = labels.to(y.dtype)
+    return -(t * (y + EPS).log() + (1.0 - t) * (1.0 - y + EPS).log()).mean()
 
 
 def et_loss(probs_et: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

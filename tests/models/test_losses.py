@@ -1,5 +1,6 @@
 """Losses and the class-label merge follow the authors' definitions."""
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -48,6 +49,20 @@ def test_mce_is_mean_bce_over_classes_and_batch():
     labels = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
     manual = -(labels * pooled.log() + (1 - labels) * (1 - pooled).log()).mean()
     assert torch.allclose(mce_loss(pooled, labels), manual)
+
+
+def test_mce_is_keras_binary_crossentropy_with_epsilon_inside_the_log():
+    # tf_keras backend.binary_crossentropy: clip to [eps, 1 - eps], then log(y + eps), log(1 - y + eps)
+    eps = np.float32(1e-7)
+    pooled = np.array([[0.9, 0.2, 1e-9], [1.0, 0.6, 0.1]], dtype=np.float32)
+    labels = np.array([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]], dtype=np.float32)
+    y = np.clip(pooled, eps, np.float32(1.0) - eps)
+    keras = -(labels * np.log(y + eps) + (1 - labels) * np.log(1 - y + eps)).mean()
+    ours = mce_loss(torch.from_numpy(pooled), torch.from_numpy(labels))
+    assert abs(float(ours) - float(keras)) <= 1e-6 * abs(float(keras))
+    # without the epsilon inside the log (the former mce_loss) the saturated terms differ visibly
+    plain = -(labels * np.log(y) + (1 - labels) * np.log(1 - y)).mean()
+    assert abs(float(plain) - float(keras)) > 1e-3
 
 
 def test_mce_is_finite_at_saturation():

@@ -51,10 +51,13 @@ def build_dataset(
     if not data_cfg.root:
         raise VitpcmError(f"no dataset given: set data.root=PATH ({_ROOT_HINT[fmt]})")
     if fmt == "coco":
-        return COCODataset(data_cfg.root, split, classes=data_cfg.classes, transform=transform,
+        dataset = COCODataset(data_cfg.root, split, classes=data_cfg.classes, transform=transform,
                            masks=data_cfg.get("masks"), strict=strict, gt=str(data_cfg.get("coco_gt", "vitpcm")))  # fmt: skip
-    if fmt == "folder":
-        return FolderDataset(data_cfg.root, split, classes=data_cfg.classes, transform=transform,
+    elif fmt == "folder":
+        dataset = FolderDataset(data_cfg.root, split, classes=data_cfg.classes, transform=transform,
                              tags=data_cfg.get("tags"), masks=data_cfg.get("masks"), strict=strict)  # fmt: skip
-    return VOCDataset(data_cfg.root, split, classes=data_cfg.classes, transform=transform, require_masks=require_masks,
-                      sbd=data_cfg.get("sbd"), tags=data_cfg.get("tags"), strict=strict)  # fmt: skip
+    else:
+        dataset = VOCDataset(data_cfg.root, split, classes=data_cfg.classes, transform=transform,
+                             require_masks=require_masks, sbd=data_cfg.get("sbd"), tags=data_cfg.get("tags"), strict=strict)  # fmt: skip
+    dataset.jpeg_decoder = str(data_cfg.get("jpeg_decoder", "pillow") or "pillow")  # fidelity switch 12
+    return dataset

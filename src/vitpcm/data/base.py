@@ -105,6 +105,7 @@ class SegmentationDataset(Dataset):
         self.has_masks = False
         self.listing_problems: Dict[str, List[Problem]] = {}
         self.info: List[str] = []
+        self.jpeg_decoder = "pillow"  # data.jpeg_decoder (build_dataset sets it; vitpcm.images)
 
     # ---------------------------------------------------------------- format hooks
     def image_path(self, name: str) -> Path:
@@ -177,7 +178,7 @@ class SegmentationDataset(Dataset):
             return None, report
         ipath = self.image_path(name)
         try:
-            image, report.notes = decode_image(ipath)
+            image, report.notes = decode_image(ipath, self.jpeg_decoder)
         except ImageReadError as exc:
             if exc.truncated:
                 kind, msg = TRUNCATED_IMAGE, f"the image is truncated ({exc}): download or export it again"

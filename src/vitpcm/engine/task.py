@@ -12,6 +12,7 @@ The trainer calls a task in this order::
     task.phases()                        once: [Phase(name, start_epoch, lr), ...]
     per phase:   groups = task.param_groups(phase, model)       sets requires_grad
                  opt    = task.make_optimizer(phase, groups)    (each group's "lr" filled in)
+                 on resume: opt.load_state_dict(task.migrate_optimizer_state(saved))
     per epoch:   task.train_mode(model)                         model.train(), or frozen parts kept
       per batch: lr     = task.lr_at(phase, progress)           None: leave the lr alone
                  loss, terms = task.train_step(model_for_forward, batch, ctx)
@@ -182,6 +183,11 @@ class Task:
     def make_optimizer(self, phase: Phase, groups: List[Dict[str, Any]]) -> torch.optim.Optimizer:
         """A fresh optimizer over ``groups`` (each with its ``lr``). Default: Adam."""
         return torch.optim.Adam(groups)
+
+    def migrate_optimizer_state(self, state: Dict[str, Any]) -> Dict[str, Any]:
+        """A checkpoint's optimizer state made to fit this version's parameter groups before
+        ``--resume`` loads it (default: as it is)."""
+        return state
 
     def lr_at(self, phase: Phase, progress: float) -> Optional[float]:
         """Base learning rate before the batch at ``progress`` (epochs, fractional), or None

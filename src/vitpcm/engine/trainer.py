@@ -427,7 +427,7 @@ class Trainer:
         self.optimizer = self.task.make_optimizer(phase, groups)
         state = self._resume_state
         if state is not None and state.get("phase") == phase.name and "optimizer" in state:
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizer.load_state_dict(self.task.migrate_optimizer_state(state["optimizer"]))
             for group in self.optimizer.param_groups:  # the lr of this run (it may be a changed one)
                 group["lr"] = self.lr * float(group.get("lr_scale", 1.0))
         self._resume_state = None

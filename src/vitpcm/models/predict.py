@@ -34,6 +34,37 @@ def upsample(probs: torch.Tensor, size: Tuple[int, int], align_corners: bool = F
     return F.interpolate(probs[None], size=tuple(size), mode="bilinear", align_corners=align_corners)[0]
 
 
+def upsample_skimage(probs: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """``[C, h, w]`` -> ``[C, H, W]`` as scikit-image's ``resize(order=1)`` of a numpy array
+    enlarges it (the authors' CRF input: ``utils.py`` ``resize`` of ``dict2preds``): pixel
+    centres at ``(o + 0.5) h / H - 0.5`` (half-pixel), mirrored about the edge samples
+    outside ``[0, h - 1]`` (its default ``mode="reflect"``, SciPy's ``mirror``), bilinear.
+    Unlike :func:`upsample` with ``align_corners=False``, which holds the edge values.
+    (scikit-image also anti-aliases a side it shrinks; probabilities are only enlarged here.)"""
+    rows = _mirrored_linear_weights(probs.shape[1], size[0], probs)
+    cols = _mirrored_linear_weights(probs.shape[2], size[1], probs)
+    return torch.einsum("Hh,chw,Ww->cHW", rows, probs, cols)
+
+
+def _mirrored_linear_weights(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
+    """``[n_out, n_in]`` linear-interpolation weights at half-pixel sources, mirrored edges."""
+    x = (torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5
+    if n_in > 1:
+        period = 2 * (n_in - 1)
+        x = torch.remainder(x, period)  # mirror: ... 2 1 0 1 2 ... n-1 n-2 ...
+        x = torch.where(x > n_in - 1, period - x, x)
+    else:
+        x = torch.zeros_like(x)
+    lo = x.floor().long().clamp(max=max(n_in - 2, 0))
+    frac = x - lo
+    weights = torch.zeros(n_out, n_in, dtype=torch.float64)
+    rows = torch.arange(n_out)
+    weights[rows, lo] += 1.0 - frac
+    if n_in > 1:
+        weights[rows, lo + 1] += frac
+    return weights.to(device=like.device, dtype=like.dtype)
+
+
 def present_classes(
     probs_full: torch.Tensor, labels: Optional[torch.Tensor], pooled: torch.Tensor, threshold: float
 ) -> torch.Tensor:

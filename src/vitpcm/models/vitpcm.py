@@ -43,6 +43,11 @@ class HVBiLSTM(nn.Module):
         self.out_dim = 4 * hidden
         for lstm in (self.rows, self.cols):
             _keras_lstm_init(lstm)
+            _single_bias(lstm)
+
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        fold_bias_hh(state_dict, prefix)  # a checkpoint from before the single bias loads as it predicted
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         b, h, w, e = grid.shape
@@ -72,21 +77,53 @@ class HVBiLSTM(nn.Module):
 
 
 def _keras_lstm_init(lstm: nn.LSTM) -> None:
-    """The authors' Keras LSTM init: Glorot input weights, orthogonal recurrent weights,
-    zero biases with the forget gate at 1 (helps gradients through long rows)."""
+    """Keras's ``LSTMCell`` init, each direction on its own (as each direction of a Keras
+    ``Bidirectional`` is its own LSTM).
+
+    Keras draws the input kernel as one ``[in, 4 units]`` matrix (``glorot_uniform``: limit
+    ``sqrt(6 / (in + 4 units))``) and the recurrent kernel as one ``[units, 4 units]``
+    orthogonal matrix (orthonormal rows over all four gates). PyTorch's ``weight_ih`` /
+    ``weight_hh`` are those matrices transposed, gates in the same order (i, f, g/c, o), so
+    each is drawn whole: Glorot over ``[4 units, in]`` has the same limit, and an orthogonal
+    ``[4 units, units]`` matrix has orthonormal columns. The single bias is zero with the
+    forget gate at 1 (``unit_forget_bias``).
+    """
     hidden = lstm.hidden_size
     for name, param in lstm.named_parameters():
         if name.startswith("weight_ih"):
-            for gate in param.data.chunk(4, 0):
-                nn.init.xavier_uniform_(gate)
+            nn.init.xavier_uniform_(param.data)
         elif name.startswith("weight_hh"):
-            for gate in param.data.chunk(4, 0):
-                nn.init.orthogonal_(gate)
+            nn.init.orthogonal_(param.data)
         elif name.startswith("bias_ih"):
             param.data.zero_()
             param.data[hidden : 2 * hidden] = 1.0  # PyTorch gate order: input, forget, cell, output
-        elif name.startswith("bias_hh"):
-            param.data.zero_()
+
+
+def _single_bias(lstm: nn.LSTM) -> None:
+    """Make ``bias_hh`` a zero buffer: Keras's LSTM has one bias (here ``bias_ih``).
+
+    ``nn.LSTM`` adds ``bias_ih + bias_hh`` in every gate; as two parameters they would get the
+    same gradient and their sum would move at twice the rate of the authors' single bias. A
+    buffer keeps the state-dict key (checkpoints and ``vitpcm import-keras`` unchanged) and
+    is never trained.
+    """
+    for name in [n for n in lstm._flat_weights_names if n.startswith("bias_hh")]:
+        zeros = torch.zeros_like(getattr(lstm, name).data)
+        delattr(lstm, name)
+        lstm.register_buffer(name, zeros)
+    lstm._init_flat_weights()  # the LSTM kernels read their weights from this list
+
+
+def fold_bias_hh(state_dict: Dict[str, Any], prefix: str = "") -> None:
+    """In place: add any non-zero ``bias_hh`` of the LSTMs under ``prefix`` into ``bias_ih``
+    and zero it (checkpoints written before ``bias_hh`` became a zero buffer). The LSTM
+    computes the same gates: it only ever uses the sum."""
+    for key in [k for k in state_dict if k.startswith(prefix) and ".bias_hh_l0" in k]:
+        other = key.replace(".bias_hh_l0", ".bias_ih_l0")
+        value = state_dict[key]
+        if other in state_dict and torch.is_tensor(value) and bool(value.any()):
+            state_dict[other] = state_dict[other] + value
+            state_dict[key] = torch.zeros_like(value)
 
 
 class PatchClassifier(nn.Module):

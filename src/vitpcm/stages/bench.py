@@ -432,7 +432,7 @@ def bench_train(cfg: Any, work: Path, device: str, steps: int, warmup: int = 1) 
     task.train_mode(model)
     backbone = model.backbone
     floor_params = [p for p in backbone.parameters() if p.requires_grad]
-    opt_floor = torch.optim.Adam(floor_params, lr=float(phase.lr))
+    opt_floor = task.make_optimizer(phase, [{"params": floor_params, "lr": float(phase.lr)}])  # the same Adam
     scaler = torch.amp.GradScaler("cuda", enabled=amp and not torch.cuda.is_bf16_supported()) if amp else None
 
     bs = int(cfg.train.batch_size)

@@ -58,7 +58,7 @@ from vitpcm.errors import VitpcmError
 from vitpcm.evaluation import ConfusionMatrix
 from vitpcm.io import read_mask_png, save_mask_png, save_npz_atomic, write_text_atomic
 from vitpcm.models.backbone import resolve_normalisation
-from vitpcm.models.predict import predict_tta, present_classes, tta_sizes, upsample
+from vitpcm.models.predict import predict_tta, present_classes, tta_sizes, upsample, upsample_skimage
 from vitpcm.models.vitpcm import ViTPCM, merge_class_labels
 from vitpcm.runs import PseudoLayout, RunLayout, run_of_checkpoint
 from vitpcm.stages.crf_pass import DeviceCRF
@@ -161,6 +161,8 @@ def _settings(cfg: Any, ckpt_path: Path, scale: int, sizes: Sequence[int], tta: 
     }
     if bool(cfg.infer.amp):  # only when on: stamps written before the key existed stay valid
         settings["amp"] = True
+    if str(cfg.infer.probs_resize) != "mask":  # likewise
+        settings["probs_resize"] = str(cfg.infer.probs_resize)
     return settings
 
 
@@ -275,7 +277,8 @@ def _infer(
                 batch = sub.transform.finish(batch, dev)
                 merged += _infer_batch(model, batch, dev, merge, threshold, files, save_probs, cm,
                                        sizes if tta else None, flip, align_corners=ac, max_side=max_side, text=text,
-                                       amp=amp, writer=writer, crf_pass=crf_pass)  # fmt: skip
+                                       amp=amp, writer=writer, probs_resize=str(cfg.infer.probs_resize),
+                                       crf_pass=crf_pass)  # fmt: skip
         bar.close()
         seconds = time.time() - start
 
@@ -352,6 +355,7 @@ def _infer_batch(
     text: Optional[Dict[str, str]] = None,
     amp: bool = False,
     writer: Optional[WriterThreads] = None,
+    probs_resize: str = "mask",
     crf_pass: Optional[DeviceCRF] = None,
 ) -> int:
     """Predict one batch; write each image's probabilities, then its mask (so a mask implies
@@ -361,6 +365,8 @@ def _infer_batch(
     ``max_side``: an image whose longer side exceeds it keeps its probabilities at a reduced
     size (module docstring); 0 = never. ``text``: the stamp of the mask PNGs. ``amp``: bf16
     autocast of the forward (CUDA). ``writer``: where the file writes run (None: here).
+    ``probs_resize``: ``mask`` or ``skimage`` (``infer.probs_resize``: how the stored
+    probabilities are enlarged; the mask is the same either way).
     ``crf_pass``: refine the batch with the torch CRF on the device and write ``crf/`` too.
     """
     labels = batch.get("labels")
@@ -392,6 +398,8 @@ def _infer_batch(
             mask = full.argmax(0).to(torch.uint8).cpu().numpy()
             keep = present_classes(full, tags, pooled[i].float(), threshold) if save_probs else None
             stored = full[keep] if save_probs else None
+            if save_probs and probs_resize == "skimage":  # the authors' CRF input (infer.probs_resize)
+                stored = upsample_skimage(grid[i][keep], (height, width))
         probs = None
         if save_probs:
             probs = {"probs": stored.cpu().numpy().astype(np.float32, copy=False), "classes": keep.cpu().numpy().astype(np.int64),

@@ -32,6 +32,7 @@ from vitpcm.data.check import screen_for_training
 from vitpcm.data.transforms import TagRule, map_to_et_grid, tile_views, transforms_on_device, untile_grid
 from vitpcm.engine.checkpoint import init_from
 from vitpcm.engine.distributed import all_reduce_sum
+from vitpcm.engine.optim import build_adam
 from vitpcm.engine.task import EngineContext, Phase, Task, cosine_lr, eval_mode, trainable_parameters
 from vitpcm.engine.trainer import TrainSettings
 from vitpcm.errors import VitpcmError
@@ -195,6 +196,32 @@ class PcmTask(Task):
     def param_groups(self, phase: Phase, model: nn.Module) -> List[Dict[str, Any]]:
         model.set_backbone_trainable(0 if phase.name == WARMUP else int(self.cfg.train.unfreeze_blocks))
         return [{"params": trainable_parameters(model)}]
+
+    def make_optimizer(self, phase: Phase, groups: List[Dict[str, Any]]) -> torch.optim.Optimizer:
+        """A fresh Adam per phase (the authors recompile with a new one): ``train.adam_epsilon``
+        picks torch's or Keras's epsilon, ``train.summed_replicas`` the gradient scale."""
+        t = self.cfg.train
+        return build_adam(groups, str(t.adam_epsilon), int(t.summed_replicas))
+
+    def migrate_optimizer_state(self, state: Dict[str, Any]) -> Dict[str, Any]:
+        """An optimizer state saved before the LSTMs' ``bias_hh`` became fixed zero buffers
+        held an entry for each, right after its ``bias_ih``: drop those, so ``--resume`` on
+        such a checkpoint works (its ``bias_hh`` values are folded into ``bias_ih`` on load)."""
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        groups = state.get("param_groups", [])
+        extra = sum(1 for n in names if ".conditioning." in f".{n}" and ".bias_ih_l0" in n)
+        if len(groups) != 1 or not extra or len(groups[0]["params"]) != len(names) + extra:
+            return state
+        old_names: List[str] = []
+        for n in names:
+            old_names.append(n)
+            if ".conditioning." in f".{n}" and ".bias_ih_l0" in n:
+                old_names.append(n.replace(".bias_ih_l0", ".bias_hh_l0"))
+        ids = groups[0]["params"]
+        dropped = {i for i, n in zip(ids, old_names) if ".bias_hh_l0" in n}
+        group = dict(groups[0], params=[i for i in ids if i not in dropped])
+        kept = {i: v for i, v in state.get("state", {}).items() if i not in dropped}
+        return dict(state, param_groups=[group], state=kept)
 
     def lr_at(self, phase: Phase, progress: float) -> Optional[float]:
         """Cosine decay over the finetune phase when ``train.schedule=cosine``; else constant."""
