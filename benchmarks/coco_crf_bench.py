@@ -17,8 +17,10 @@ it times, image by image and in alternating order:
   the probabilities scattered into all 81 channels (absent = 0, clipped to 1e-5).
 
 CPU seconds (``process_time``) and wall seconds per image, medians; peak resident memory of
-one worker for each path; pixel agreement of the two masks; and ``vitpcm crf`` with 1 and 2
-workers over the N images (how it scales over this machine's cores).
+one worker for each path; pixel agreement of the two masks; ``vitpcm crf`` with 1 and 2
+workers over the N images (how it scales over this machine's cores); and the authors' stage
+as their ``main.py`` runs it, ``joblib.Parallel`` over every CPU, beside ``vitpcm crf`` with
+one worker per CPU (``at_equal_cores``).
 
 The COCO val projection (40,504 images on 16 cores) is an EXTRAPOLATION: measured median
 CPU seconds per image x 40,504 / 16, assuming the cost is linear in images and the
@@ -45,7 +47,15 @@ from vitpcm.images import load_rgb  # noqa: E402
 from vitpcm.io import save_mask_png  # noqa: E402
 from vitpcm.postprocess.crf import CRFParams, crf_labels, load_probs, run_crf  # noqa: E402
 from vitpcm.stages.bench import PeakMemory, machine_info  # noqa: E402
-from vitpcm.stages.bench_crf import COCO_CLASSES, COCO_SIZES, agreement, authors_one, make_crf_inputs  # noqa: E402
+from vitpcm.stages.bench_crf import (  # noqa: E402
+    COCO_CLASSES,
+    COCO_SIZES,
+    agreement,
+    authors_one,
+    make_crf_inputs,
+    run_authors,  # noqa: E402
+)
+from vitpcm.utils.system import cpu_count  # noqa: E402
 
 COCO_VAL = 40_504
 CORES = 16
@@ -104,6 +114,13 @@ def main() -> None:
             run_crf(probs, images, work / f"w{workers}", workers=workers, overwrite=True, progress=False)
             scaling[f"workers_{workers}_seconds"] = round(time.perf_counter() - t0, 2)
         scaling["speedup_2_vs_1"] = round(scaling["workers_1_seconds"] / scaling["workers_2_seconds"], 2)
+        cores = cpu_count()
+        t0 = time.perf_counter()
+        run_crf(probs, images, work / "w_all", workers=cores, overwrite=True, progress=False)
+        ours_all = time.perf_counter() - t0
+        theirs = run_authors(probs, images, work / "authors_joblib", names, COCO_CLASSES, cores)["seconds"]
+        at_equal_cores = {"cores": cores, "vitpcm_crf_seconds": round(ours_all, 2),
+                          "authors_joblib_seconds": round(theirs, 2), "speedup": round(theirs / ours_all, 2)}  # fmt: skip
 
         present_classes = [len(load_probs(probs / f"{n}.npz")[1]) for n in names]
         npz_bytes = [(probs / f"{n}.npz").stat().st_size for n in names]
@@ -144,6 +161,7 @@ def main() -> None:
             "agreement_present_vs_all_81": agreement(work / "present", work / "all_81", names),
             "agreement_present_lattice_vs_all_81": agreement(work / "present_lattice", work / "all_81", names),
             "vitpcm_crf_workers": scaling,
+            "at_equal_cores": at_equal_cores,
             "coco_val_projection": {
                 "EXTRAPOLATION": f"median seconds per image x {COCO_VAL} images / {CORES} processes / 3600, assuming"
                 " cost linear in images and linear scaling over 16 cores; not measured on a 16-core machine",

@@ -1,8 +1,8 @@
-"""Dense CRF: vitpcm's path (present classes, parallel) vs the authors' path (all channels, one process).
+"""Dense CRF: vitpcm's path (present classes, parallel) vs the authors' path (all channels, joblib / one process).
 
 Usage::
 
-    PYTHONPATH=src python benchmarks/crf_bench.py [--n 16] [--out benchmarks/results/crf_bench.json]
+    PYTHONPATH=src python benchmarks/crf_bench.py [--n 16] [--authors-jobs N] [--out benchmarks/results/crf_bench.json]
         [--real-probs RUN/pseudo/val/probs --real-images DATA/JPEGImages --real-classes 6]
 
 What it measures, on N synthetic VOC-sized images (500 x 375, half of them portrait):
@@ -10,10 +10,14 @@ What it measures, on N synthetic VOC-sized images (500 x 375, half of them portr
 The inputs, the authors' path and the agreement live in ``vitpcm.stages.bench_crf`` (shared
 with ``vitpcm bench``, which times both paths end to end with process start).
 
-* ``authors``: the authors' CRF stage as in their ``main.py test --crf`` / ``crf.py``: the
-  probabilities scattered into all 21 VOC channels (absent classes 0), pydensecrf's
-  ``unary_from_softmax``, ``DenseCRF2D(W, H, 21)``, argmax, PNG; one image after another
-  in one process. (Their resize of the patch grid to the image size is left out: vitpcm
+* ``authors_joblib``: the authors' CRF stage as their ``main.py test --crf`` runs it
+  (``crf.py``): the probabilities scattered into all 21 VOC channels (absent classes 0),
+  pydensecrf's ``unary_from_softmax``, ``DenseCRF2D(W, H, 21)``, argmax, PNG, spread over
+  ``--authors-jobs`` processes (default one per CPU) by ``joblib.Parallel(pre_dispatch="all")``
+  (joblib's worker start included). ``present_w2_vs_authors_joblib`` is the speed-up at
+  equal cores when ``--authors-jobs`` is 2 (the default on a 2-CPU machine).
+* ``authors``: the same one image after another in one process (the second column: a
+  speed-up against it contains the cores). (Their resize of the patch grid to the image size is left out: vitpcm
   does it in ``vitpcm infer``, so both paths start from full-size probabilities.)
 * ``present_w1`` / ``present_w2``: ``vitpcm.postprocess.crf.run_crf`` (present classes only)
   with 1 and 2 worker processes, reading the same files and writing the same PNGs.
@@ -54,6 +58,7 @@ from vitpcm.io import save_mask_png  # noqa: E402
 from vitpcm.postprocess.crf import CRFParams, run_crf  # noqa: E402
 from vitpcm.stages.bench_crf import VOC_CLASSES, agreement, run_authors  # noqa: E402
 from vitpcm.stages.bench_crf import make_crf_inputs as make_dataset  # noqa: E402
+from vitpcm.utils.system import cpu_count  # noqa: E402
 
 
 def run_present(probs_dir: Path, images_dir: Path, out_dir: Path, names: List[str], workers: int) -> Dict[str, float]:
@@ -69,9 +74,12 @@ def run_present(probs_dir: Path, images_dir: Path, out_dir: Path, names: List[st
     return result
 
 
-def compare(probs_dir: Path, images_dir: Path, work: Path, names: List[str], num_classes: int) -> Dict[str, object]:
+def compare(
+    probs_dir: Path, images_dir: Path, work: Path, names: List[str], num_classes: int, jobs: int
+) -> Dict[str, object]:
     load0 = os.getloadavg()
-    res: Dict[str, object] = {"images": len(names)}
+    res: Dict[str, object] = {"images": len(names), "authors_jobs": jobs}
+    res["authors_joblib"] = run_authors(probs_dir, images_dir, work / "authors_joblib", names, num_classes, jobs)
     res["authors"] = run_authors(probs_dir, images_dir, work / "authors", names, num_classes)
     res["present_w1"] = run_present(probs_dir, images_dir, work / "present_w1", names, 1)
     res["present_w2"] = run_present(probs_dir, images_dir, work / "present_w2", names, 2)
@@ -80,7 +88,9 @@ def compare(probs_dir: Path, images_dir: Path, work: Path, names: List[str], num
         agreement(work / "present_w1", work / "present_w2", names)["pixels_equal_pct"] == 100.0
     )
     a, p1, p2 = res["authors"]["seconds"], res["present_w1"]["seconds"], res["present_w2"]["seconds"]  # type: ignore[index]
+    aj = res["authors_joblib"]["seconds"]  # type: ignore[index]
     res["speedup"] = {
+        "present_w2_vs_authors_joblib": aj / p2,  # equal cores when authors_jobs is 2
         "present_w1_vs_authors": a / p1,
         "present_w2_vs_authors": a / p2,
         "workers_2_vs_1": p1 / p2,
@@ -142,6 +152,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=16, help="synthetic VOC-sized images (default 16)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--authors-jobs", type=int, default=0, help="the authors' joblib processes (0 = one per CPU)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "crf_bench.json"))
     parser.add_argument("--real-probs", help="probs/ folder of a trained run (adds a real-model section)")
     parser.add_argument("--real-images", help="the images of that split")
@@ -155,7 +166,8 @@ def main() -> None:
         names = make_dataset(work / "voc", args.n, args.seed)
         print(f"made {len(names)} VOC-sized images in {time.perf_counter() - t:.1f}s", flush=True)
         result: Dict[str, object] = {
-            "what": "dense CRF stage: vitpcm (present classes, workers) vs authors (21 channels, one process)",
+            "what": "dense CRF stage: vitpcm (present classes, workers) vs authors (21 channels, joblib over"
+            " authors_jobs processes as their main.py; and one process)",
             "params": CRFParams().__dict__,
             "machine": {
                 "cpus": os.cpu_count(),
@@ -166,8 +178,9 @@ def main() -> None:
             },  # fmt: skip
             "date": time.strftime("%Y-%m-%d %H:%M"),
         }
+        jobs = args.authors_jobs or cpu_count()
         result["synthetic_voc_sized"] = compare(
-            work / "voc" / "probs", work / "voc" / "images", work / "voc", names, VOC_CLASSES
+            work / "voc" / "probs", work / "voc" / "images", work / "voc", names, VOC_CLASSES, jobs
         )
         result["synthetic_voc_sized"]["cpu_ms_per_image_by_step"] = profile(work / "voc" / "probs", work / "voc" / "images",
                                                                              names[:4], VOC_CLASSES)  # fmt: skip
@@ -176,7 +189,7 @@ def main() -> None:
             real = sorted(p.stem for p in Path(args.real_probs).glob("*.npz"))
             real = real[: args.real_n] if args.real_n else real
             result["real_run"] = {"probs": args.real_probs, "num_classes": args.real_classes,
-                                  **compare(Path(args.real_probs), Path(args.real_images), work / "real", real, args.real_classes)}  # fmt: skip
+                                  **compare(Path(args.real_probs), Path(args.real_images), work / "real", real, args.real_classes, jobs)}  # fmt: skip
             print(json.dumps(result["real_run"], indent=2), flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

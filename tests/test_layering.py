@@ -46,6 +46,10 @@ NO_HEAVY = {
     "utils": {"torch", "timm"},
 }
 
+# the one exception: the torch backend of the dense CRF (crf.backend=torch) is torch by nature;
+# postprocess/crf.py imports it lazily, only when that backend runs
+HEAVY_ALLOWED = {"postprocess/crf_torch.py": {"torch"}}
+
 
 def _package_of(path: Path) -> str:
     rel = path.relative_to(SRC)
@@ -110,6 +114,7 @@ def test_light_packages_import_no_heavy_library(package: str):
     assert paths, package
     for path in paths:
         heavy = _top_imports(ast.parse(path.read_text(encoding="utf-8"))) & NO_HEAVY[package]
+        heavy -= HEAVY_ALLOWED.get(path.relative_to(SRC).as_posix(), set())
         assert not heavy, f"{path.relative_to(SRC)} imports {sorted(heavy)}"
 
 

@@ -113,12 +113,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_crf(args: argparse.Namespace) -> int:
     from vitpcm.stages.refine import refine_folders
 
-    s = refine_folders(args.probs, args.images, args.out, overrides=args.overrides, workers=args.workers,
-                       split_file=args.split_file, overwrite=args.overwrite, progress=not args.quiet)  # fmt: skip
+    overrides = list(args.overrides) + ([f"crf.backend={args.backend}"] if args.backend else [])
+    s = refine_folders(args.probs, args.images, args.out, overrides=overrides, workers=args.workers,
+                       split_file=args.split_file, overwrite=args.overwrite, progress=not args.quiet,
+                       device=args.device)  # fmt: skip
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all ranks
         return 0
     print(f"wrote {s['computed']} CRF masks to {s['out']} ({s['skipped']} already done;"
-          f" {s['seconds']:.1f}s with {s['workers']} worker(s))")  # fmt: skip
+          f" {s['seconds']:.1f}s with {s['workers']} worker(s), {s['backend']})")  # fmt: skip
     return 0
 
 
@@ -268,7 +270,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     r = bench(args.preset, device=args.device, quick=args.quick, overrides=args.overrides, json_path=args.json,
               sections=args.section or ("infer", "train", "crf", "cli"), infer_images=args.images,
               repeats=args.repeats, train_steps=args.steps, batch_size=args.batch, crf_images=args.crf_images,
-              crf_repeats=args.crf_repeats, threads=args.threads, note=args.note, progress=not args.quiet)  # fmt: skip
+              crf_repeats=args.crf_repeats, authors_jobs=args.authors_jobs, threads=args.threads, note=args.note,
+              progress=not args.quiet)  # fmt: skip
     print(format_bench(r))
     if args.json:
         print(f"wrote {args.json}")
@@ -387,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder of the original images (NAME.jpg / .png)")
     p.add_argument("--out", required=True, help="output folder for the refined masks (NAME.png)")
     p.add_argument("--workers", type=int, help="processes (default crf.workers: 0 = one per CPU)")
+    p.add_argument("--backend", choices=("auto", "pydensecrf", "torch"),
+                   help="the CRF's implementation (default crf.backend: auto = torch on a CUDA --device, else pydensecrf)")  # fmt: skip
+    p.add_argument("--device", help="where the torch backend computes: cpu (default), cuda, cuda:1")
     p.add_argument("--split-file", help="refine only the names in this list (default: every NAME.npz)")
     p.add_argument("--overwrite", action="store_true", help="recompute masks that are already done")
     p.set_defaults(func=_cmd_crf)
@@ -488,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, help="training batch (default 4 on a CPU, the preset's on a GPU)")
     p.add_argument("--crf-images", type=int, help="VOC-sized images of the CRF comparison (default 50)")
     p.add_argument("--crf-repeats", type=int, default=1, help="runs of each CRF command, interleaved (default 1)")
+    p.add_argument("--authors-jobs", type=int,
+                   help="processes of the authors' joblib CRF baseline (default one per CPU, as their main.py)")  # fmt: skip
     p.add_argument(
         "--threads", type=int, help="torch CPU threads (default torch's; 1 on a machine shared with other jobs)"
     )

@@ -212,8 +212,9 @@ class InferConfig:
 
 @dataclass
 class CRFConfig(CRFParams):
-    # Dense CRF (`vitpcm crf`, `vitpcm infer --crf`): the seven parameters and crf.gaussian are CRFParams' (one
-    # definition, the authors' `CRF:` section as defaults; vitpcm/crf_params.py), plus how to run it.
+    # Dense CRF (`vitpcm crf`, `vitpcm infer --crf`): the seven parameters, crf.gaussian and
+    # crf.backend are CRFParams' (one definition, the authors' `CRF:` section as defaults;
+    # vitpcm/crf_params.py), plus how to run it.
     workers: int = 0  # processes over images; 0 = one per CPU
     # Big images: one with more pixels is solved at this many (bilateral_sxy scaled with it) and
     # its marginals upsampled; 0 = no bound. Default vitpcm/crf_params.py (docs/reliability.md)

@@ -1,8 +1,8 @@
 """The dense CRF's parameters, defined once (standard library only).
 
 :class:`CRFParams` is the single definition of the seven parameters of the paper's dense
-CRF (and of how its smoothness kernel is computed), with the authors' values (the ``CRF:`` section of their ``configs/voc12.yaml``) as
-defaults. The config's ``crf`` section (:class:`vitpcm.config.CRFConfig`) subclasses it
+CRF (and of how its smoothness kernel is computed, and by which implementation), with the
+authors' values (the ``CRF:`` section of their ``configs/voc12.yaml``) as defaults. The config's ``crf`` section (:class:`vitpcm.config.CRFConfig`) subclasses it
 and adds ``workers``; :mod:`vitpcm.postprocess.crf` runs it. This module imports neither
 numpy nor OmegaConf, so the config can build on it.
 
@@ -23,6 +23,9 @@ from vitpcm.errors import VitpcmError
 # worker near 3 GiB, while VOC (0.19 MP) and COCO (0.31 MP) images are never reduced.
 DEFAULT_MAX_PIXELS = 4_000_000
 
+BACKENDS = ("auto", "pydensecrf", "torch")  # crf.backend
+TEXT_FIELDS = ("gaussian", "backend")
+
 
 @dataclass
 class CRFParams:
@@ -40,6 +43,12 @@ class CRFParams:
     # or "lattice" (pydensecrf's permutohedral approximation of it, as the authors ran it; a
     # fidelity switch). They agree on 99.99 % of the pixels (docs/reproduce.md)
     gaussian: str = "exact"
+    # Which implementation runs the mean field: "pydensecrf" (pydensecrf2's C++, CPU, one image
+    # per process), "torch" (vitpcm.postprocess.crf_torch: the same lattice and mean field in
+    # PyTorch, batched, CPU or CUDA) or "auto" (torch where the CRF is asked to run on a CUDA
+    # device, pydensecrf otherwise). They agree on >= 99.9 % of the pixels
+    # (benchmarks/results/crf_torch_agreement.json)
+    backend: str = "auto"
 
     @classmethod
     def names(cls) -> tuple:
@@ -66,7 +75,7 @@ class CRFParams:
                 value = getattr(crf_cfg, name, None)
             if present:
                 values[name] = (
-                    int(value) if name == "iterations" else str(value) if name == "gaussian" else float(value)
+                    int(value) if name == "iterations" else str(value) if name in TEXT_FIELDS else float(value)
                 )
         return CRFParams(**values).validated()
 
@@ -84,7 +93,16 @@ class CRFParams:
             raise VitpcmError(f"crf.clip must lie in (0, 1), got {self.clip}")
         if self.gaussian not in ("exact", "lattice"):
             raise VitpcmError(f"crf.gaussian must be exact or lattice, got {self.gaussian!r}")
+        if self.backend not in BACKENDS:
+            raise VitpcmError(f"crf.backend must be one of {' | '.join(BACKENDS)}, got {self.backend!r}")
         return self
+
+    def resolved_backend(self, device: Any = None) -> str:
+        """``pydensecrf`` or ``torch``: what ``crf.backend`` means for a CRF computed on
+        ``device`` (``auto``: torch on a CUDA device, pydensecrf otherwise)."""
+        if self.backend == "auto":
+            return "torch" if device is not None and str(device).startswith("cuda") else "pydensecrf"
+        return self.backend
 
     def as_dict(self) -> dict:
         """``{name: value}`` of the parameters (also for a subclass with more fields)."""

@@ -43,7 +43,7 @@ LATTICE = CRFParams(gaussian="lattice")
 
 
 def test_defaults_are_the_papers():
-    assert CRFParams() == CRFParams(10, 1.0, 3.0, 67.0, 3.0, 4.0, 1e-5, "exact")
+    assert CRFParams() == CRFParams(10, 1.0, 3.0, 67.0, 3.0, 4.0, 1e-5, "exact", "auto")
     from vitpcm.config import load_config
 
     assert CRFParams.from_config(load_config("voc12").crf) == LATTICE  # the authors' pydensecrf, lattice and all
@@ -62,13 +62,14 @@ def _softmax(x):
     return e / e.sum(0, keepdims=True)
 
 
+@pytest.mark.parametrize("backend", ["pydensecrf", "torch"])
 @pytest.mark.parametrize("iterations", [1, 3])
-def test_the_exact_smoothness_kernel_is_the_papers_gaussian(iterations):
+def test_the_exact_smoothness_kernel_is_the_papers_gaussian(iterations, backend):
     """gaussian=exact with the appearance kernel off: mean field with exp(-|p_i - p_j|^2 / 2),
     written out as a dense N x N matrix (4-sigma window, as the separable filter), both sides
-    normalised by sqrt(K 1) as pydensecrf does."""
+    normalised by sqrt(K 1) as pydensecrf does; with either backend."""
     image, probs, _, _ = _scene(2, h=7, w=11)
-    params = CRFParams(iterations=iterations, bilateral_compat=0.0)
+    params = CRFParams(iterations=iterations, bilateral_compat=0.0, backend=backend)
     ys, xs = np.mgrid[0:7, 0:11]
     dy, dx = ys.reshape(-1, 1) - ys.reshape(1, -1), xs.reshape(-1, 1) - xs.reshape(1, -1)
     kernel = np.exp(-(dy**2 + dx**2) / 2.0) * ((np.abs(dy) <= 4) & (np.abs(dx) <= 4))

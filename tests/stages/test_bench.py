@@ -57,10 +57,16 @@ def test_quick_bench_writes_every_section(quick):
     c = result["crf"]
     _numbers(c, ["vitpcm_seconds", "authors_seconds", "crf_speedup", "agreement_pct", "vitpcm_cpu_seconds",
                  "authors_cpu_seconds", "crf_cpu_ratio", "lattice_seconds", "crf_speedup_lattice",
-                 "agreement_lattice_pct"])  # fmt: skip
+                 "agreement_lattice_pct", "authors_single_process_seconds", "crf_speedup_single_process",
+                 "torch_seconds", "torch_images_per_second", "pydensecrf_images_per_second",
+                 "agreement_torch_pct"])  # fmt: skip
     assert c["images"] == 3 and c["process_start_included"] is True
     assert c["agreement_pct"] > 99.0  # same parameters, present classes vs all channels, exact smoothness kernel
     assert c["agreement_lattice_pct"] > 99.0  # the same with pydensecrf's lattice, as the authors
+    from vitpcm.utils.system import cpu_count
+
+    assert c["authors_jobs"] == cpu_count() and c["command_authors"].endswith(f" 21 {cpu_count()}")  # their joblib
+    assert c["agreement_torch_pct"] > 99.0 and c["torch_device"] == "cpu"  # crf.backend=torch vs pydensecrf
 
     cli = result["cli"]
     _numbers(cli, ["help_seconds", "crf_help_seconds"])
@@ -70,6 +76,7 @@ def test_quick_bench_writes_every_section(quick):
     assert all(isinstance(v, bool) for v in result["met"].values())
     text = format_bench(result)
     assert "infer_ratio" in text and "train_ratio" in text and "crf_speedup" in text and "quick mode" in text
+    assert "at equal cores" in text and "torch" in text
 
 
 def test_cli_bench_one_section(tmp_path, capsys):

@@ -76,6 +76,24 @@ def test_infer_writes_the_layout_of_vitpcm_infer_and_scores_it(seg_run, synth_ro
     assert json.loads((pseudo / "summary.json").read_text())["crf_miou"] == s["crf_miou"]
 
 
+def test_infer_crf_with_the_torch_backend_refines_in_the_pass(seg_run, tmp_path):
+    """crf.backend=torch (what auto means on a GPU): the CRF masks come from the inference
+    pass itself, and equal those the CRF stage computes from the npz files."""
+    run, _, reference = seg_run
+    out = tmp_path / "o"
+    s = segment_infer(run, "val", crf=True, scales=[0.75, 1.0], flip=True, out=out, overrides=["crf.backend=torch"],
+                      progress=False)  # fmt: skip
+    assert s["crf_pass"] == {"on_device": 6, "left_to_the_stage": 0, "on_cpu_after_oom": 0}
+    assert (s["crf"]["computed"], s["crf"]["skipped"]) == (0, 6)
+    staged = segment_infer(run, "val", crf=True, scales=[0.75, 1.0], flip=True, out=tmp_path / "p",
+                           overrides=["crf.backend=pydensecrf", "crf.workers=1"], progress=False)  # fmt: skip
+    assert "crf_pass" not in staged and staged["crf"]["computed"] == 6
+    same = [
+        (read_mask_png(out / "crf" / p.name) == read_mask_png(p)).mean() for p in (tmp_path / "p/crf").glob("*.png")
+    ]
+    assert len(same) == 6 and min(same) >= 0.999  # torch vs pydensecrf, same probabilities
+
+
 def test_the_checkpoint_reloads_and_predicts_the_same(seg_run, synth_root):
     from vitpcm.data import build_dataset
     from vitpcm.data.pseudo import SegmentEvalTransform

@@ -102,6 +102,7 @@ def image_outputs(
     max_side: int = 0,
     keep_probs: bool = True,
     probs_resize: str = "mask",
+    stored_out: Optional[List[torch.Tensor]] = None,
 ) -> Tuple[np.ndarray, Optional[Dict[str, np.ndarray]]]:
     """One image's mask and stored probabilities from its (already merged) patch distributions.
 
@@ -116,6 +117,8 @@ def image_outputs(
         probs_resize: ``mask`` (the probabilities the mask is the argmax of) or ``skimage``
             (stored ones enlarged by :func:`upsample_skimage`, the authors' CRF input;
             ``infer.probs_resize``); the mask is the same either way.
+        stored_out: when given, the stored probabilities are also appended to it as a tensor
+            on ``grid``'s device (the one-pass CRF refines them there).
 
     Returns ``(mask [H, W] uint8, {"probs": [P, H', W'] float32, "classes": [P] int64
     (, "size": [2] int64)} or None)``: the files of ``vitpcm infer``.
@@ -140,6 +143,8 @@ def image_outputs(
             stored = upsample_skimage(grid[keep], (height, width))
     if not keep_probs:
         return mask, None
+    if stored_out is not None:
+        stored_out.append(stored)
     probs = {"probs": stored.cpu().numpy().astype(np.float32, copy=False), "classes": keep.cpu().numpy().astype(np.int64),
              **extra}  # fmt: skip
     return mask, probs

@@ -25,6 +25,11 @@ Differences from the authors' path, each measured (``docs/benchmarks.md``, ``doc
   kernel's messages come from a separable Gaussian filter, the kernel that pydensecrf's
   permutohedral lattice approximates (:func:`_mean_field_exact_smoothness`): 1.4x faster,
   99.99 % of the pixels as with the lattice (docs/reproduce.md, switch 9).
+* ``crf.backend``: ``pydensecrf`` (pydensecrf2's C++), ``torch``
+  (:mod:`vitpcm.postprocess.crf_torch`: the same lattice and mean field in PyTorch, on the
+  CPU or a CUDA device; on a GPU in this process, one image at a time, on the CPU in the
+  worker processes) or ``auto`` (torch on a CUDA device, pydensecrf otherwise). The torch backend's keys that cannot be packed fall
+  back to pydensecrf with a warning.
 
 What a run guarantees (docs/reliability.md):
 
@@ -96,13 +101,19 @@ def unary_energy(probs: np.ndarray, clip: float = 1e-5) -> np.ndarray:
     return np.ascontiguousarray(-np.log(p), dtype=np.float32)
 
 
-def dense_crf(image: np.ndarray, probs: np.ndarray, params: Optional[CRFParams] = None) -> np.ndarray:
+def dense_crf(
+    image: np.ndarray, probs: np.ndarray, params: Optional[CRFParams] = None, device: Optional[str] = None
+) -> np.ndarray:
     """Mean-field marginals of the fully connected CRF.
 
     Args:
         image: ``[H, W, 3]`` uint8 RGB at the size of ``probs``.
         probs: ``[C, H, W]`` class probabilities (any C >= 1).
-        params: kernel parameters and iterations (default the authors').
+        params: kernel parameters and iterations (default the authors'); ``params.backend``
+            picks pydensecrf2 or :mod:`vitpcm.postprocess.crf_torch` (same marginals up to
+            float rounding).
+        device: where the torch backend computes (``cpu``, ``cuda``, ``cuda:1``; default
+            cpu); ``crf.backend=auto`` means torch on a CUDA device.
 
     Returns:
         ``Q`` ``[C, H, W]`` float32, a distribution over the C labels per pixel.
@@ -111,6 +122,10 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: Optional[CRFParams] 
     if image.shape != (h, w, 3):
         raise ValueError(f"image shape {image.shape} does not match probabilities {probs.shape} (want [H, W, 3])")
     params = params if params is not None else CRFParams()
+    if params.resolved_backend(device) == "torch":
+        q = _dense_crf_torch(image, probs, params, device)
+        if q is not None:
+            return q
     dcrf = _densecrf()
     crf = dcrf.DenseCRF2D(w, h, c)
     unary = unary_energy(probs, params.clip)
@@ -123,6 +138,21 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: Optional[CRFParams] 
                              compat=params.bilateral_compat)  # fmt: skip
     q = crf.inference(int(params.iterations))
     return np.asarray(q, dtype=np.float32).reshape(c, h, w)
+
+
+def _dense_crf_torch(
+    image: np.ndarray, probs: np.ndarray, params: CRFParams, device: Optional[str]
+) -> Optional[np.ndarray]:
+    """The torch backend on one image (``[C, H, W]`` float32 marginals), or None (with a
+    warning) when its lattice keys cannot be packed: pydensecrf then computes the same CRF."""
+    from vitpcm.postprocess.crf_torch import LatticeKeyError, dense_crf_batch
+
+    try:
+        q = dense_crf_batch([image], [probs], params, device=device or "cpu")[0]
+    except LatticeKeyError as exc:
+        log.warning("crf: %s; this image goes to pydensecrf", exc)
+        return None
+    return q.cpu().numpy()
 
 
 def _mean_field_exact_smoothness(crf: Any, unary: np.ndarray, rgb: np.ndarray, params: CRFParams) -> np.ndarray:
@@ -171,19 +201,23 @@ def _softmax(energy: np.ndarray) -> np.ndarray:
 
 
 def crf_labels(
-    image: np.ndarray, probs: np.ndarray, classes: Sequence[int], params: Optional[CRFParams] = None
+    image: np.ndarray,
+    probs: np.ndarray,
+    classes: Sequence[int],
+    params: Optional[CRFParams] = None,
+    device: Optional[str] = None,
 ) -> np.ndarray:
     """CRF over the given channels; returns the ``[H, W]`` uint8 mask of class indices.
 
     ``probs`` [P, H, W] holds the channels of ``classes`` [P] (the present classes). One
-    channel needs no CRF: every pixel is that class.
+    channel needs no CRF: every pixel is that class. ``device``: :func:`dense_crf`'s.
     """
     classes = np.asarray(classes, dtype=np.int64)
     if classes.ndim != 1 or len(classes) != probs.shape[0]:
         raise ValueError(f"classes {classes.shape} must list one index per channel of probs {probs.shape}")
     if len(classes) == 1:
         return np.full(probs.shape[1:], classes[0], dtype=np.uint8)
-    q = dense_crf(image, probs, params)
+    q = dense_crf(image, probs, params, device)
     return classes[q.argmax(0)].astype(np.uint8)
 
 
@@ -193,8 +227,9 @@ def crf_labels_bounded(
     classes: Sequence[int],
     params: Optional[CRFParams] = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    device: Optional[str] = None,
 ) -> Tuple[np.ndarray, bool]:
-    """:func:`crf_labels` for an image of any size, in bounded memory.
+    """:func:`crf_labels` for an image of any size, in bounded memory (``device``: :func:`dense_crf`'s).
 
     Args:
         image: ``[H, W, 3]`` uint8 RGB.
@@ -219,7 +254,7 @@ def crf_labels_bounded(
         factor = math.sqrt(max_pixels / (h * w))
         th, tw = max(1, int(h * factor)), max(1, int(w * factor))
     if (th, tw) == (big_h, big_w):
-        return crf_labels(image, probs, classes, params), False
+        return crf_labels(image, probs, classes, params, device), False
     params = params if params is not None else CRFParams()
     if (th, tw) != (h, w):
         probs = resize_planes(probs, (th, tw))
@@ -228,7 +263,7 @@ def crf_labels_bounded(
 
     small = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((tw, th), Image.BILINEAR))
     scale = math.sqrt((th * tw) / (big_h * big_w))
-    q = dense_crf(small, probs, dataclasses.replace(params, bilateral_sxy=params.bilateral_sxy * scale))
+    q = dense_crf(small, probs, dataclasses.replace(params, bilateral_sxy=params.bilateral_sxy * scale), device)
     return classes[upsampled_argmax(q, (big_h, big_w))].astype(np.uint8), True
 
 
@@ -338,28 +373,65 @@ def _npy_shape(zf: zipfile.ZipFile, member: str) -> Optional[Tuple[int, ...]]:
 # 561 (P = 3) / 1488 (P = 21) on a smooth one; docs/reliability.md.
 CRF_BYTES_PER_PIXEL = (600, 80)
 WORKER_OVERHEAD = 150 * 1024**2  # a forked worker's own pages, the PNG buffers
+# The torch backend (crf.backend=torch, one thread, same 1000 x 1000 noise image): P = 3 / 8
+# took 1705 / 2101 B/px above the process's own pages, and importing torch adds about
+# 450 MB to each worker (541 vs 90 MB before the CRF).
+TORCH_CRF_BYTES_PER_PIXEL = (1470, 80)
+TORCH_WORKER_OVERHEAD = 600 * 1024**2
 
 
-def crf_memory(shape: Tuple[int, int, int, int, int], max_pixels: int) -> int:
+def crf_memory(shape: Tuple[int, int, int, int, int], max_pixels: int, backend: str = "pydensecrf") -> int:
     """Estimated peak bytes of one worker refining an image of ``shape`` = (P, h, w, H, W)
-    (:func:`probs_shape`) under ``max_pixels``."""
+    (:func:`probs_shape`) under ``max_pixels`` with ``backend`` (resolved)."""
     p, h, w, big_h, big_w = shape
     solved = min(h * w, max_pixels) if max_pixels else h * w
-    base, per_label = CRF_BYTES_PER_PIXEL
+    torch_backend = backend == "torch"
+    base, per_label = TORCH_CRF_BYTES_PER_PIXEL if torch_backend else CRF_BYTES_PER_PIXEL
     crf = solved * (base + per_label * p) if p > 1 else 0
     inputs = h * w * p * 4 * 2 + big_h * big_w * (3 + 4 * 2 + 8 + 1)  # probs (+ resized), image, planes, index, mask
-    return crf + inputs + WORKER_OVERHEAD
+    return crf + inputs + (TORCH_WORKER_OVERHEAD if torch_backend else WORKER_OVERHEAD)
 
 
 # ------------------------------------------------------------------------------ the run
-def settings_key(params: CRFParams, max_pixels: int) -> str:
+def settings_key(params: CRFParams, max_pixels: int, backend: str = "pydensecrf") -> str:
     """What decides a mask besides its inputs; stamped into each PNG (:mod:`vitpcm.utils.stamps`)
-    so a rerun with other parameters recomputes instead of keeping stale masks."""
-    return digest({"params": params.as_dict(), "max_pixels": int(max_pixels)})
+    so a rerun with other parameters recomputes instead of keeping stale masks.
+
+    ``backend``: the resolved one. The torch backend's masks differ from pydensecrf's on a
+    few pixels in 10^4, so it is part of the key; pydensecrf's key is the one it had before
+    ``crf.backend`` existed (its finished masks stay finished)."""
+    values = params.as_dict()
+    values.pop("backend")
+    if backend != "pydensecrf":
+        values["backend"] = backend
+    return digest({"params": values, "max_pixels": int(max_pixels)})
+
+
+def check_distributions(probs: np.ndarray, path: Path) -> None:
+    """A :class:`VitpcmError` naming ``path`` unless ``probs`` ``[P, H, W]`` holds finite
+    probabilities in [0, 1] that sum to at most 1 per pixel (the kept channels of an untagged
+    image may sum to less: ``vitpcm infer`` drops the negligible ones)."""
+    problem = None
+    if not np.isfinite(probs).all():
+        problem = f"{int((~np.isfinite(probs)).sum())} values are NaN or infinite"
+    elif probs.min() < -1e-6 or probs.max() > 1 + 1e-4:
+        problem = f"values range over [{probs.min():.4g}, {probs.max():.4g}], not [0, 1] (logits?)"
+    elif probs.sum(0).max() > 1 + 1e-3:
+        problem = f"the channels sum to up to {probs.sum(0).max():.4g} per pixel, more than 1"
+    if problem:
+        raise VitpcmError(
+            f"{path}: not probabilities ({problem}); the CRF wants softmax outputs: rerun `vitpcm infer` for it"
+        )
 
 
 def _refine_one(
-    probs_path: Path, image_path: Path, out_path: Path, params: CRFParams, max_pixels: int, key: str
+    probs_path: Path,
+    image_path: Path,
+    out_path: Path,
+    params: CRFParams,
+    max_pixels: int,
+    key: str,
+    device: Optional[str] = None,
 ) -> Tuple[float, bool]:
     """Worker: CRF one image and write its mask atomically; returns the seconds it took and
     whether it was solved at a reduced size."""
@@ -368,15 +440,23 @@ def _refine_one(
 
     start = time.perf_counter()
     probs, classes, size = read_probs(probs_path)
+    check_distributions(probs, probs_path)
     image = load_rgb(image_path)
     if image.shape[:2] != tuple(size):
         raise VitpcmError(
             f"{image_path} is {image.shape[1]}x{image.shape[0]} but {probs_path} is {size[1]}x{size[0]}:"
             " the CRF needs the original image that `vitpcm infer` saw"
         )
-    mask, reduced = crf_labels_bounded(image, probs, classes, params, max_pixels)
+    mask, reduced = crf_labels_bounded(image, probs, classes, params, max_pixels, device)
     save_mask_png(out_path, mask, stamp("crf", key))
     return time.perf_counter() - start, reduced
+
+
+def _one_torch_thread() -> None:
+    """Pool initializer of the torch backend's CPU workers (as torch's DataLoader workers)."""
+    from vitpcm.postprocess.crf_torch import use_threads
+
+    use_threads(1)
 
 
 def _pool_context():
@@ -423,6 +503,7 @@ def run_crf(
     max_pixels: Optional[int] = None,
     memory: Optional[Any] = None,
     shard: Optional[Shard] = None,
+    device: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Refine every ``probs_dir/NAME.npz`` with the dense CRF into ``out_dir/NAME.png``.
 
@@ -443,6 +524,10 @@ def run_crf(
         memory: the workers' memory budget (``8G``, ``auto``); default ``params.memory_budget``
             or ``auto``.
         shard: this process's share (default from the environment: ``RANK`` / ``WORLD_SIZE``).
+        device: where the torch backend computes (``cpu`` / ``cuda``; ``crf.backend=auto``
+            picks torch on a CUDA device, pydensecrf otherwise). On a GPU the torch backend
+            runs in this process, one image at a time; on the CPU in ``workers`` processes
+            of one torch thread each, as pydensecrf.
 
     Returns a summary dict (written to ``out_dir/summary.json`` by rank 0).
     """
@@ -476,23 +561,29 @@ def run_crf(
         raise VitpcmError(f"{len(missing)} probability file(s) missing from {probs_dir}: {format_names(missing)}")
     mine = shard.take(names)
     images = _find_images(mine, images_dir, image_paths)  # every missing image named at once
-    key = settings_key(params, max_pixels)
+    backend = params.resolved_backend(device)
+    if backend == "torch" and device is not None and str(device) != "cpu":
+        from vitpcm.postprocess.crf_torch import torch_device
+
+        device = str(torch_device(device))  # a missing CUDA device: one line now, not a traceback later
+        workers = 1  # the GPU parallelises; a forked worker would not survive CUDA
+    key = settings_key(params, max_pixels, backend)
 
     with output_folders(out_dir):
         if shard.enabled:
             clear_done(out_dir, shard)
         try:
             result = _refine_shard(mine, images, probs_dir, out_dir, params, max_pixels, key, workers, memory,
-                                   shard, overwrite, progress, tqdm)  # fmt: skip
+                                   shard, overwrite, progress, tqdm, device)  # fmt: skip
         except BaseException as exc:
             if shard.enabled and not shard.main:
                 _tell_rank0(out_dir, shard, exc)
             raise
         if shard.enabled and not shard.main:
             write_done(out_dir, shard, result)
-            return _summary(probs_dir, images_dir, out_dir, names, [result], params, max_pixels, shard)
+            return _summary(probs_dir, images_dir, out_dir, names, [result], params, max_pixels, shard, backend)
         parts = [result] + (wait_for_ranks(out_dir, shard) if shard.enabled else [])
-        summary = _summary(probs_dir, images_dir, out_dir, names, parts, params, max_pixels, shard)
+        summary = _summary(probs_dir, images_dir, out_dir, names, parts, params, max_pixels, shard, backend)
         write_json_atomic(out_dir / "summary.json", summary)
     return summary
 
@@ -544,6 +635,7 @@ def _refine_shard(
     overwrite: bool,
     progress: bool,
     tqdm: Any,
+    device: Optional[str] = None,
 ) -> Dict[str, Any]:
     """The CRF of this rank's images; returns its counts."""
     _remove_own_temporaries(out_dir, {out_dir / f"{n}.png" for n in names})
@@ -562,7 +654,8 @@ def _refine_shard(
     note = None
     if wanted > 1:
         shapes = {j[0]: probs_shape(j[1]) for j in jobs}
-        need = max((crf_memory(s, max_pixels) for s in shapes.values() if s is not None), default=0)
+        backend = params.resolved_backend(device)
+        need = max((crf_memory(s, max_pixels, backend) for s in shapes.values() if s is not None), default=0)
         budget = memory_budget(memory, share=shard.local_world, key="crf.memory_budget")
         n_workers, note = budget_workers(wanted, need, budget)
         # biggest first: a large image started last would run alone at the end
@@ -579,13 +672,17 @@ def _refine_shard(
     try:
         if n_workers == 1:
             for _, probs_path, image_path, out_path in jobs:
-                seconds, small = _refine_one(probs_path, image_path, out_path, params, max_pixels, key)
+                seconds, small = _refine_one(probs_path, image_path, out_path, params, max_pixels, key, device)
                 busy, reduced = busy + seconds, reduced + small
                 bar.update()
         elif jobs:
             if params.gaussian == "exact":
                 import scipy.ndimage  # noqa: F401  (0.2-0.3 s: once here, inherited by the forked workers)
-            with process_pool(n_workers, mp_context=_pool_context()) as pool:
+            # the torch backend on the CPU: one process per core like pydensecrf, each with one
+            # torch thread (threads of several processes on shared cores wait for each other at
+            # every parallel region: 2 threads each made it 3-5x slower under load)
+            init = _one_torch_thread if params.resolved_backend(device) == "torch" else None
+            with process_pool(n_workers, mp_context=_pool_context(), initializer=init) as pool:
                 pending: set[Future] = {
                     pool.submit(_refine_one, p, i, o, params, max_pixels, key) for _, p, i, o in jobs
                 }
@@ -617,6 +714,7 @@ def _summary(
     params: CRFParams,
     max_pixels: int,
     shard: Shard,
+    backend: str = "pydensecrf",
 ) -> Dict[str, Any]:
     computed = sum(int(p.get("computed", 0)) for p in parts)
     busy = sum(float(p.get("busy", 0.0)) for p in parts)
@@ -633,6 +731,7 @@ def _summary(
         "seconds_per_image": round(busy / computed, 4) if computed else None,
         "params": params.as_dict(),
         "max_pixels": int(max_pixels),
+        "backend": backend,
     }
     if shard.enabled:
         summary["ranks"] = shard.world

@@ -15,10 +15,15 @@ In one process, on one device, each part beside its floor:
   backward from the mean of its tokens and an Adam step over the same trainable blocks;
   ``train_ratio`` = floor time / step time (without the data wait, reported apart).
 * ``crf``: ``vitpcm crf`` on N VOC-sized images (present classes, one worker per CPU)
-  against the authors' single-process all-channel path
-  (:mod:`vitpcm.stages.bench_crf`), both as fresh processes, start-up included;
-  ``crf_speedup`` = authors' wall time / vitpcm's, and the pixel agreement of the masks;
-  the same for ``crf.gaussian=lattice`` (``crf_speedup_lattice``: the paper presets' CRF).
+  against the authors' stage as their ``main.py test --crf`` runs it: all channels,
+  ``joblib.Parallel`` over every CPU (or ``authors_jobs``) (:mod:`vitpcm.stages.bench_crf`),
+  all as fresh processes, start-up included; ``crf_speedup`` = authors' wall time / vitpcm's
+  at equal cores, and the pixel agreement of the masks; the same for
+  ``crf.gaussian=lattice`` (``crf_speedup_lattice``: the paper presets' CRF). The authors'
+  path in one process is the second column (``*_single_process``: the figure earlier
+  versions reported as the speed-up, which contained the cores). ``crf.backend=torch``
+  (``vitpcm crf --backend torch``, on ``device``) beside pydensecrf: images per second of
+  each, and the agreement of their masks.
 * ``cli``: wall time of ``vitpcm --help`` and ``vitpcm crf --help`` (median of runs).
 
 Each pair runs interleaved (pipeline, floor, pipeline, floor, ...; the order alternates per
@@ -575,11 +580,20 @@ def _timed_cpu(cmd: Sequence[str]) -> tuple:
     return seconds, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 
-def bench_crf(work: Path, images: int, repeats: int = 1, sizes: Optional[Sequence[tuple]] = None) -> Dict[str, Any]:
+def bench_crf(
+    work: Path,
+    images: int,
+    repeats: int = 1,
+    sizes: Optional[Sequence[tuple]] = None,
+    authors_jobs: Optional[int] = None,
+    device: str = "cpu",
+) -> Dict[str, Any]:
     """``vitpcm crf`` (fresh process, present classes, one worker per CPU) vs the authors'
-    path (fresh process, all 21 channels, one image after another) on VOC-sized images; the
-    stage twice: as it runs by default (``crf.gaussian=exact``) and with the authors'
-    lattice for the smoothness kernel (``crf.gaussian=lattice``, the paper presets)."""
+    path (fresh process, all 21 channels, joblib over ``authors_jobs`` processes, default
+    one per CPU; and in one process) on VOC-sized images; the stage twice: as it runs by
+    default (``crf.gaussian=exact``) and with the authors' lattice for the smoothness kernel
+    (``crf.gaussian=lattice``, the paper presets); and with ``crf.backend=torch`` on
+    ``device``."""
     from vitpcm.io import names_in
     from vitpcm.stages.bench_crf import VOC_CLASSES, VOC_SIZES, agreement, make_crf_inputs
     from vitpcm.utils.system import cpu_count
@@ -592,11 +606,14 @@ def bench_crf(work: Path, images: int, repeats: int = 1, sizes: Optional[Sequenc
         return [*_vitpcm_command(), "crf", "--probs", str(probs), "--images", str(imgs), "--out", str(folder / out),
                 "--overwrite", "-q", *keys]  # fmt: skip
 
+    jobs = int(authors_jobs) if authors_jobs else cpu_count()
+    authors = [sys.executable, "-m", "vitpcm.stages.bench_crf", "authors", str(probs), str(imgs)]
     commands = {
         "ours": ours("vitpcm"),
         "lattice": ours("vitpcm_lattice", "crf.gaussian=lattice"),
-        "authors": [sys.executable, "-m", "vitpcm.stages.bench_crf", "authors", str(probs), str(imgs),
-                    str(folder / "authors"), str(VOC_CLASSES)],
+        "torch": ours("vitpcm_torch", "--backend", "torch", "--device", device),
+        "authors": [*authors, str(folder / "authors"), str(VOC_CLASSES), str(jobs)],
+        "authors_single": [*authors, str(folder / "authors_single"), str(VOC_CLASSES), "1"],
     }  # fmt: skip
     walls: Dict[str, List[float]] = {k: [] for k in commands}
     cpu: Dict[str, List[float]] = {k: [] for k in commands}
@@ -608,10 +625,11 @@ def bench_crf(work: Path, images: int, repeats: int = 1, sizes: Optional[Sequenc
             cpu[which].append(used)
     agree = agreement(folder / "vitpcm", folder / "authors", names)
     agree_lattice = agreement(folder / "vitpcm_lattice", folder / "authors", names)
+    agree_torch = agreement(folder / "vitpcm_torch", folder / "vitpcm", names)
     import numpy as np
 
     present = [len(np.load(probs / f"{n}.npz")["classes"]) for n in names_in(probs, ".npz")]
-    a, o, lat = (_median(walls[k]) for k in ("authors", "ours", "lattice"))
+    a, a1, o, lat, tor = (_median(walls[k]) for k in ("authors", "authors_single", "ours", "lattice", "torch"))
     a_cpu, o_cpu, lat_cpu = (_median(cpu[k]) for k in ("authors", "ours", "lattice"))
     return {
         "images": images,
@@ -620,9 +638,12 @@ def bench_crf(work: Path, images: int, repeats: int = 1, sizes: Optional[Sequenc
         "present_classes_mean": round(float(np.mean(present)), 2),
         "repeats": repeats,
         "vitpcm_workers": cpu_count(),
+        "authors_jobs": jobs,
         "vitpcm_seconds": _r(o, 3),
         "authors_seconds": _r(a, 3),
         "crf_speedup": _r(a / o, 3),
+        "authors_single_process_seconds": _r(a1, 3),
+        "crf_speedup_single_process": _r(a1 / o, 3),
         "vitpcm_cpu_seconds": _r(o_cpu, 3),
         "authors_cpu_seconds": _r(a_cpu, 3),
         "crf_cpu_ratio": _r(a_cpu / o_cpu, 3),
@@ -631,16 +652,27 @@ def bench_crf(work: Path, images: int, repeats: int = 1, sizes: Optional[Sequenc
         "images_identical": agree["images_identical"],
         "lattice_seconds": _r(lat, 3),
         "crf_speedup_lattice": _r(a / lat, 3),
+        "crf_speedup_lattice_single_process": _r(a1 / lat, 3),
         "lattice_cpu_seconds": _r(lat_cpu, 3),
         "crf_cpu_ratio_lattice": _r(a_cpu / lat_cpu, 3),
         "agreement_lattice_pct": _r(agree_lattice["pixels_equal_pct"], 4),
         "images_identical_lattice": agree_lattice["images_identical"],
+        "torch_device": device,
+        "torch_seconds": _r(tor, 3),
+        "torch_images_per_second": _r(images / tor, 3),
+        "pydensecrf_images_per_second": _r(images / o, 3),
+        "agreement_torch_pct": _r(agree_torch["pixels_equal_pct"], 4),
+        "agreement_torch_worst_image_pct": _r(agree_torch["worst_image_pct"], 4),
         "vitpcm_seconds_runs": [_r(t, 3) for t in walls["ours"]],
         "lattice_seconds_runs": [_r(t, 3) for t in walls["lattice"]],
+        "torch_seconds_runs": [_r(t, 3) for t in walls["torch"]],
         "authors_seconds_runs": [_r(t, 3) for t in walls["authors"]],
+        "authors_single_process_seconds_runs": [_r(t, 3) for t in walls["authors_single"]],
         "command_vitpcm": "vitpcm crf --probs P --images I --out O --overwrite -q",
         "command_lattice": "vitpcm crf --probs P --images I --out O --overwrite -q crf.gaussian=lattice",
-        "command_authors": "python -m vitpcm.stages.bench_crf authors P I O 21",
+        "command_torch": f"vitpcm crf --probs P --images I --out O --overwrite -q --backend torch --device {device}",
+        "command_authors": f"python -m vitpcm.stages.bench_crf authors P I O 21 {jobs}",
+        "command_authors_single_process": "python -m vitpcm.stages.bench_crf authors P I O 21 1",
         "process_start_included": True,
     }
 
@@ -671,6 +703,7 @@ def bench(
     batch_size: Optional[int] = None,
     crf_images: Optional[int] = None,
     crf_repeats: int = 1,
+    authors_jobs: Optional[int] = None,
     cli_runs: Optional[int] = None,
     workers: Optional[int] = None,
     threads: Optional[int] = None,
@@ -689,6 +722,7 @@ def bench(
         train_steps / batch_size: measured training steps (after one warm-up step), and the
             batch (default: 4 / 4 on the CPU, 20 / the preset's on a GPU; quick 2 / 4).
         crf_images / crf_repeats: VOC-sized images of the CRF section (default 50; quick 3).
+        authors_jobs: processes of the authors' joblib CRF (default one per CPU, as theirs).
         cli_runs: runs of each ``--help`` (default 5; quick 1).
         workers: data-loader workers (default: 0 on the CPU, the preset's on a GPU).
         threads: torch CPU threads (default torch's). On a machine shared with other jobs,
@@ -769,7 +803,7 @@ def bench(
             if "crf" in sections:
                 say(f"bench: dense CRF on {crf_images} images")
                 sizes = ((64, 48), (48, 64)) if quick else None
-                result["crf"] = bench_crf(work, crf_images, crf_repeats, sizes)
+                result["crf"] = bench_crf(work, crf_images, crf_repeats, sizes, authors_jobs, device)
             if "cli" in sections:
                 say("bench: CLI start-up")
                 result["cli"] = bench_cli(cli_runs)
@@ -817,9 +851,15 @@ def format_bench(result: Dict[str, Any]) -> str:
                      f" peak {t['peak_memory_mb']:.0f} MiB ({t['memory_kind']})")  # fmt: skip
     if "crf" in result:
         c = result["crf"]
-        lines.append(f"crf on {c['images']} images: vitpcm {c['vitpcm_seconds']:.2f} s, authors {c['authors_seconds']:.2f} s;"
-                     f" crf_speedup {c['crf_speedup']:.2f} (CPU seconds: {c['crf_cpu_ratio']:.2f}x); agreement {c['agreement_pct']:.3f}%;"
-                     f" with crf.gaussian=lattice {c['crf_speedup_lattice']:.2f}, agreement {c['agreement_lattice_pct']:.3f}%")  # fmt: skip
+        lines.append(f"crf on {c['images']} images: vitpcm {c['vitpcm_seconds']:.2f} s ({c['vitpcm_workers']} workers),"
+                     f" authors {c['authors_seconds']:.2f} s (joblib, {c['authors_jobs']} jobs; one process"
+                     f" {c['authors_single_process_seconds']:.2f} s); crf_speedup {c['crf_speedup']:.2f} at equal cores"
+                     f" ({c['crf_speedup_single_process']:.2f} vs one process; CPU seconds: {c['crf_cpu_ratio']:.2f}x);"
+                     f" agreement {c['agreement_pct']:.3f}%; with crf.gaussian=lattice {c['crf_speedup_lattice']:.2f},"
+                     f" agreement {c['agreement_lattice_pct']:.3f}%")  # fmt: skip
+        lines.append(f"crf backends on {c['torch_device']}: torch {c['torch_images_per_second']:.2f} img/s,"
+                     f" pydensecrf {c['pydensecrf_images_per_second']:.2f} img/s; masks equal on"
+                     f" {c['agreement_torch_pct']:.3f}% of the pixels (worst image {c['agreement_torch_worst_image_pct']:.3f}%)")  # fmt: skip
     if "cli" in result:
         c = result["cli"]
         lines.append(f"cli: vitpcm --help {c['help_seconds']:.2f} s, vitpcm crf --help {c['crf_help_seconds']:.2f} s")

@@ -6,14 +6,17 @@ Shared by ``vitpcm bench`` (:mod:`vitpcm.stages.bench`), ``benchmarks/crf_bench.
 * :func:`make_crf_inputs`: N images with ``probs/NAME.npz`` as ``vitpcm infer`` writes them
   (present classes only, at the image size), VOC-sized (500 x 375, every other one
   portrait) or any other size and class count (COCO: 640 x 480, 81 classes).
-* :func:`authors_one` / :func:`run_authors`: the authors' CRF stage (their ``crf.py``): the
-  probabilities scattered into *all* channels (absent classes 0), pydensecrf's
-  ``unary_from_softmax``, ``DenseCRF2D(W, H, C)``, argmax, PNG; one image after another
-  in one process.
+* :func:`authors_one` / :func:`run_authors`: the authors' CRF stage (their ``crf.py`` and
+  ``main.py test --crf``): the probabilities scattered into *all* channels (absent classes
+  0), pydensecrf's ``unary_from_softmax``, ``DenseCRF2D(W, H, C)``, argmax, PNG; spread
+  over ``jobs`` processes by ``joblib.Parallel(n_jobs=jobs, pre_dispatch="all")`` as their
+  ``main.py`` does (``n_jobs=CONFIG.DATALOADER.NUM_WORKERS``, 24 in their configs: every
+  core of their machine), or one image after another in one process (``jobs=1``).
 * :func:`agreement`: share of pixels where two mask folders agree.
 
-``python -m vitpcm.stages.bench_crf authors PROBS IMAGES OUT NUM_CLASSES`` runs the
-authors' path in a fresh process (so a benchmark can include process start, as for
+``python -m vitpcm.stages.bench_crf authors PROBS IMAGES OUT NUM_CLASSES [JOBS]`` runs the
+authors' path in a fresh process (JOBS default 1; joblib is needed for more: ``pip install
+joblib``, in the ``[bench]`` extra) (so a benchmark can include process start, as for
 ``vitpcm crf``). This module imports neither torch nor timm at import time; only
 :func:`make_crf_inputs` uses torch (pooling and bilinear upsampling), inside the call.
 """
@@ -115,13 +118,22 @@ def authors_one(
 
 
 def run_authors(
-    probs_dir: Path, images_dir: Path, out_dir: Path, names: Sequence[str], num_classes: int
+    probs_dir: Path, images_dir: Path, out_dir: Path, names: Sequence[str], num_classes: int, jobs: int = 1
 ) -> Dict[str, float]:
-    """The authors' path over ``names``, one process: wall and CPU seconds (total, per image)."""
+    """The authors' path over ``names``: wall and CPU seconds (total, per image; CPU seconds
+    summed over the workers). ``jobs`` > 1: their ``joblib.Parallel`` over that many
+    processes (joblib's default backend, loky, as in their ``main.py``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    tasks = [(probs_dir / f"{n}.npz", find_image(images_dir, n), out_dir / f"{n}.png", num_classes) for n in names]
     start = time.perf_counter()
-    cpu = sum(authors_one(probs_dir / f"{n}.npz", find_image(images_dir, n), out_dir / f"{n}.png", num_classes)
-              for n in names)  # fmt: skip
+    if jobs > 1:
+        try:
+            import joblib
+        except ImportError:
+            raise SystemExit("the authors' parallel CRF needs joblib: pip install joblib (or vitpcm[bench])") from None
+        cpu = sum(joblib.Parallel(n_jobs=jobs, pre_dispatch="all")(joblib.delayed(authors_one)(*t) for t in tasks))
+    else:
+        cpu = sum(authors_one(*t) for t in tasks)
     wall = time.perf_counter() - start
     return {"seconds": wall, "seconds_per_image": wall / len(names), "cpu_seconds_per_image": cpu / len(names)}
 
@@ -140,13 +152,14 @@ def agreement(dir_a: Path, dir_b: Path, names: Sequence[str]) -> Dict[str, float
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``authors PROBS IMAGES OUT NUM_CLASSES``: the authors' path over every NAME.npz."""
+    """``authors PROBS IMAGES OUT NUM_CLASSES [JOBS]``: the authors' path over every NAME.npz."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 5 or args[0] != "authors":
-        print("usage: python -m vitpcm.stages.bench_crf authors PROBS IMAGES OUT NUM_CLASSES", file=sys.stderr)
+    if len(args) not in (5, 6) or args[0] != "authors":
+        print("usage: python -m vitpcm.stages.bench_crf authors PROBS IMAGES OUT NUM_CLASSES [JOBS]", file=sys.stderr)
         return 2
     probs, images, out = Path(args[1]), Path(args[2]), Path(args[3])
-    result = run_authors(probs, images, out, names_in(probs, ".npz"), int(args[4]))
+    jobs = int(args[5]) if len(args) == 6 else 1
+    result = run_authors(probs, images, out, names_in(probs, ".npz"), int(args[4]), jobs)
     print(f"{result['seconds']:.3f}")
     return 0
 

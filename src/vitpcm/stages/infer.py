@@ -14,6 +14,11 @@
                          tell them (per-class precision / recall / F1 at infer.present_threshold,
                          AP, mAP, the threshold with the best mean F1; vitpcm.stages.tag_quality)
 
+With ``--crf`` and ``crf.backend`` resolving to torch (``auto`` on a GPU), each batch is
+refined on the device right after its forward (:mod:`vitpcm.stages.crf_pass`): the same
+files and stamps, no npz read back, no process pool; the CRF stage that follows refines only
+what that pass left out.
+
 With ``--tta`` (``infer.tta``; not in the paper) the per-patch distributions are averaged
 over the scales ``infer.tta_scales`` (factors of the inference side, snapped to multiples
 of the patch size) and, with ``infer.tta_flip``, their horizontal mirrors, each resized to
@@ -60,6 +65,7 @@ from vitpcm.models.backbone import resolve_normalisation
 from vitpcm.models.predict import image_outputs, predict_tta, tta_sizes
 from vitpcm.models.vitpcm import ViTPCM, merge_class_labels
 from vitpcm.runs import PseudoLayout, RunLayout, run_of_checkpoint
+from vitpcm.stages.crf_pass import DeviceCRF
 from vitpcm.stages.load import load_model
 from vitpcm.utils.folders import output_folders
 from vitpcm.utils.pools import WriterThreads
@@ -238,6 +244,10 @@ def _infer(
     threshold = float(cfg.infer.present_threshold)
     max_side = int(cfg.infer.max_side)
     folders = [files.masks] + ([files.probs] if save_probs else [])
+    crf_pass = None
+    if crf and DeviceCRF.wanted(cfg.crf, dev):  # crf.backend resolves to torch: refine each batch right here
+        crf_pass = DeviceCRF(cfg.crf, dev, files.crf, dataset.image_path)
+        folders.append(files.crf)
     start = time.time()
     merged = 0
     with output_folders(*folders):
@@ -276,7 +286,7 @@ def _infer(
                 merged += _infer_batch(model, batch, dev, merge, threshold, files, save_probs, cm,
                                        sizes if tta else None, flip, align_corners=ac, max_side=max_side, text=text,
                                        amp=amp, writer=writer, tag_scores=tag_scores,
-                                       probs_resize=str(cfg.infer.probs_resize))  # fmt: skip
+                                       probs_resize=str(cfg.infer.probs_resize), crf_pass=crf_pass)  # fmt: skip
         bar.close()
         seconds = time.time() - start
 
@@ -308,11 +318,16 @@ def _infer(
                             dist_info, shard.main)  # fmt: skip
         if tags is not None:
             summary["tags"] = tags
+        if crf_pass is not None:
+            summary["crf_pass"] = crf_pass.summary()
         from vitpcm.stages.refine import finish_pseudo
 
-        # score, CRF, summary (rank 0); every rank returns once the summary exists
+        # score, CRF, summary (rank 0); every rank returns once the summary exists. After the
+        # pass, the CRF stage keeps the masks it wrote (same key, newer than their npz) and
+        # refines the images it left (on the same backend: the key names it)
         return finish_pseudo(cfg, dataset, files, summary, cm, main=shard.main, dist_info=dist_info, crf=crf,
-                             overwrite=overwrite, progress=progress)  # fmt: skip
+                             overwrite=overwrite and crf_pass is None, progress=progress,
+                             crf_device=str(dev))  # fmt: skip
 
 
 def _stored_tag_scores(dataset: Any, name: str, files: PseudoLayout, mask: Optional[np.ndarray],
@@ -364,11 +379,15 @@ def speed_settings(cfg: Any, dev: torch.device) -> Tuple[int, int, bool]:
 
 
 def _write_outputs(files: PseudoLayout, name: str, mask: np.ndarray, probs: Optional[Dict[str, np.ndarray]],
-                   text: Optional[Dict[str, str]]) -> None:  # fmt: skip
-    """One image's files: the npz first, then the PNG (a PNG implies its npz)."""
+                   text: Optional[Dict[str, str]], crf_pass: Optional[DeviceCRF] = None,
+                   crf_mask: Optional[np.ndarray] = None) -> None:  # fmt: skip
+    """One image's files: the npz first, then the PNG (a PNG implies its npz), then the CRF
+    mask of the one-pass CRF (newer than its npz: the CRF stage sees it finished)."""
     if probs is not None:
         save_npz_atomic(files.probs / f"{name}.npz", **probs)
     save_mask_png(files.masks / f"{name}.png", mask, text)
+    if crf_pass is not None and crf_mask is not None:
+        crf_pass.write(name, crf_mask)
 
 
 @torch.inference_mode()
@@ -390,6 +409,7 @@ def _infer_batch(
     writer: Optional[WriterThreads] = None,
     tag_scores: Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]] = None,
     probs_resize: str = "mask",
+    crf_pass: Optional[DeviceCRF] = None,
 ) -> int:
     """Predict one batch; write each image's probabilities, then its mask (so a mask implies
     its npz); update ``cm``. Returns how many of its images were merged with their tags.
@@ -401,8 +421,10 @@ def _infer_batch(
     autocast of the forward (CUDA). ``writer``: where the file writes run (None: here).
     ``probs_resize``: ``mask`` or ``skimage`` (``infer.probs_resize``: how the stored
     probabilities are enlarged; the mask is the same either way).
+    ``crf_pass``: refine the batch with the torch CRF on the device and write ``crf/`` too.
     """
     labels = batch.get("labels")
+    written = []  # (name, mask, npz arrays, stored probabilities, size) per image
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
         if sizes:
             grid, pooled = predict_tta(model, [batch[f"image_{n}"].to(dev, non_blocking=True) for n in sizes], flip)
@@ -415,17 +437,25 @@ def _infer_batch(
     for i, name in enumerate(batch["name"]):
         tags = labels[i] if (merge and labels is not None) else None
         height, width = (int(v) for v in batch["size"][i])
+        on_device: List[torch.Tensor] = []  # the stored probabilities, for the one-pass CRF
         mask, probs = image_outputs(grid[i], tags, pooled[i], (height, width), threshold, align_corners=align_corners,
-                                    max_side=max_side, keep_probs=save_probs, probs_resize=probs_resize)  # fmt: skip
+                                    max_side=max_side, keep_probs=save_probs, probs_resize=probs_resize,
+                                    stored_out=on_device)  # fmt: skip
         scores = pooled[i].cpu().numpy().astype(np.float32)
         if probs is not None:
             probs["pooled"] = scores
         if tag_scores is not None and labels is not None:
             tag_scores[name] = (scores, labels[i].numpy().astype(np.float32))
-        if writer is None:
-            _write_outputs(files, name, mask, probs, text)
-        else:
-            writer.submit(_write_outputs, files, name, mask, probs, text)
+        written.append((name, mask, probs, on_device[0] if on_device else None, (height, width)))
         if cm is not None:
             cm.update(mask, batch["mask"][i].numpy())
+    crf_masks: Dict[str, np.ndarray] = {}
+    if crf_pass is not None:
+        crf_masks = crf_pass.masks([(name, stored, probs["classes"], size)
+                                    for name, _, probs, stored, size in written if probs is not None])  # fmt: skip
+    for name, mask, probs, _, _ in written:
+        if writer is None:
+            _write_outputs(files, name, mask, probs, text, crf_pass, crf_masks.get(name))
+        else:
+            writer.submit(_write_outputs, files, name, mask, probs, text, crf_pass, crf_masks.get(name))
     return len(batch["name"]) if (merge and labels is not None) else 0

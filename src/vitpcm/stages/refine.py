@@ -6,7 +6,8 @@
   when it has masks; ``vitpcm infer --crf`` and the demo chain it this way.
 * :func:`refine`: the same from a run folder and overrides (``vitpcm.refine``).
 
-Importing this module imports neither torch nor timm: the CRF is numpy and pydensecrf. Only
+Importing this module imports neither torch nor timm: the CRF is numpy and pydensecrf (torch
+only when ``crf.backend`` resolves to torch, inside the call). Only
 :func:`refine_run` / :func:`refine` build the dataset (``vitpcm.data``), inside the call.
 """
 
@@ -61,6 +62,7 @@ def refine_folders(
     overwrite: bool = False,
     progress: bool = True,
     image_paths: Optional[Mapping[str, Path]] = None,
+    device: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Refine every ``probs/NAME.npz`` (of ``vitpcm infer``) into ``out/NAME.png``.
 
@@ -76,6 +78,8 @@ def refine_folders(
         names / split_file: only these images (default every npz in ``probs``).
         overwrite: recompute masks that are already done.
         image_paths: ``{name: image file}`` instead of ``images``.
+        device: where ``crf.backend=torch`` computes (``cpu`` / ``cuda``); ``auto`` picks
+            torch on a CUDA device (:func:`vitpcm.postprocess.crf.run_crf`).
 
     Returns the summary (also written to ``out/summary.json``): ``computed``, ``skipped``,
     ``workers``, ``seconds``, ``params``, ...
@@ -90,17 +94,24 @@ def refine_folders(
         names = names_from_split_file(split_file)
     # params goes on as given: a config section also carries max_pixels and memory_budget
     return run_crf(probs, images, out, params=params, workers=workers, names=names,
-                   overwrite=overwrite, progress=progress, image_paths=image_paths)  # fmt: skip
+                   overwrite=overwrite, progress=progress, image_paths=image_paths, device=device)  # fmt: skip
 
 
 def refine_pseudo(
-    cfg: Any, dataset: Any, pseudo: PathLike, *, overwrite: bool = True, progress: bool = True
+    cfg: Any,
+    dataset: Any,
+    pseudo: PathLike,
+    *,
+    overwrite: bool = True,
+    progress: bool = True,
+    device: Optional[str] = None,
 ) -> Dict[str, Any]:
     """The dense CRF of one inferred split: ``PSEUDO/probs`` -> ``PSEUDO/crf`` (``crf`` config section).
 
     ``dataset``: the split's dataset (its names, image files and, when it has masks, the
     ground truth the CRF masks are scored against). ``overwrite``: recompute every mask
-    (right after inference: the probabilities were just rewritten).
+    (right after inference: the probabilities were just rewritten). ``device``: the
+    inference device (``crf.backend=auto`` means torch on a CUDA one).
 
     Under torchrun (``RANK`` / ``WORLD_SIZE``) each rank refines its share of the images
     (:func:`vitpcm.postprocess.crf.run_crf`); rank 0 returns once all are done and scores
@@ -114,7 +125,7 @@ def refine_pseudo(
     files = PseudoLayout(pseudo)
     result = refine_folders(files.probs, None, files.crf, params=cfg.crf, workers=int(cfg.crf.workers),
                             names=dataset.names, overwrite=overwrite, progress=progress,
-                            image_paths={n: dataset.image_path(n) for n in dataset.names})  # fmt: skip
+                            image_paths={n: dataset.image_path(n) for n in dataset.names}, device=device)  # fmt: skip
     info: Dict[str, Any] = {"out": str(files.crf)}
     info.update({k: result[k] for k in ("seconds", "workers", "computed", "skipped", "reduced") if k in result})
     if dataset.has_masks and Shard.from_env().main:
@@ -136,12 +147,14 @@ def finish_pseudo(
     crf: bool,
     overwrite: bool,
     progress: bool,
+    crf_device: Optional[str] = None,
 ) -> Dict[str, Any]:
     """The common end of the stages that write pseudo-masks (``vitpcm infer``, ``vitpcm
     segment infer``): the score into ``summary`` (and ``files.confusion``, by rank 0; ``cm``
     None: no ground truth), the CRF chained when ``crf`` (once every rank's probabilities are
     on disk; finished CRF masks are kept unless ``overwrite``: a rewritten npz is newer than
-    its mask, which makes it stale), ``files.summary`` written by rank 0. Every rank returns
+    its mask, which makes it stale; ``crf_device``: the inference device, where
+    ``crf.backend=auto`` runs torch if it is a GPU), ``files.summary`` written by rank 0. Every rank returns
     once it exists. Returns ``summary``."""
     import numpy as np
 
@@ -156,7 +169,8 @@ def finish_pseudo(
                 np.save(f, cm.matrix)
     if crf:
         barrier(dist_info)
-        summary["crf"] = refine_pseudo(cfg, dataset, files.root, overwrite=overwrite, progress=progress)
+        summary["crf"] = refine_pseudo(cfg, dataset, files.root, overwrite=overwrite, progress=progress,
+                                       device=crf_device)  # fmt: skip
         if "miou" in summary["crf"]:
             summary["crf_miou"] = summary["crf"].pop("miou")
     if main:

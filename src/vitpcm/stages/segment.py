@@ -41,6 +41,7 @@ from vitpcm.config import to_yaml
 from vitpcm.errors import VitpcmError
 from vitpcm.io import format_names, read_mask_png, save_mask_png, save_npz_atomic
 from vitpcm.runs import PseudoLayout, RunLayout
+from vitpcm.stages.crf_pass import DeviceCRF
 from vitpcm.utils.folders import output_folders
 from vitpcm.utils.shard import Shard
 from vitpcm.utils.stamps import digest, finished, stamp
@@ -323,7 +324,12 @@ def _segment_infer(
     cm = ConfusionMatrix(dataset.num_classes) if dataset.has_masks else None
     threshold = float(cfg.segment.keep_threshold)
     start = time.time()
-    with output_folders(files.masks, files.probs):
+    folders = [files.masks, files.probs]
+    crf_pass = None
+    if crf and DeviceCRF.wanted(cfg.crf, dev):  # crf.backend resolves to torch: refine each image right here
+        crf_pass = DeviceCRF(cfg.crf, dev, files.crf, dataset.image_path)
+        folders.append(files.crf)
+    with output_folders(*folders):
         if cm is not None:  # the finished images only count in the score
             for name in done:
                 pred = read_mask_png(files.masks / f"{name}.png")
@@ -349,6 +355,10 @@ def _segment_infer(
                                 classes=keep.cpu().numpy().astype(np.int64))  # fmt: skip
                 pred = mask.to(torch.uint8).cpu().numpy()
                 save_mask_png(files.masks / f"{name}.png", pred, text)
+                if crf_pass is not None:  # after its npz: the CRF stage finds it finished
+                    classes = keep.cpu().numpy().astype(np.int64)
+                    for crf_name, crf_mask in crf_pass.masks([(name, probs[keep], classes, pred.shape)]).items():
+                        crf_pass.write(crf_name, crf_mask)
                 if cm is not None:
                     cm.update(pred, batch["mask"][0].numpy())
         seconds = time.time() - start
@@ -375,8 +385,12 @@ def _segment_infer(
         }
         if shard.enabled:
             summary["ranks"] = shard.world
+        if crf_pass is not None:
+            summary["crf_pass"] = crf_pass.summary()
         from vitpcm.stages.refine import finish_pseudo
 
-        # score, CRF, summary (rank 0); every rank returns once the summary exists
+        # score, CRF, summary (rank 0); every rank returns once the summary exists (after the
+        # one-pass CRF, the stage keeps its masks and refines what it left: vitpcm.stages.crf_pass)
         return finish_pseudo(cfg, dataset, files, summary, cm, main=shard.main, dist_info=dist_info, crf=crf,
-                             overwrite=overwrite, progress=progress)  # fmt: skip
+                             overwrite=overwrite and crf_pass is None, progress=progress,
+                             crf_device=str(dev))  # fmt: skip
