@@ -40,9 +40,9 @@ def reads(monkeypatch):
     count = {"image": 0, "mask": 0}
     decode, read_mask = base.decode_image, voc.read_mask_png
 
-    def counting_decode(path):
+    def counting_decode(path, *args):
         count["image"] += 1
-        return decode(path)
+        return decode(path, *args)
 
     def counting_mask(path):
         count["mask"] += 1
