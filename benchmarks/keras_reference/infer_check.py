@@ -25,7 +25,7 @@ For each architecture (``tiny``: the CI fixture's; ``s``: ViT-PCM/S) this
    to the CRF (``dict2preds`` + ``resize``: scikit-image's resize of a numpy array, which
    is *not* the resize of the mask). Beside them, where a difference comes from: the decoded
    image, the 960 input, the tags, the merged patch grid on the authors' own input, and a
-   candidate for the CRF input (:func:`skimage_upsample`, the grid resized as scikit-image
+   candidate for the CRF input (:func:`vitpcm.models.predict.upsample_skimage`, the grid resized as scikit-image
    does).
 
 Writes ``benchmarks/results/keras_infer.json`` (raw numbers per image and arch) and prints a
@@ -225,26 +225,6 @@ def run_vitpcm(run: Path, data: Path, out: Path, extra: Sequence[str] = ()) -> D
 # --- comparison ----------------------------------------------------------------------------
 
 
-def skimage_upsample(grid: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """``[C, h, w]`` -> ``[C, H, W]`` as scikit-image's ``resize(order=1, mode="reflect")``
-    upsamples (the authors' ``resize`` of a numpy array): pixel centres, source
-    ``(i + 0.5) h / H - 0.5``, mirrored about the first and last centre (``-s``, ``2 (h-1) - s``)
-    instead of clamped, then linear. A candidate for the authors' CRF input (it is not vitpcm's)."""
-    out = grid.double()
-    for axis, (n_in, n_out) in zip((1, 2), zip(grid.shape[1:], size)):
-        s = (torch.arange(n_out, dtype=torch.float64) + 0.5) * n_in / n_out - 0.5
-        s = torch.where(s < 0, -s, s)
-        s = torch.where(s > n_in - 1, 2 * (n_in - 1) - s, s).clamp(0, n_in - 1)
-        i0 = s.floor().long().clamp(max=n_in - 2) if n_in > 1 else torch.zeros_like(s).long()
-        t = (s - i0) if n_in > 1 else torch.zeros_like(s)
-        a = out.index_select(axis, i0)
-        b = out.index_select(axis, (i0 + 1).clamp(max=n_in - 1))
-        shape = [1, 1, 1]
-        shape[axis] = n_out
-        out = a + (b - a) * t.reshape(shape)
-    return out.float()
-
-
 def pct_equal(a: np.ndarray, b: np.ndarray) -> float:
     return float((a == b).mean() * 100.0)
 
@@ -286,7 +266,7 @@ def diagnose(run: Path, data: Path, ref: Dict[str, Dict[str, np.ndarray]], size:
     from vitpcm.data.transforms import EvalTransform, TagRule
     from vitpcm.images import decode_image
     from vitpcm.io import read_mask_png
-    from vitpcm.models.predict import upsample
+    from vitpcm.models.predict import upsample, upsample_skimage
     from vitpcm.models.vitpcm import merge_class_labels
 
     model, _ = vitpcm.load_run(run)
@@ -295,7 +275,7 @@ def diagnose(run: Path, data: Path, ref: Dict[str, Dict[str, np.ndarray]], size:
     transform = EvalTransform(size, align_corners=bool(cfg.input.align_corners))
     out = {}
     for name, r in ref.items():
-        image = decode_image(data / "JPEGImages" / f"{name}.jpg")[0]
+        image = decode_image(data / "JPEGImages" / f"{name}.jpg", str(cfg.data.jpeg_decoder))[0]  # as infer reads it
         mask = torch.from_numpy(read_mask_png(data / "SegmentationClass" / f"{name}.png").astype(np.int64))
         labels = torch.zeros(21)
         labels[[v for v in mask.unique().tolist() if v < 21]] = 1.0
@@ -318,7 +298,7 @@ def diagnose(run: Path, data: Path, ref: Dict[str, Dict[str, np.ndarray]], size:
         row["authors_grid_upsampled_align_corners_vs_their_probs"] = float(
             np.abs(upsample(grid, (h, w), True).numpy() - r["probs"]).max())  # fmt: skip
         row["authors_grid_upsampled_skimage_like_vs_their_crf_in"] = float(
-            np.abs(skimage_upsample(grid, (h, w)).numpy() - r["crf_in"]).max())  # fmt: skip
+            np.abs(upsample_skimage(grid, (h, w)).numpy() - r["crf_in"]).max())  # fmt: skip
         row["their_probs_vs_their_crf_in"] = float(np.abs(r["probs"] - r["crf_in"]).max())
         row["their_crf_in_absent_channels_max"] = float(r["crf_absent_max"])
         out[name] = row

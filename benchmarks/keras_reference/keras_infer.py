@@ -48,7 +48,6 @@ import argparse
 import os
 import sys
 import tempfile
-import types
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -56,39 +55,6 @@ os.environ["TF_USE_LEGACY_KERAS"] = "1"  # tensorflow.keras -> tf_keras, as Kera
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
-
-
-def import_authors(path: str):
-    """The authors' ``model``, ``utils``, ``dataloader`` modules, ``vit_keras`` / ``tensorflow_addons`` stubbed."""
-    sys.path.insert(0, str(HERE))
-    sys.path.insert(0, str(Path(path).resolve()))
-    vit_keras = types.ModuleType("vit_keras")
-    vit_keras.vit = types.ModuleType("vit_keras.vit")  # their ViT() builder is not used: build_backbone is
-    sys.modules.setdefault("vit_keras", vit_keras)
-    sys.modules.setdefault("vit_keras.vit", vit_keras.vit)
-    tfa = types.ModuleType("tensorflow_addons")
-    tfa.metrics = types.SimpleNamespace(F1Score=lambda *a, **k: None)  # VITPCM.__init__ builds two; unused here
-    sys.modules.setdefault("tensorflow_addons", tfa)
-    import dataloader as authors_data  # noqa: E402  (their dataloader.py)
-    import model as authors_model  # noqa: E402  (their model.py)
-    import utils as authors_utils  # noqa: E402  (their utils.py)
-
-    return authors_model, authors_utils, authors_data
-
-
-def build(authors_model, U, kv, arch: dict, config):
-    """Their ``get_model`` on ``build_backbone`` instead of their vit_keras ``ViT()``."""
-    backbone = kv.build_backbone(arch)
-    features = U.p2i(backbone.output)
-    features = authors_model.HVBiLSTM(hidden_dim=arch["lstm_hidden"], dropout=config.SOLVER.DROPOUT,
-                                      name="patch_conditioning")(features)  # fmt: skip
-    output = authors_model.PC(num_categories=config.DATASET.NUM_CLASSES, dropout=config.SOLVER.DROPOUT,
-                              name="patch_classifier")(features)  # fmt: skip
-    model = authors_model.VITPCM(inputs=backbone.input, outputs=output, config=config, name="vit_pcm")
-    model.show = lambda: None
-    return model
 
 
 def write_records(data: Path, split: str, records: Path) -> None:
@@ -138,8 +104,9 @@ def main() -> None:
     if not (args.h5 or args.h5_in):
         sys.exit("give --h5 (random weights written there) or --h5-in (weights read from there)")
 
-    authors_model, U, D = import_authors(args.authors)
-    import keras_vitpcm as kv  # noqa: E402
+    import keras_vitpcm as kv  # noqa: E402  (beside this script)
+
+    authors_model, U, D = kv.import_authors(args.authors)
     import tf_keras as keras  # noqa: E402
     from omegaconf import OmegaConf  # noqa: E402
 
@@ -160,11 +127,11 @@ def main() -> None:
     keras.utils.set_random_seed(args.seed)
     h5 = args.h5_in
     if not h5:
-        made = build(authors_model, U, kv, arch, config)
+        made = kv.build_authors_vitpcm(authors_model, U, arch, config, dropout=config.SOLVER.DROPOUT)
         kv.randomise(made, args.seed, args.classifier_std)
         made.save_weights(args.h5)
         h5 = args.h5
-    model = build(authors_model, U, kv, arch, config)
+    model = kv.build_authors_vitpcm(authors_model, U, arch, config, dropout=config.SOLVER.DROPOUT)
     before = [w.numpy().copy() for w in model.weights]
     model.load_weights(h5, by_name=True, skip_mismatch=True)  # get_model
     model.trainable = False

@@ -49,7 +49,6 @@ import argparse
 import os
 import sys
 import time
-import types
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -58,7 +57,6 @@ os.environ["TF_USE_LEGACY_KERAS"] = "1"  # tensorflow.keras -> tf_keras, as Kera
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
 LOSS_KEYS = ("bce_loss", "reg_loss", "cce_loss", "loss")
 
 
@@ -67,23 +65,6 @@ def logical_cpus(n: int) -> list:
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(n)])
     return [d.name for d in tf.config.list_logical_devices("CPU")]
-
-
-def import_authors(path: str):
-    """The authors' ``model`` and ``utils`` modules, with ``vit_keras`` / ``tensorflow_addons`` stubbed."""
-    sys.path.insert(0, str(HERE))
-    sys.path.insert(0, str(Path(path).resolve()))
-    vit_keras = types.ModuleType("vit_keras")
-    vit_keras.vit = types.ModuleType("vit_keras.vit")  # their ViT() builder is not used: build_backbone is
-    sys.modules.setdefault("vit_keras", vit_keras)
-    sys.modules.setdefault("vit_keras.vit", vit_keras.vit)
-    tfa = types.ModuleType("tensorflow_addons")
-    tfa.metrics = types.SimpleNamespace(F1Score=lambda *a, **k: None)  # VITPCM.__init__ builds two; dropped
-    sys.modules.setdefault("tensorflow_addons", tfa)
-    import model as authors_model  # noqa: E402  (their model.py)
-    import utils as authors_utils  # noqa: E402  (their utils.py)
-
-    return authors_model, authors_utils
 
 
 def main() -> None:
@@ -105,8 +86,9 @@ def main() -> None:
     args = p.parse_args()
 
     devices = logical_cpus(args.replicas)
-    authors_model, U = import_authors(args.authors)
     import keras_vitpcm as kv  # noqa: E402
+
+    authors_model, U, _ = kv.import_authors(args.authors)
     import tf_keras as keras  # noqa: E402
     from omegaconf import OmegaConf  # noqa: E402
 
@@ -133,15 +115,8 @@ def main() -> None:
 
     with strategy.scope():
         # their get_model, on build_backbone instead of their vit_keras ViT(); dropout 0
-        backbone = kv.build_backbone(arch, dropout=0.0)
-        features = U.p2i(backbone.output)
-        features = authors_model.HVBiLSTM(hidden_dim=arch["lstm_hidden"], dropout=0.0, name="patch_conditioning")(
-            features
-        )
-        output = authors_model.PC(num_categories=classes, dropout=0.0, name="patch_classifier")(features)
-        model = authors_model.VITPCM(inputs=backbone.input, outputs=output, config=config, name="vit_pcm")
+        model = kv.build_authors_vitpcm(authors_model, U, arch, config, dropout=0.0, backbone_dropout=0.0)
         model.metrics_list = []  # their compute_metrics: nothing to update
-        model.show = lambda: None  # (their summary printout after (un)freezing)
     kv.randomise(model, args.seed, args.classifier_std)
     model.save_weights(str(out / "init.h5"))
 

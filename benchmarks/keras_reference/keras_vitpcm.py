@@ -233,6 +233,50 @@ def build_vitpcm(arch: dict, num_classes: int) -> keras.Model:
     return keras.Model(inputs=backbone.input, outputs=out, name="vit_pcm")
 
 
+# --- the authors' own modules (deepplants/ViT-PCM, from a path; never copied here) -------
+
+
+def import_authors(path: str):
+    """The authors' ``model``, ``utils`` and ``dataloader`` modules from their checkout at
+    ``path``, with ``vit_keras`` (their ViT: :func:`build_backbone` stands in) and
+    ``tensorflow_addons`` (dead on TF 2.21; ``VITPCM.__init__`` builds two F1 metrics) stubbed.
+    Returns ``(model, utils, dataloader)``."""
+    import sys
+    import types
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(Path(path).resolve()))
+    vit_keras = types.ModuleType("vit_keras")
+    vit_keras.vit = types.ModuleType("vit_keras.vit")
+    sys.modules.setdefault("vit_keras", vit_keras)
+    sys.modules.setdefault("vit_keras.vit", vit_keras.vit)
+    tfa = types.ModuleType("tensorflow_addons")
+    tfa.metrics = types.SimpleNamespace(F1Score=lambda *a, **k: None)
+    sys.modules.setdefault("tensorflow_addons", tfa)
+    import dataloader as authors_data  # their dataloader.py
+    import model as authors_model  # their model.py
+    import utils as authors_utils  # their utils.py
+
+    return authors_model, authors_utils, authors_data
+
+
+def build_authors_vitpcm(authors_model, authors_utils, arch: dict, config, dropout: float,
+                         backbone_dropout: float = 0.1):  # fmt: skip
+    """Their ``get_model`` (``VITPCM`` of their ``HVBiLSTM`` and ``PC``, ``dropout`` in the
+    head) on :func:`build_backbone` (``backbone_dropout``, vit-keras's 0.1) instead of their
+    vit_keras ``ViT()``."""
+    backbone = build_backbone(arch, dropout=backbone_dropout)
+    features = authors_utils.p2i(backbone.output)
+    features = authors_model.HVBiLSTM(hidden_dim=arch["lstm_hidden"], dropout=dropout,
+                                      name="patch_conditioning")(features)  # fmt: skip
+    output = authors_model.PC(num_categories=config.DATASET.NUM_CLASSES, dropout=dropout,
+                              name="patch_classifier")(features)  # fmt: skip
+    model = authors_model.VITPCM(inputs=backbone.input, outputs=output, config=config, name="vit_pcm")
+    model.show = lambda: None  # (their summary printout after (un)freezing)
+    return model
+
+
 # --- weights, inputs, reference outputs ----------------------------------------------------
 
 
