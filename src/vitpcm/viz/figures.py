@@ -148,32 +148,7 @@ def figure_best_grid(
     shown as image | mask, ``columns`` items per row; one legend for every class shown."""
     if not items:
         raise ValueError("figure_best_grid needs at least one item")
-    columns = max(1, min(columns, len(items)))
-    nrows = math.ceil(len(items) / columns)
-    aspect = max(im.shape[0] / max(im.shape[1], 1) for _, im, _ in items)
-    fig = _figure(panel * 2 * columns, nrows * (panel * aspect + 0.35) + 0.9)
-    axes = fig.subplots(nrows, 2 * columns, squeeze=False)
-    values: set = set()
-    for i, ax in enumerate(axes.flat):
-        ax.set_axis_off()
-        item, side = divmod(i % (2 * columns), 2)
-        k = (i // (2 * columns)) * columns + item
-        if k >= len(items):
-            continue
-        caption, image, mask = items[k]
-        if side == 0:
-            ax.imshow(image)
-            ax.set_title(caption, fontsize=7, loc="left")
-        else:
-            ax.imshow(colorize(mask), interpolation="nearest")
-            values |= set(np.unique(mask).tolist())
-    fig.legend(handles=_legend_handles(sorted(values), class_names), loc="lower center",
-               ncol=min(len(values), 8), fontsize=7, frameon=False)  # fmt: skip
-    if title:
-        fig.suptitle(title, fontsize=9)
-    top = 1 - 0.45 / (nrows * (panel * aspect + 0.35) + 0.9)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.5 / fig.get_figheight(), top=top, wspace=0.04, hspace=0.25)
-    return save_figure(fig, path)
+    return _image_mask_grid([(c, im, (m,)) for c, im, m in items], class_names, path, columns, title, panel)
 
 
 def figure_triplet_grid(
@@ -189,27 +164,41 @@ def figure_triplet_grid(
     legend for every class shown (the report's worst images)."""
     if not items:
         raise ValueError("figure_triplet_grid needs at least one item")
+    return _image_mask_grid([(c, im, (gt, pred)) for c, im, gt, pred in items], class_names, path, columns, title,
+                            panel)  # fmt: skip
+
+
+def _image_mask_grid(
+    items: Sequence[tuple[str, np.ndarray, Sequence[np.ndarray]]],
+    class_names: Sequence[str],
+    path: str | Path,
+    columns: int,
+    title: str,
+    panel: float,
+) -> Path:
+    """``(caption, image, masks)`` items as image | mask | ... panels, ``columns`` items per
+    row, the caption over the image; one legend for the classes shown (255 left out)."""
+    per = 1 + len(items[0][2])
     columns = max(1, min(columns, len(items)))
     nrows = math.ceil(len(items) / columns)
-    aspect = max(im.shape[0] / max(im.shape[1], 1) for _, im, _, _ in items)
+    aspect = max(im.shape[0] / max(im.shape[1], 1) for _, im, _ in items)
     height = nrows * (panel * aspect + 0.35) + 0.9
-    fig = _figure(panel * 3 * columns, height)
-    axes = fig.subplots(nrows, 3 * columns, squeeze=False)
+    fig = _figure(panel * per * columns, height)
+    axes = fig.subplots(nrows, per * columns, squeeze=False)
     values: set = set()
     for i, ax in enumerate(axes.flat):
         ax.set_axis_off()
-        item, side = divmod(i % (3 * columns), 3)
-        k = (i // (3 * columns)) * columns + item
+        item, side = divmod(i % (per * columns), per)
+        k = (i // (per * columns)) * columns + item
         if k >= len(items):
             continue
-        caption, image, gt, pred = items[k]
+        caption, image, masks = items[k]
         if side == 0:
             ax.imshow(image)
             ax.set_title(caption, fontsize=7, loc="left")
         else:
-            mask = gt if side == 1 else pred
-            ax.imshow(colorize(mask), interpolation="nearest")
-            values |= set(np.unique(mask).tolist()) - {255}
+            ax.imshow(colorize(masks[side - 1]), interpolation="nearest")
+            values |= set(np.unique(masks[side - 1]).tolist()) - {255}
     fig.legend(handles=_legend_handles(sorted(values), class_names), loc="lower center",
                ncol=min(max(len(values), 1), 8), fontsize=7, frameon=False)  # fmt: skip
     if title:
