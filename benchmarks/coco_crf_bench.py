@@ -45,7 +45,9 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from vitpcm.images import load_rgb  # noqa: E402
 from vitpcm.io import save_mask_png  # noqa: E402
-from vitpcm.postprocess.crf import CRFParams, crf_labels, load_probs, run_crf  # noqa: E402
+from vitpcm.postprocess.crf import CRFParams, crf_labels  # noqa: E402
+from vitpcm.postprocess.crf_runner import run_crf  # noqa: E402
+from vitpcm.postprocess.probs_file import load_probs  # noqa: E402
 from vitpcm.stages.bench import PeakMemory, machine_info  # noqa: E402
 from vitpcm.stages.bench_crf import (  # noqa: E402
     COCO_CLASSES,

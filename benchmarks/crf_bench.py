@@ -19,7 +19,7 @@ with ``vitpcm bench``, which times both paths end to end with process start).
 * ``authors``: the same one image after another in one process (the second column: a
   speed-up against it contains the cores). (Their resize of the patch grid to the image size is left out: vitpcm
   does it in ``vitpcm infer``, so both paths start from full-size probabilities.)
-* ``present_w1`` / ``present_w2``: ``vitpcm.postprocess.crf.run_crf`` (present classes only)
+* ``present_w1`` / ``present_w2``: ``vitpcm.postprocess.crf_runner.run_crf`` (present classes only)
   with 1 and 2 worker processes, reading the same files and writing the same PNGs.
 * agreement: share of pixels where the present-only mask equals the all-channel mask.
 
@@ -55,7 +55,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from vitpcm.io import save_mask_png  # noqa: E402
-from vitpcm.postprocess.crf import CRFParams, run_crf  # noqa: E402
+from vitpcm.postprocess.crf import CRFParams  # noqa: E402
+from vitpcm.postprocess.crf_runner import run_crf  # noqa: E402
 from vitpcm.stages.bench_crf import VOC_CLASSES, agreement, run_authors  # noqa: E402
 from vitpcm.stages.bench_crf import make_crf_inputs as make_dataset  # noqa: E402
 from vitpcm.utils.system import cpu_count  # noqa: E402
@@ -109,7 +110,8 @@ def profile(probs_dir: Path, images_dir: Path, names: List[str], num_classes: in
 
     from vitpcm.images import load_rgb
     from vitpcm.io import find_image
-    from vitpcm.postprocess.crf import load_probs, unary_energy
+    from vitpcm.postprocess.crf import unary_energy
+    from vitpcm.postprocess.probs_file import load_probs
 
     steps: Dict[str, Dict[str, float]] = {"present": {}, "all_channels": {}}
 

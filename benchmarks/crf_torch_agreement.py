@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from vitpcm.crf_params import CRFParams  # noqa: E402
 from vitpcm.images import load_rgb  # noqa: E402
-from vitpcm.postprocess.crf import dense_crf, load_probs  # noqa: E402
+from vitpcm.postprocess.crf import dense_crf  # noqa: E402
+from vitpcm.postprocess.probs_file import load_probs  # noqa: E402
 from vitpcm.stages.bench_crf import COCO_CLASSES, COCO_SIZES, VOC_CLASSES, VOC_SIZES, make_crf_inputs  # noqa: E402
 
 

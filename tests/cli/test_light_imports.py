@@ -20,7 +20,7 @@ def _loaded_after(code: str) -> list:
 
 
 def test_light_stages_import_no_torch_timm_matplotlib():
-    code = "import vitpcm.stages.evaluate, vitpcm.stages.refine, vitpcm.evaluation, vitpcm.postprocess.crf, vitpcm.viz.figures"
+    code = "import vitpcm.stages.evaluate, vitpcm.stages.refine, vitpcm.evaluation, vitpcm.postprocess.crf, vitpcm.postprocess.crf_runner, vitpcm.postprocess.probs_file, vitpcm.viz.figures"
     assert _loaded_after(code) == []
 
 

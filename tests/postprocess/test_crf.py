@@ -14,7 +14,8 @@ from PIL import Image
 from vitpcm.cli import main
 from vitpcm.errors import VitpcmError
 from vitpcm.io import read_mask_png, save_npz_atomic
-from vitpcm.postprocess.crf import CRFParams, crf_labels, dense_crf, run_crf
+from vitpcm.postprocess.crf import CRFParams, crf_labels, dense_crf
+from vitpcm.postprocess.crf_runner import run_crf
 
 
 def _scene(seed: int, h: int = 36, w: int = 48, classes=(0, 3, 7)):

@@ -21,7 +21,8 @@ from tests.postprocess.test_crf import _scene, _write_folder
 from vitpcm.cli import main
 from vitpcm.errors import VitpcmError
 from vitpcm.io import atomic_path, read_mask_png, save_npz_atomic
-from vitpcm.postprocess.crf import crf_labels, crf_labels_bounded, run_crf
+from vitpcm.postprocess.crf import crf_labels, crf_labels_bounded
+from vitpcm.postprocess.crf_runner import run_crf
 from vitpcm.utils.pools import budget_workers, memory_budget, parse_size, process_pool
 from vitpcm.utils.shard import Shard, done_marker, wait_for_ranks, write_done
 

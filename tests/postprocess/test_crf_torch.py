@@ -9,7 +9,8 @@ from tests.postprocess.test_crf import _direct, _scene, _write_folder
 
 from vitpcm.errors import VitpcmError
 from vitpcm.io import read_mask_png, save_npz_atomic
-from vitpcm.postprocess.crf import CRFParams, dense_crf, run_crf, settings_key
+from vitpcm.postprocess.crf import CRFParams, dense_crf
+from vitpcm.postprocess.crf_runner import run_crf, settings_key
 from vitpcm.postprocess.crf_torch import PermutohedralLattice, dense_crf_batch, dense_crf_tensor, smooth_exact
 
 TORCH = CRFParams(backend="torch")
@@ -191,7 +192,7 @@ def test_keys_that_do_not_pack_fall_back_to_pydensecrf(caplog):
 
 
 def test_the_memory_budget_counts_the_torch_backend_heavier():
-    from vitpcm.postprocess.crf import crf_memory
+    from vitpcm.postprocess.crf_runner import crf_memory
 
     shape = (3, 1000, 1000, 1000, 1000)
     pyd, tor = crf_memory(shape, 0), crf_memory(shape, 0, "torch")

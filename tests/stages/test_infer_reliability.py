@@ -21,7 +21,7 @@ import vitpcm.stages.infer as infer_mod
 from vitpcm.cli import main
 from vitpcm.errors import VitpcmError
 from vitpcm.io import read_mask_png
-from vitpcm.postprocess.crf import load_probs, read_probs
+from vitpcm.postprocess.probs_file import load_probs, read_probs
 from vitpcm.stages.infer import infer
 
 VAL = [f"val_{i:05d}" for i in range(6)]

@@ -3,7 +3,7 @@
 On a GPU (``crf.backend=auto`` or ``torch``), each inference batch is refined on the device
 right after the forward, from the probabilities already there: no npz read back, no process
 pool. :class:`DeviceCRF` writes ``crf/NAME.png`` with the stamp of the CRF stage (the same
-key as ``vitpcm crf --backend torch``: :func:`vitpcm.postprocess.crf.settings_key`), after
+key as ``vitpcm crf --backend torch``: :func:`vitpcm.postprocess.crf_runner.settings_key`), after
 the image's npz, so the CRF stage chained after inference finds these masks finished and
 refines only what the pass left out: images whose probabilities are stored smaller than
 the image (``infer.max_side``) or larger than ``crf.max_pixels`` (solved there at a
@@ -27,7 +27,7 @@ import torch
 from vitpcm.crf_params import CRFParams
 from vitpcm.images import load_rgb
 from vitpcm.io import save_mask_png
-from vitpcm.postprocess.crf import settings_key
+from vitpcm.postprocess.crf_runner import settings_key
 from vitpcm.postprocess.crf_torch import LatticeKeyError, dense_crf_batch
 from vitpcm.utils.stamps import stamp
 

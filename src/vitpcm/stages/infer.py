@@ -60,10 +60,11 @@ from vitpcm.engine.checkpoint import find_run_checkpoint
 from vitpcm.engine.distributed import Dist, all_reduce_sum, gather_objects, stage_group
 from vitpcm.errors import VitpcmError
 from vitpcm.evaluation import ConfusionMatrix
-from vitpcm.io import labels_from_mask, read_mask_png, save_mask_png, save_npz_atomic, write_text_atomic
+from vitpcm.io import labels_from_mask, read_mask_png, save_mask_png, write_text_atomic
 from vitpcm.models.backbone import resolve_normalisation
 from vitpcm.models.predict import image_outputs, predict_tta, tta_sizes
 from vitpcm.models.vitpcm import ViTPCM, merge_class_labels
+from vitpcm.postprocess.probs_file import read_pooled, write_probs
 from vitpcm.runs import PseudoLayout, RunLayout, run_of_checkpoint
 from vitpcm.stages.crf_pass import DeviceCRF
 from vitpcm.stages.load import load_model
@@ -335,15 +336,8 @@ def _stored_tag_scores(dataset: Any, name: str, files: PseudoLayout, mask: Optio
     """A finished image's ``(pooled [C], tags [C])`` for the tag quality: the scores from its
     npz (absent in files of older versions: then it is left out), the tags from the tag file
     or its mask."""
-    npz = files.probs / f"{name}.npz"
-    if not npz.is_file():
-        return
-    try:
-        with np.load(npz) as z:
-            if "pooled" not in z.files:
-                return
-            pooled = z["pooled"].astype(np.float32)
-    except (OSError, ValueError):
+    pooled = read_pooled(files.probs / f"{name}.npz")
+    if pooled is None:
         return
     tags = dataset.file_tags(name)
     if tags is None and mask is not None:
@@ -384,7 +378,7 @@ def _write_outputs(files: PseudoLayout, name: str, mask: np.ndarray, probs: Opti
     """One image's files: the npz first, then the PNG (a PNG implies its npz), then the CRF
     mask of the one-pass CRF (newer than its npz: the CRF stage sees it finished)."""
     if probs is not None:
-        save_npz_atomic(files.probs / f"{name}.npz", **probs)
+        write_probs(files.probs / f"{name}.npz", **probs)
     save_mask_png(files.masks / f"{name}.png", mask, text)
     if crf_pass is not None and crf_mask is not None:
         crf_pass.write(name, crf_mask)

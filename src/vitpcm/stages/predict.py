@@ -50,10 +50,11 @@ from vitpcm.data.transforms import MultiScaleTransform, transforms_on_device
 from vitpcm.engine.checkpoint import find_run_checkpoint
 from vitpcm.engine.distributed import Dist, barrier, gather_objects, stage_group
 from vitpcm.errors import VitpcmError
-from vitpcm.io import read_classes, read_mask_png, save_mask_png, save_npz_atomic, write_json_atomic, write_text_atomic
+from vitpcm.io import read_classes, read_mask_png, save_mask_png, write_json_atomic, write_text_atomic
 from vitpcm.models.backbone import resolve_normalisation
 from vitpcm.models.predict import image_outputs, predict_tta, tags_from_scores, tta_sizes
 from vitpcm.models.vitpcm import merge_class_labels
+from vitpcm.postprocess.probs_file import write_probs
 from vitpcm.runs import PredictLayout, RunLayout, run_of_checkpoint
 from vitpcm.stages.infer import check_scale, speed_settings
 from vitpcm.stages.load import load_model
@@ -429,7 +430,7 @@ def _predict_batch(
 def _write_outputs(target: PredictLayout, name: str, mask: np.ndarray, probs: Dict[str, np.ndarray],
                    text: Dict[str, str]) -> None:  # fmt: skip
     """One image's files: the npz first, then the PNG (a PNG implies its npz)."""
-    save_npz_atomic(target.probs / f"{name}.npz", **probs)
+    write_probs(target.probs / f"{name}.npz", **probs)
     save_mask_png(target.masks / f"{name}.png", mask, text)
 
 

@@ -20,7 +20,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 from vitpcm.crf_params import CRFParams
 from vitpcm.errors import VitpcmError
 from vitpcm.evaluation import evaluate_folders, names_from_split_file
-from vitpcm.postprocess.crf import run_crf
+from vitpcm.postprocess.crf_runner import run_crf
 from vitpcm.runs import PseudoLayout, RunLayout
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -79,7 +79,7 @@ def refine_folders(
         overwrite: recompute masks that are already done.
         image_paths: ``{name: image file}`` instead of ``images``.
         device: where ``crf.backend=torch`` computes (``cpu`` / ``cuda``); ``auto`` picks
-            torch on a CUDA device (:func:`vitpcm.postprocess.crf.run_crf`).
+            torch on a CUDA device (:func:`vitpcm.postprocess.crf_runner.run_crf`).
 
     Returns the summary (also written to ``out/summary.json``): ``computed``, ``skipped``,
     ``workers``, ``seconds``, ``params``, ...
@@ -114,7 +114,7 @@ def refine_pseudo(
     inference device (``crf.backend=auto`` means torch on a CUDA one).
 
     Under torchrun (``RANK`` / ``WORLD_SIZE``) each rank refines its share of the images
-    (:func:`vitpcm.postprocess.crf.run_crf`); rank 0 returns once all are done and scores
+    (:func:`vitpcm.postprocess.crf_runner.run_crf`); rank 0 returns once all are done and scores
     the whole folder, the other ranks return their own counts without a score.
 
     Returns ``{"out", "seconds", "workers", "computed", "skipped", "reduced"}`` and ``miou``

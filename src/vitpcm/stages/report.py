@@ -88,7 +88,7 @@ def _split_section(
     'cms': {label: ConfusionMatrix} or None, 'names': the names scored}."""
     from vitpcm.evaluation import evaluate_folders, published_row
     from vitpcm.images import load_rgb
-    from vitpcm.postprocess.crf import load_probs
+    from vitpcm.postprocess.probs_file import load_probs
     from vitpcm.stages.evaluate import write_evaluation_files
     from vitpcm.stages.tag_quality import read_tag_quality
     from vitpcm.viz import html as page

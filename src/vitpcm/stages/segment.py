@@ -39,7 +39,8 @@ from omegaconf import DictConfig
 
 from vitpcm.config import to_yaml
 from vitpcm.errors import VitpcmError
-from vitpcm.io import format_names, read_mask_png, save_mask_png, save_npz_atomic
+from vitpcm.io import format_names, read_mask_png, save_mask_png
+from vitpcm.postprocess.probs_file import write_probs
 from vitpcm.runs import PseudoLayout, RunLayout
 from vitpcm.stages.crf_pass import DeviceCRF
 from vitpcm.utils.folders import output_folders
@@ -351,8 +352,11 @@ def _segment_infer(
                 name = batch["name"][0]
                 keep = _keep_classes(probs, mask, threshold)
                 # the npz first, then the stamped PNG: a PNG implies its npz
-                save_npz_atomic(files.probs / f"{name}.npz", probs=probs[keep].cpu().numpy().astype(np.float32),
-                                classes=keep.cpu().numpy().astype(np.int64))  # fmt: skip
+                write_probs(
+                    files.probs / f"{name}.npz",
+                    probs[keep].cpu().numpy().astype(np.float32),
+                    keep.cpu().numpy().astype(np.int64),
+                )
                 pred = mask.to(torch.uint8).cpu().numpy()
                 save_mask_png(files.masks / f"{name}.png", pred, text)
                 if crf_pass is not None:  # after its npz: the CRF stage finds it finished
