@@ -49,7 +49,8 @@ _EXPORTS: Dict[str, str] = {
     "infer": "vitpcm.stages.infer",
     "predict": "vitpcm.stages.predict",
     "run_inference": "vitpcm.stages.infer",  # the name of `infer` before the stages existed
-    "refine": "vitpcm.stages.refine",
+    "crf": "vitpcm.stages.crf",
+    "refine": "vitpcm.stages.crf",  # the name of `crf` before it was named as the command
     "evaluate": "vitpcm.stages.evaluate",
     "report": "vitpcm.stages.report",
     "demo": "vitpcm.stages.demo",

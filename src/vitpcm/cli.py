@@ -111,12 +111,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_crf(args: argparse.Namespace) -> int:
-    from vitpcm.stages.refine import refine_folders
+    from vitpcm.stages.crf import crf_folders
 
     overrides = list(args.overrides) + ([f"crf.backend={args.backend}"] if args.backend else [])
-    s = refine_folders(args.probs, args.images, args.out, overrides=overrides, workers=args.workers,
-                       split_file=args.split_file, overwrite=args.overwrite, progress=not args.quiet,
-                       device=args.device)  # fmt: skip
+    s = crf_folders(args.probs, args.images, args.out, overrides=overrides, workers=args.workers,
+                    split_file=args.split_file, overwrite=args.overwrite, progress=not args.quiet,
+                    device=args.device)  # fmt: skip
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all ranks
         return 0
     print(f"wrote {s['computed']} CRF masks to {s['out']} ({s['skipped']} already done;"

@@ -20,7 +20,7 @@ def _loaded_after(code: str) -> list:
 
 
 def test_light_stages_import_no_torch_timm_matplotlib():
-    code = "import vitpcm.stages.evaluate, vitpcm.stages.refine, vitpcm.evaluation, vitpcm.postprocess.crf, vitpcm.postprocess.crf_runner, vitpcm.postprocess.probs_file, vitpcm.viz.figures"
+    code = "import vitpcm.stages.evaluate, vitpcm.stages.crf, vitpcm.evaluation, vitpcm.postprocess.crf, vitpcm.postprocess.crf_runner, vitpcm.postprocess.probs_file, vitpcm.viz.figures"
     assert _loaded_after(code) == []
 
 
@@ -39,10 +39,10 @@ def test_evaluating_and_refining_folders_import_no_torch(tmp_path):
     code = f"""
 from pathlib import Path
 from vitpcm.stages.evaluate import evaluate
-from vitpcm.stages.refine import refine_folders
+from vitpcm.stages.crf import crf_folders
 root = Path({str(tmp_path)!r})
 evaluate([str(root / "pred")], root / "gt", ["bg", "a"], json_path=root / "e.json", progress=False)
-refine_folders(root / "probs", root / "images", root / "crf", workers=1, progress=False)
+crf_folders(root / "probs", root / "images", root / "crf", workers=1, progress=False)
 assert len(list((root / "crf").glob("*.png"))) == 2
 """
     assert _loaded_after(code) == []

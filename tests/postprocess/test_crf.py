@@ -213,11 +213,11 @@ def test_a_killed_run_leaves_complete_pngs_and_resumes(tmp_path):
 
 
 def test_refine_stage_of_a_run_and_its_overrides(tiny_run):
-    """`vitpcm.stages.refine`: the CRF of RUN/pseudo/SPLIT (as `vitpcm infer --crf` chains it);
+    """`vitpcm.stages.crf`: the CRF of RUN/pseudo/SPLIT (as `vitpcm infer --crf` chains it);
     finished masks are kept, and the score is the one infer wrote."""
     import json
 
-    from vitpcm.stages.refine import crf_params_from_overrides, refine
+    from vitpcm.stages.crf import crf_params_from_overrides, refine
 
     result = refine(tiny_run, "val", overrides=["crf.workers=1"], progress=False)
     saved = json.loads((tiny_run / "pseudo/val/summary.json").read_text())
@@ -230,11 +230,11 @@ def test_refine_stage_of_a_run_and_its_overrides(tiny_run):
 
 
 def test_refine_folders_takes_the_cli_overrides(tmp_path):
-    from vitpcm.stages.refine import refine_folders
+    from vitpcm.stages.crf import crf_folders
 
     _write_folder(tmp_path, 2)
-    s = refine_folders(tmp_path / "probs", tmp_path / "images", tmp_path / "o", overrides=["crf.iterations=2", "crf.workers=1"],
-                       progress=False)  # fmt: skip
+    s = crf_folders(tmp_path / "probs", tmp_path / "images", tmp_path / "o", overrides=["crf.iterations=2", "crf.workers=1"],
+                    progress=False)  # fmt: skip
     assert (s["computed"], s["workers"], s["params"]["iterations"]) == (2, 1, 2)
     with pytest.raises(VitpcmError, match=r"crf.\* overrides only"):
-        refine_folders(tmp_path / "probs", tmp_path / "images", tmp_path / "o", overrides=["train.epochs=3"])
+        crf_folders(tmp_path / "probs", tmp_path / "images", tmp_path / "o", overrides=["train.epochs=3"])

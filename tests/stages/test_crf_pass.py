@@ -16,9 +16,9 @@ import vitpcm.stages.crf_pass as crf_pass_mod
 from vitpcm.config import load_config
 from vitpcm.io import read_mask_png
 from vitpcm.postprocess.crf import CRFParams, crf_labels
+from vitpcm.stages.crf import crf_folders
 from vitpcm.stages.crf_pass import DeviceCRF
 from vitpcm.stages.infer import infer
-from vitpcm.stages.refine import refine_folders
 from vitpcm.utils.stamps import read_stamp
 
 
@@ -35,8 +35,8 @@ def test_the_pass_writes_the_crf_stages_masks(run, tmp_path, synth_root):
     assert first["crf_pass"] == {"on_device": 6, "left_to_the_stage": 0, "on_cpu_after_oom": 0}
     assert (first["crf"]["computed"], first["crf"]["skipped"]) == (0, 6)  # the stage found them finished
     # the same masks and stamps as the CRF stage computes from the npz files
-    files = refine_folders(out / "probs", synth_root / "JPEGImages", tmp_path / "stage",
-                           params=CRFParams(backend="torch"), workers=1, progress=False)  # fmt: skip
+    files = crf_folders(out / "probs", synth_root / "JPEGImages", tmp_path / "stage",
+                        params=CRFParams(backend="torch"), workers=1, progress=False)  # fmt: skip
     assert files["computed"] == 6 and files["backend"] == "torch"
     for png in sorted((out / "crf").glob("*.png")):
         np.testing.assert_array_equal(read_mask_png(png), read_mask_png(tmp_path / "stage" / png.name))

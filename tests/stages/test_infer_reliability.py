@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import vitpcm.stages.infer as infer_mod
+import vitpcm.stages.mask_writer as mask_writer_mod
 from vitpcm.cli import main
 from vitpcm.errors import VitpcmError
 from vitpcm.io import read_mask_png
@@ -64,7 +64,7 @@ def test_a_run_killed_between_npz_and_png_resumes_to_the_same_files(run, tmp_pat
     """The npz of an image is written before its PNG: a PNG always has its npz, and a rerun
     computes exactly the images without a PNG."""
     out = tmp_path / "o"
-    real = infer_mod.save_mask_png
+    real = mask_writer_mod.save_mask_png
     calls = []
 
     def killed_at_the_fourth_png(path, mask, text=None):
@@ -73,7 +73,7 @@ def test_a_run_killed_between_npz_and_png_resumes_to_the_same_files(run, tmp_pat
             raise KeyboardInterrupt  # stands for a kill: nothing after this line runs
         real(path, mask, text)
 
-    monkeypatch.setattr(infer_mod, "save_mask_png", killed_at_the_fourth_png)
+    monkeypatch.setattr(mask_writer_mod, "save_mask_png", killed_at_the_fourth_png)
     with pytest.raises(KeyboardInterrupt):
         infer(run, "val", out=out, progress=False)
     monkeypatch.undo()

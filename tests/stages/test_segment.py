@@ -379,10 +379,10 @@ def test_infer_rerun_skips_finished_images_and_redoes_stale_ones(seg_copy, mini_
 def test_infer_killed_between_npz_and_png_resumes_to_the_same_files(seg_copy, mini_root, tmp_path, monkeypatch):
     """Each image's npz is written before its PNG: a PNG always has its npz, and a rerun
     computes exactly the images without a PNG; the CRF after it resumes too."""
-    import vitpcm.stages.segment as segment_mod
+    import vitpcm.stages.mask_writer as mask_writer_mod  # where the stage's files are written
 
     run, out, over = seg_copy, tmp_path / "o", [f"data.root={mini_root}", "crf.workers=1"]
-    real = segment_mod.save_mask_png
+    real = mask_writer_mod.save_mask_png
     calls = []
 
     def killed_at_the_second_png(path, mask, text=None):
@@ -391,7 +391,7 @@ def test_infer_killed_between_npz_and_png_resumes_to_the_same_files(seg_copy, mi
             raise KeyboardInterrupt  # stands for a kill: nothing after this line runs
         real(path, mask, text)
 
-    monkeypatch.setattr(segment_mod, "save_mask_png", killed_at_the_second_png)
+    monkeypatch.setattr(mask_writer_mod, "save_mask_png", killed_at_the_second_png)
     with pytest.raises(KeyboardInterrupt):
         segment_infer(run, "mini", scales=[0.5], out=out, overrides=over, progress=False)
     monkeypatch.undo()

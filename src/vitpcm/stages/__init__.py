@@ -9,12 +9,12 @@ data           ``stages.data.synth / check_data / prepare``                 yes 
 config         ``stages.config.resolved_config(preset, overrides)``           timm
 train          ``stages.train.train(cfg, run)``                             yes
 infer          ``stages.infer.infer(run, split)`` (pseudo-masks, ``--crf``)  yes
-refine (CRF)   ``stages.refine.refine_folders(...)``, ``refine_pseudo(...)``  no
+crf            ``stages.crf.crf_folders(...)``, ``crf_pseudo(...)``          no
 evaluate       ``stages.evaluate.evaluate(preds, gt, classes)``             no
 report         ``stages.report.report(run)``                               yes
 demo           ``stages.demo.demo(out)``: all of the above                  yes
 =============  ==========================================================  =========
 
-Import the modules directly (``from vitpcm.stages.refine import refine_folders``): this
+Import the modules directly (``from vitpcm.stages.crf import crf_folders``): this
 package imports none of them, so the light stages stay light.
 """

@@ -14,6 +14,9 @@
                          tell them (per-class precision / recall / F1 at infer.present_threshold,
                          AP, mAP, the threshold with the best mean F1; vitpcm.stages.tag_quality)
 
+The loop (share, resume, screen, write, sum over ranks) is :func:`vitpcm.stages.mask_writer.write_masks`'s;
+this module supplies ViT-PCM's batch (:class:`PseudoMasks`) and the summary.
+
 With ``--crf`` and ``crf.backend`` resolving to torch (``auto`` on a GPU), each batch is
 refined on the device right after its forward (:mod:`vitpcm.stages.crf_pass`): the same
 files and stamps, no npz read back, no process pool; the CRF stage that follows refines only
@@ -43,33 +46,27 @@ Reliability (docs/reliability.md):
 
 from __future__ import annotations
 
-import copy
 import logging
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from vitpcm.data import EvalTransform, build_dataset, collate
-from vitpcm.data.check import screen_items
 from vitpcm.data.transforms import MultiScaleTransform, TagRule, transforms_on_device
 from vitpcm.engine.checkpoint import find_run_checkpoint
-from vitpcm.engine.distributed import Dist, all_reduce_sum, gather_objects, stage_group
+from vitpcm.engine.distributed import Dist, gather_objects, stage_group
 from vitpcm.errors import VitpcmError
-from vitpcm.evaluation import ConfusionMatrix
-from vitpcm.io import labels_from_mask, read_mask_png, save_mask_png, write_text_atomic
+from vitpcm.io import labels_from_mask
 from vitpcm.models.backbone import resolve_normalisation
 from vitpcm.models.predict import image_outputs, predict_tta, tta_sizes
 from vitpcm.models.vitpcm import ViTPCM, merge_class_labels
-from vitpcm.postprocess.probs_file import read_pooled, write_probs
+from vitpcm.postprocess.probs_file import read_pooled
 from vitpcm.runs import PseudoLayout, RunLayout, run_of_checkpoint
 from vitpcm.stages.crf_pass import DeviceCRF
 from vitpcm.stages.load import load_model
-from vitpcm.utils.folders import output_folders
-from vitpcm.utils.pools import WriterThreads
+from vitpcm.stages.mask_writer import Loader, MaskOutput, MaskPass, finish_pseudo, write_masks
 from vitpcm.utils.shard import Shard
 from vitpcm.utils.stamps import digest, finished, stamp
 from vitpcm.utils.system import cpu_count
@@ -200,102 +197,30 @@ def _infer(
     skip_bad: bool,
     overwrite: bool,
 ) -> Dict[str, Any]:
-    from tqdm import tqdm
-
     model.to(dev).eval()
     files = PseudoLayout(out if out is not None else layout.pseudo(split))
     mean, std = resolve_normalisation(cfg, model.adapter)
     ac = bool(cfg.input.align_corners)  # fidelity switch: the authors' TF1 resampling (docs/reproduce.md)
     flip = bool(cfg.infer.tta_flip) if tta else False
     key = digest(_settings(cfg, ckpt_path, scale, sizes, tta, flip, mean, std))
-    ckpt_mtime = ckpt_path.stat().st_mtime_ns
-
-    # 1. what is left to do: this rank's share, less the finished images
-    names = list(dataset.names)
-    mine = shard.take(names)
-    done = [] if overwrite else [n for n in mine if _finished(n, files, key, save_probs, ckpt_mtime)]
-    done_set = set(done)
-    todo = [n for n in mine if n not in done_set]
-    if done:
-        log.info("infer %s: %d of %d images already done (same checkpoint and settings), %d to go",
-                 split, len(done), len(mine), len(todo))  # fmt: skip
-
-    # 2. every item still to do read once, all problems together, before anything is written
-    t_screen = time.time()
-    problems = screen_items(dataset, todo, full=len(todo) == len(names), progress=progress) if todo else []
-    problems = [p for part in gather_objects(problems, dist_info) for p in part]
-    screen_seconds = time.time() - t_screen
-    if problems and not skip_bad:
-        raise VitpcmError(
-            f"{len(problems)} problem(s) in split '{split}' ({len({p[0] for p in problems})} item(s)), nothing"
-            " inferred; fix them or pass --skip-bad to leave these items out:\n"
-            + "\n".join(f"[{split}] {path}: {message}" for _, _, path, message in problems)
-        )
-    bad = sorted({p[0] for p in problems})
-    if bad:
-        dataset.drop(bad)
-        todo = [n for n in todo if n not in set(bad)]
-        log.warning("split %s: skipping %d broken item(s) of %d (list in %s)", split, len(bad), len(names),
-                    files.skipped)  # fmt: skip
-    if not dataset.names:
-        raise VitpcmError(f"every item of split '{split}' is broken: nothing to infer")
-
-    cm = ConfusionMatrix(dataset.num_classes) if dataset.has_masks else None
-    merge = bool(cfg.infer.merge_labels)
-    threshold = float(cfg.infer.present_threshold)
-    max_side = int(cfg.infer.max_side)
-    folders = [files.masks] + ([files.probs] if save_probs else [])
+    batch_size, writers, amp = speed_settings(cfg, dev)
+    stage = PseudoMasks(model, dataset, files, dev, key=key, ckpt_mtime=ckpt_path.stat().st_mtime_ns,
+                        save_probs=save_probs, merge=bool(cfg.infer.merge_labels),
+                        threshold=float(cfg.infer.present_threshold), sizes=sizes if tta else None, flip=flip,
+                        align_corners=ac, max_side=int(cfg.infer.max_side), amp=amp,
+                        probs_resize=str(cfg.infer.probs_resize))  # fmt: skip
     crf_pass = None
     if crf and DeviceCRF.wanted(cfg.crf, dev):  # crf.backend resolves to torch: refine each batch right here
         crf_pass = DeviceCRF(cfg.crf, dev, files.crf, dataset.image_path)
-        folders.append(files.crf)
-    start = time.time()
-    merged = 0
-    with output_folders(*folders):
-        if shard.main:
-            if bad:
-                write_text_atomic(files.skipped, "".join(f"{split}\t{n}\t{k}\t{p}\t{m}\n" for n, k, p, m in problems))
-            else:
-                files.skipped.unlink(missing_ok=True)  # from an earlier run whose bad items are fixed now
-        # 3. the finished images only count in the score (and, with their npz, in the tag quality)
-        tag_scores: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
-        for name in done:
-            mask = None
-            if cm is not None:
-                pred = read_mask_png(files.masks / f"{name}.png")
-                mask = dataset.read_mask(name, pred.shape)
-                cm.update(pred, mask)
-            _stored_tag_scores(dataset, name, files, mask, tag_scores)
+    defer = transforms_on_device(cfg, dev)  # on a GPU the workers only decode; resize + normalise in the loop
+    transform = (MultiScaleTransform(sizes, mean, std, align_corners=ac, defer=defer) if tta
+                 else EvalTransform(scale, mean=mean, std=std, align_corners=ac, tags=TagRule.from_config(cfg),
+                                    defer=defer))  # fmt: skip
+    desc = f"infer {split}@{scale}" + (f" tta {sizes}{' +flip' if flip else ''}" if tta else "")
+    loader = Loader(transform, batch_size, min(int(cfg.data.num_workers), 8), collate, desc,
+                    pin_memory=dev.type == "cuda", device_finish=True, writers=writers)  # fmt: skip
 
-        # 4. the model over the rest
-        sub = copy.copy(dataset)
-        sub.names = todo
-        defer = transforms_on_device(cfg, dev)  # on a GPU the workers only decode; resize + normalise below
-        sub.transform = (MultiScaleTransform(sizes, mean, std, align_corners=ac, defer=defer) if tta
-                         else EvalTransform(scale, mean=mean, std=std, align_corners=ac, tags=TagRule.from_config(cfg),
-                                            defer=defer))  # fmt: skip
-        batch_size, writers, amp = speed_settings(cfg, dev)
-        loader = DataLoader(sub, batch_size=batch_size, shuffle=False, num_workers=min(int(cfg.data.num_workers), 8),
-                            collate_fn=collate, pin_memory=dev.type == "cuda")  # fmt: skip
-        desc = f"infer {split}@{scale}" + (f" tta {sizes}{' +flip' if flip else ''}" if tta else "")
-        desc += f" [{shard.rank}/{shard.world}]" if shard.enabled else ""
-        bar = tqdm(loader, desc=desc, unit="img", disable=not progress or not todo)
-        text = stamp("infer", key, probs=bool(save_probs))
-        with WriterThreads(writers) as writer:
-            for batch in bar:
-                batch = sub.transform.finish(batch, dev)
-                merged += _infer_batch(model, batch, dev, merge, threshold, files, save_probs, cm,
-                                       sizes if tta else None, flip, align_corners=ac, max_side=max_side, text=text,
-                                       amp=amp, writer=writer, tag_scores=tag_scores,
-                                       probs_resize=str(cfg.infer.probs_resize), crf_pass=crf_pass)  # fmt: skip
-        bar.close()
-        seconds = time.time() - start
-
-        # 5. one summary for all ranks
-        if cm is not None and dist_info.enabled:
-            # on the device: NCCL reduces CUDA tensors only (gloo: the CPU)
-            cm.matrix = all_reduce_sum(torch.from_numpy(cm.matrix.copy()).to(dev), dist_info).cpu().numpy()
-        counts = gather_objects((len(todo), len(done), merged), dist_info)
+    def finish(done: MaskPass) -> Dict[str, Any]:
         summary: Dict[str, Any] = {
             "run": str(layout.root),
             "out": str(files.root),
@@ -303,32 +228,101 @@ def _infer(
             "split": split,
             "scale": scale,
             "images": len(dataset.names),
-            "computed": sum(c[0] for c in counts),  # this call; the others were finished already
-            "resumed": sum(c[1] for c in counts),
-            "skipped": len(bad),  # broken items left out (--skip-bad; listed in skipped.txt)
-            "merged_with_tags": sum(c[2] for c in counts),  # computed images whose tags were folded in
-            "seconds": round(seconds, 2),
-            "screen_seconds": round(screen_seconds, 2),
+            "computed": done.computed,  # this call; the others were finished already
+            "resumed": done.resumed,
+            "skipped": len(done.bad),  # broken items left out (--skip-bad; listed in skipped.txt)
+            "merged_with_tags": sum(
+                gather_objects(stage.merged, dist_info)
+            ),  # computed images whose tags were folded in
+            "seconds": round(done.seconds, 2),
+            "screen_seconds": round(done.screen_seconds, 2),
             "classes": dataset.classes,
             "tta": {"sizes": sizes, "flip": flip} if tta else None,
-            "max_side": max_side,
+            "max_side": int(cfg.infer.max_side),
         }
         if shard.enabled:
             summary["ranks"] = shard.world
-        tags = _tag_quality(layout, split, ckpt_path, dataset, tag_scores, float(cfg.infer.present_threshold),
+        tags = _tag_quality(layout, split, ckpt_path, dataset, stage.tag_scores, float(cfg.infer.present_threshold),
                             dist_info, shard.main)  # fmt: skip
         if tags is not None:
             summary["tags"] = tags
         if crf_pass is not None:
             summary["crf_pass"] = crf_pass.summary()
-        from vitpcm.stages.refine import finish_pseudo
-
         # score, CRF, summary (rank 0); every rank returns once the summary exists. After the
         # pass, the CRF stage keeps the masks it wrote (same key, newer than their npz) and
         # refines the images it left (on the same backend: the key names it)
-        return finish_pseudo(cfg, dataset, files, summary, cm, main=shard.main, dist_info=dist_info, crf=crf,
+        return finish_pseudo(cfg, dataset, files, summary, done.cm, main=shard.main, dist_info=dist_info, crf=crf,
                              overwrite=overwrite and crf_pass is None, progress=progress,
                              crf_device=str(dev))  # fmt: skip
+
+    return write_masks(stage, dataset, files, loader, label=f"infer {split}", split=split, shard=shard,
+                       dist_info=dist_info, device=dev, finish=finish, save_probs=save_probs, skip_bad=skip_bad,
+                       crf_pass=crf_pass, overwrite=overwrite, progress=progress)  # fmt: skip
+
+
+class PseudoMasks:
+    """ViT-PCM's part of the pseudo-mask loop (:class:`vitpcm.stages.mask_writer.MaskStage`):
+    a batch's patch distributions ``[B, C, h, w]`` (and pooled scores ``[B, C]``), merged
+    with the tags when known, upsampled, argmax'ed; each image's probabilities and mask.
+
+    ``sizes``: the TTA input sides (``image_<n>`` keys of the batch); None: plain ``image``.
+    ``max_side``: an image whose longer side exceeds it keeps its probabilities at a reduced
+    size (module docstring); 0 = never. ``amp``: bf16 autocast of the forward (CUDA).
+    ``probs_resize``: ``mask`` or ``skimage`` (``infer.probs_resize``: how the stored
+    probabilities are enlarged; the mask is the same either way).
+
+    Collects ``tag_scores`` (each image's ``(pooled [C], tags [C])`` when its tags are known,
+    finished images' from their npz) and ``merged`` (computed images merged with their tags).
+    """
+
+    def __init__(self, model: ViTPCM, dataset: Any, files: PseudoLayout, device: torch.device, *, key: str,
+                 ckpt_mtime: int, save_probs: bool, merge: bool, threshold: float, sizes: Optional[Sequence[int]],
+                 flip: bool, align_corners: bool, max_side: int, amp: bool, probs_resize: str) -> None:  # fmt: skip
+        self.model, self.dataset, self.files, self.device = model, dataset, files, device
+        self.key, self.ckpt_mtime, self.save_probs = key, ckpt_mtime, save_probs
+        self.merge, self.threshold, self.sizes, self.flip = merge, threshold, sizes, flip
+        self.align_corners, self.max_side, self.amp, self.probs_resize = align_corners, max_side, amp, probs_resize
+        self.text = stamp("infer", key, probs=bool(save_probs))
+        self.tag_scores: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
+        self.merged = 0
+
+    def finished(self, name: str) -> bool:
+        return _finished(name, self.files, self.key, self.save_probs, self.ckpt_mtime)
+
+    def resumed(self, name: str, mask: Optional[np.ndarray]) -> None:
+        _stored_tag_scores(self.dataset, name, self.files, mask, self.tag_scores)
+
+    def predict(self, batch: Dict[str, Any]) -> List[MaskOutput]:
+        dev = self.device
+        labels = batch.get("labels")
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
+            if self.sizes:
+                views = [batch[f"image_{n}"].to(dev, non_blocking=True) for n in self.sizes]
+                grid, pooled = predict_tta(self.model, views, self.flip)
+            else:
+                outputs = self.model(batch["image"].to(dev, non_blocking=True))
+                grid, pooled = outputs["probs"], outputs["pooled"]
+        grid, pooled = grid.float(), pooled.float()
+        merged = self.merge and labels is not None
+        if merged:
+            grid = merge_class_labels(grid, labels.to(dev))
+        out: List[MaskOutput] = []
+        for i, name in enumerate(batch["name"]):
+            height, width = (int(v) for v in batch["size"][i])
+            on_device: List[torch.Tensor] = []  # the stored probabilities, for the one-pass CRF
+            mask, probs = image_outputs(grid[i], labels[i] if merged else None, pooled[i], (height, width),
+                                        self.threshold, align_corners=self.align_corners, max_side=self.max_side,
+                                        keep_probs=self.save_probs, probs_resize=self.probs_resize,
+                                        stored_out=on_device)  # fmt: skip
+            scores = pooled[i].cpu().numpy().astype(np.float32)
+            if probs is not None:
+                probs["pooled"] = scores
+            if labels is not None:
+                self.tag_scores[name] = (scores, labels[i].numpy().astype(np.float32))
+            out.append(MaskOutput(name, mask, probs, self.text, on_device[0] if on_device else None, (height, width)))
+        if merged:
+            self.merged += len(batch["name"])
+        return out
 
 
 def _stored_tag_scores(dataset: Any, name: str, files: PseudoLayout, mask: Optional[np.ndarray],
@@ -370,86 +364,3 @@ def speed_settings(cfg: Any, dev: torch.device) -> Tuple[int, int, bool]:
     batch_size = int(cfg.infer.batch_size) or (8 if dev.type == "cuda" else 1)
     writers = int(cfg.infer.writers) or min(8, cpu_count())
     return batch_size, writers, bool(cfg.infer.amp) and dev.type == "cuda"
-
-
-def _write_outputs(files: PseudoLayout, name: str, mask: np.ndarray, probs: Optional[Dict[str, np.ndarray]],
-                   text: Optional[Dict[str, str]], crf_pass: Optional[DeviceCRF] = None,
-                   crf_mask: Optional[np.ndarray] = None) -> None:  # fmt: skip
-    """One image's files: the npz first, then the PNG (a PNG implies its npz), then the CRF
-    mask of the one-pass CRF (newer than its npz: the CRF stage sees it finished)."""
-    if probs is not None:
-        write_probs(files.probs / f"{name}.npz", **probs)
-    save_mask_png(files.masks / f"{name}.png", mask, text)
-    if crf_pass is not None and crf_mask is not None:
-        crf_pass.write(name, crf_mask)
-
-
-@torch.inference_mode()
-def _infer_batch(
-    model: ViTPCM,
-    batch: Dict[str, Any],
-    dev: torch.device,
-    merge: bool,
-    threshold: float,
-    files: PseudoLayout,
-    save_probs: bool,
-    cm: Optional[ConfusionMatrix],
-    sizes: Optional[Sequence[int]] = None,
-    flip: bool = False,
-    align_corners: bool = False,
-    max_side: int = 0,
-    text: Optional[Dict[str, str]] = None,
-    amp: bool = False,
-    writer: Optional[WriterThreads] = None,
-    tag_scores: Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]] = None,
-    probs_resize: str = "mask",
-    crf_pass: Optional[DeviceCRF] = None,
-) -> int:
-    """Predict one batch; write each image's probabilities, then its mask (so a mask implies
-    its npz); update ``cm``. Returns how many of its images were merged with their tags.
-    ``tag_scores``: where each image's ``(pooled [C], tags [C])`` go when its tags are known.
-
-    ``sizes``: the TTA input sides (``image_<n>`` keys of the batch); None: plain ``image``.
-    ``max_side``: an image whose longer side exceeds it keeps its probabilities at a reduced
-    size (module docstring); 0 = never. ``text``: the stamp of the mask PNGs. ``amp``: bf16
-    autocast of the forward (CUDA). ``writer``: where the file writes run (None: here).
-    ``probs_resize``: ``mask`` or ``skimage`` (``infer.probs_resize``: how the stored
-    probabilities are enlarged; the mask is the same either way).
-    ``crf_pass``: refine the batch with the torch CRF on the device and write ``crf/`` too.
-    """
-    labels = batch.get("labels")
-    written = []  # (name, mask, npz arrays, stored probabilities, size) per image
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-        if sizes:
-            grid, pooled = predict_tta(model, [batch[f"image_{n}"].to(dev, non_blocking=True) for n in sizes], flip)
-        else:
-            outputs = model(batch["image"].to(dev, non_blocking=True))
-            grid, pooled = outputs["probs"], outputs["pooled"]
-    grid, pooled = grid.float(), pooled.float()
-    if merge and labels is not None:
-        grid = merge_class_labels(grid, labels.to(dev))
-    for i, name in enumerate(batch["name"]):
-        tags = labels[i] if (merge and labels is not None) else None
-        height, width = (int(v) for v in batch["size"][i])
-        on_device: List[torch.Tensor] = []  # the stored probabilities, for the one-pass CRF
-        mask, probs = image_outputs(grid[i], tags, pooled[i], (height, width), threshold, align_corners=align_corners,
-                                    max_side=max_side, keep_probs=save_probs, probs_resize=probs_resize,
-                                    stored_out=on_device)  # fmt: skip
-        scores = pooled[i].cpu().numpy().astype(np.float32)
-        if probs is not None:
-            probs["pooled"] = scores
-        if tag_scores is not None and labels is not None:
-            tag_scores[name] = (scores, labels[i].numpy().astype(np.float32))
-        written.append((name, mask, probs, on_device[0] if on_device else None, (height, width)))
-        if cm is not None:
-            cm.update(mask, batch["mask"][i].numpy())
-    crf_masks: Dict[str, np.ndarray] = {}
-    if crf_pass is not None:
-        crf_masks = crf_pass.masks([(name, stored, probs["classes"], size)
-                                    for name, _, probs, stored, size in written if probs is not None])  # fmt: skip
-    for name, mask, probs, _, _ in written:
-        if writer is None:
-            _write_outputs(files, name, mask, probs, text, crf_pass, crf_masks.get(name))
-        else:
-            writer.submit(_write_outputs, files, name, mask, probs, text, crf_pass, crf_masks.get(name))
-    return len(batch["name"]) if (merge and labels is not None) else 0

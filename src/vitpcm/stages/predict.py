@@ -20,7 +20,8 @@ size and argmax'ed. ``OUT`` (default ``RUN/predict``) receives::
     OUT/summary.json          settings, counts, seconds, images/s
     OUT/skipped.txt           with skip_bad: the images left out (name, kind, file, reason)
 
-Guarantees as ``vitpcm infer`` (docs/reliability.md): every image still to do is decoded
+Guarantees as ``vitpcm infer`` (the same loop, :func:`vitpcm.stages.mask_writer.write_masks`;
+docs/reliability.md): every image still to do is decoded
 once and all problems are listed before the model runs (``skip_bad`` leaves them out);
 nothing is written before the inputs, tags and threshold are checked; each file is written
 atomically, the npz before its PNG; a rerun skips every image whose PNG is stamped
@@ -32,7 +33,7 @@ that stamp, so ``predictions.jsonl`` is complete after a resumed run too. Under
 
 from __future__ import annotations
 
-import copy
+import json
 import logging
 import time
 from datetime import datetime, timezone
@@ -41,26 +42,23 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from vitpcm.data import EvalTransform, collate
-from vitpcm.data.check import screen_items
 from vitpcm.data.loose import LooseImages, collect_images, parse_tag_list, tags_from_file
 from vitpcm.data.transforms import MultiScaleTransform, transforms_on_device
 from vitpcm.engine.checkpoint import find_run_checkpoint
 from vitpcm.engine.distributed import Dist, barrier, gather_objects, stage_group
 from vitpcm.errors import VitpcmError
-from vitpcm.io import read_classes, read_mask_png, save_mask_png, write_json_atomic, write_text_atomic
+from vitpcm.io import read_classes, read_mask_png, write_json_atomic, write_text_atomic
 from vitpcm.models.backbone import resolve_normalisation
 from vitpcm.models.predict import image_outputs, predict_tta, tags_from_scores, tta_sizes
 from vitpcm.models.vitpcm import merge_class_labels
-from vitpcm.postprocess.probs_file import write_probs
 from vitpcm.runs import PredictLayout, RunLayout, run_of_checkpoint
+from vitpcm.stages.crf import crf_folders
 from vitpcm.stages.infer import check_scale, speed_settings
 from vitpcm.stages.load import load_model
+from vitpcm.stages.mask_writer import Loader, MaskOutput, MaskPass, write_masks
 from vitpcm.stages.tag_quality import default_threshold
-from vitpcm.utils.folders import output_folders
-from vitpcm.utils.pools import WriterThreads
 from vitpcm.utils.shard import Shard
 from vitpcm.utils.stamps import digest, finished, read_stamp, stamp
 
@@ -184,40 +182,29 @@ def predict_images(
     dataset.jpeg_decoder = str(cfg.data.get("jpeg_decoder", "pillow") or "pillow")  # as the run's images were read
 
     with stage_group(device) as (dist_info, dev):
-        # 2. what is left to do: this rank's share, less the finished images
         target = PredictLayout(out if out is not None else layout.predict)
-        ckpt_mtime = ckpt_path.stat().st_mtime_ns
         flip = bool(cfg.infer.tta_flip) if tta else False
         sizes = tta_sizes(scale, cfg.infer.tta_scales, model.patch_size) if tta else [scale]
-        mine = shard.take(dataset.names)
-        keys = {n: _image_key(cfg, ckpt_path, scale, sizes, tta, flip, threshold, given.get(n), files[n]) for n in mine}
-        done = [] if overwrite else [n for n in mine if _finished(target, n, keys[n], ckpt_mtime)]
-        todo = [n for n in mine if n not in set(done)]
-        if done:
-            log.info("predict: %d of %d images already done (same checkpoint and settings), %d to go",
-                     len(done), len(mine), len(todo))  # fmt: skip
-
-        # 3. every image still to do decoded once, all problems together, before the model runs
-        problems = screen_items(dataset, todo, full=False, progress=progress) if todo else []
-        problems = [p for part in gather_objects(problems, dist_info) for p in part]  # every rank stops, or none
-        if problems and not skip_bad:
-            raise VitpcmError(
-                f"{len(problems)} unreadable image(s), nothing predicted; fix or remove them, or pass --skip-bad"
-                " to leave them out:\n" + "\n".join(f"{path}: {message}" for _, _, path, message in problems)
-            )
-        bad = sorted({p[0] for p in problems})
-        if bad:
-            dataset.drop(bad)
-            todo = [n for n in todo if n not in set(bad)]
-            mine = [n for n in mine if n not in set(bad)]
-            log.warning("predict: skipping %d unreadable image(s) of %d (list in %s)", len(bad), len(files),
-                        target.skipped)  # fmt: skip
-        if not dataset.names:
-            raise VitpcmError("every input image is unreadable: nothing to predict")
-
-        return _predict(cfg, layout, ckpt_path, dataset, model, target, todo, [n for n in mine if n in set(done)],
-                        problems, scale, sizes, tta, flip, threshold, threshold_source, dev, shard, dist_info,
-                        keys=keys, crf=crf, overlay=overlay, overwrite=overwrite, progress=progress)  # fmt: skip
+        model.to(dev).eval()
+        mean, std = resolve_normalisation(cfg, model.adapter)
+        ac = bool(cfg.input.align_corners)
+        batch_size, writers, amp = speed_settings(cfg, dev)
+        stage = NewImageMasks(model, dataset, target, dev, cfg=cfg, ckpt_path=ckpt_path, scale=scale, sizes=sizes,
+                              tta=tta, flip=flip, threshold=threshold, given=given, files=files, align_corners=ac,
+                              amp=amp)  # fmt: skip
+        defer = transforms_on_device(cfg, dev)
+        transform = (MultiScaleTransform(sizes, mean, std, align_corners=ac, defer=defer) if tta
+                     else EvalTransform(scale, mean=mean, std=std, align_corners=ac, defer=defer))  # fmt: skip
+        desc = f"predict@{scale}" + (f" tta {sizes}{' +flip' if flip else ''}" if tta else "")
+        loader = Loader(transform, batch_size, min(int(cfg.data.num_workers), 8), collate, desc,
+                        pin_memory=dev.type == "cuda", device_finish=True, writers=writers)  # fmt: skip
+        # 2. every image still to do decoded once, all problems together, before the model runs; then the model
+        done = write_masks(stage, dataset, target, loader, label="predict", split=None, shard=shard,
+                           dist_info=dist_info, device=dev, finish=lambda done: done, skip_bad=skip_bad,
+                           overwrite=overwrite, progress=progress)  # fmt: skip
+        return _finish(cfg, layout, ckpt_path, dataset, target, stage.records, done, scale, sizes, tta, flip,
+                       threshold, threshold_source, dist_info, shard, crf=crf, overlay=overlay, overwrite=overwrite,
+                       progress=progress)  # fmt: skip
 
 
 def _image_key(cfg: Any, ckpt_path: Path, scale: int, sizes: Sequence[int], tta: bool, flip: bool, threshold: float,
@@ -249,101 +236,58 @@ def _finished(target: PredictLayout, name: str, key: str, ckpt_mtime: int) -> bo
                     companions=[target.probs / f"{name}.npz"])  # fmt: skip
 
 
-def _predict(
+def _finish(
     cfg: Any,
     layout: RunLayout,
     ckpt_path: Path,
     dataset: LooseImages,
-    model: Any,
     target: PredictLayout,
-    todo: List[str],
-    done: List[str],
-    problems: List[Any],
+    records: Dict[str, Dict[str, Any]],
+    done: MaskPass,
     scale: int,
     sizes: List[int],
     tta: bool,
     flip: bool,
     threshold: float,
     threshold_source: str,
-    dev: torch.device,
-    shard: Shard,
     dist_info: Dist,
+    shard: Shard,
     *,
-    keys: Mapping[str, str],
     crf: bool,
     overlay: bool,
     overwrite: bool,
     progress: bool,
 ) -> Dict[str, Any]:
-    from tqdm import tqdm
-
-    model.to(dev).eval()
-    mean, std = resolve_normalisation(cfg, model.adapter)
-    ac = bool(cfg.input.align_corners)
-    max_side = int(cfg.infer.max_side)
-    records: Dict[str, Dict[str, Any]] = {}
-    start = time.time()
-    with output_folders(target.masks, target.probs):
-        if shard.main:
-            if problems:
-                write_text_atomic(target.skipped, "".join(f"{n}\t{k}\t{p}\t{m}\n" for n, k, p, m in problems))
-            else:
-                target.skipped.unlink(missing_ok=True)  # from an earlier run whose bad images are fixed now
-        for name in done:
-            records[name] = (read_stamp(target.masks / f"{name}.png") or {}).get("record", {"name": name})
-
-        sub = copy.copy(dataset)
-        sub.names = todo
-        defer = transforms_on_device(cfg, dev)
-        sub.transform = (MultiScaleTransform(sizes, mean, std, align_corners=ac, defer=defer) if tta
-                         else EvalTransform(scale, mean=mean, std=std, align_corners=ac, defer=defer))  # fmt: skip
-        batch_size, writers, amp = speed_settings(cfg, dev)
-        loader = DataLoader(sub, batch_size=batch_size, shuffle=False, num_workers=min(int(cfg.data.num_workers), 8),
-                            collate_fn=collate, pin_memory=dev.type == "cuda")  # fmt: skip
-        desc = f"predict@{scale}" + (f" tta {sizes}{' +flip' if flip else ''}" if tta else "")
-        desc += f" [{shard.rank}/{shard.world}]" if shard.enabled else ""
-        bar = tqdm(loader, desc=desc, unit="img", disable=not progress or not todo)
-        with WriterThreads(writers) as writer:
-            for batch in bar:
-                batch = sub.transform.finish(batch, dev)
-                for record in _predict_batch(model, batch, dev, dataset, target, threshold, keys, sizes if tta else None,
-                                             flip, ac, max_side, amp, writer,
-                                             str(cfg.infer.get("probs_resize", "mask"))):  # fmt: skip
-                    records[record["name"]] = record
-        bar.close()
-        model_seconds = time.time() - start
-
+    """After the masks: the CRF and the overlays, every rank's records in input order into
+    ``predictions.jsonl`` and the summary (rank 0)."""
     names = [n for n in dataset.names if n in records]  # input order, this rank's share
     crf_info = None
     if crf:
-        from vitpcm.stages.refine import refine_folders
-
         barrier(dist_info)
         all_names = dataset.names
-        crf_info = refine_folders(target.probs, None, target.crf, params=cfg.crf, workers=int(cfg.crf.workers),
-                                  names=all_names, overwrite=overwrite, progress=progress,
-                                  image_paths={n: dataset.image_path(n) for n in all_names})  # fmt: skip
+        crf_info = crf_folders(target.probs, None, target.crf, params=cfg.crf, workers=int(cfg.crf.workers),
+                               names=all_names, overwrite=overwrite, progress=progress,
+                               image_paths={n: dataset.image_path(n) for n in all_names})  # fmt: skip
     if overlay:
         _write_overlays(dataset, names, target.crf if crf else target.masks, target.overlays, overwrite, progress)
 
     gathered = [r for part in gather_objects([records[n] for n in names], dist_info) for r in part]
     order = {n: i for i, n in enumerate(dataset.names)}
     gathered.sort(key=lambda r: order.get(r.get("name"), len(order)))
-    computed = sum(gather_objects(len(todo), dist_info))
     summary: Dict[str, Any] = {
         "run": str(layout.root),
         "out": str(target.root),
         "checkpoint": str(ckpt_path),
         "images": len(gathered),
-        "computed": computed,  # this call; the others were finished already
-        "resumed": sum(gather_objects(len(done), dist_info)),
-        "skipped": len(problems),
+        "computed": done.computed,  # this call; the others were finished already
+        "resumed": done.resumed,
+        "skipped": len(done.problems),
         "scale": scale,
         "tta": {"sizes": sizes, "flip": flip} if tta else None,
         "threshold": threshold,
         "threshold_from": threshold_source,
-        "seconds": round(model_seconds, 2),
-        "images_per_second": round(computed / model_seconds, 3) if computed and model_seconds > 0 else None,
+        "seconds": round(done.seconds, 2),
+        "images_per_second": round(done.computed / done.seconds, 3) if done.computed and done.seconds > 0 else None,
         "classes": dataset.classes,
     }
     if crf_info is not None:
@@ -359,79 +303,87 @@ def _predict(
 
 
 def _json_line(record: Mapping[str, Any]) -> str:
-    import json
-
     return json.dumps(dict(record), sort_keys=False) + "\n"
 
 
-@torch.inference_mode()
-def _predict_batch(
-    model: Any,
-    batch: Dict[str, Any],
-    dev: torch.device,
-    dataset: LooseImages,
-    target: PredictLayout,
-    threshold: float,
-    keys: Mapping[str, str],
-    sizes: Optional[Sequence[int]],
-    flip: bool,
-    align_corners: bool,
-    max_side: int,
-    amp: bool,
-    writer: WriterThreads,
-    probs_resize: str = "mask",
-) -> List[Dict[str, Any]]:
-    """One batch: patch distributions ``[B, C, h, w]`` and pooled scores ``[B, C]``, the tags
-    (given, else ``pooled >= threshold``), merged; per image its mask, npz and record
-    (written by ``writer``: the npz, then the PNG stamped with the record)."""
-    t0 = time.time()
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-        if sizes:
-            grid, pooled = predict_tta(model, [batch[f"image_{n}"].to(dev, non_blocking=True) for n in sizes], flip)
-        else:
-            outputs = model(batch["image"].to(dev, non_blocking=True))
-            grid, pooled = outputs["probs"], outputs["pooled"]
-    grid, pooled = grid.float(), pooled.float()
-    tagged = torch.tensor(batch["tagged"], dtype=torch.bool, device=dev)
-    tags = torch.where(tagged[:, None], batch["labels"].to(dev), tags_from_scores(pooled, threshold))
-    grid = merge_class_labels(grid, tags)
-    classes = dataset.classes
-    out: List[Dict[str, Any]] = []
-    per_image = []
-    for i, name in enumerate(batch["name"]):
-        height, width = (int(v) for v in batch["size"][i])
-        mask, probs = image_outputs(grid[i], tags[i], pooled[i], (height, width), threshold,
-                                    align_corners=align_corners, max_side=max_side, probs_resize=probs_resize)  # fmt: skip
-        probs["pooled"] = pooled[i].cpu().numpy().astype(np.float32)
-        counts = np.bincount(mask.ravel(), minlength=len(classes))
-        kept = torch.nonzero(tags[i] > 0).flatten().tolist()
-        record = {
-            "name": name,
-            "image": str(dataset.image_path(name)),
-            "size": [height, width],
-            "tags_from": "given" if bool(batch["tagged"][i]) else "scores",
-            "threshold": None if bool(batch["tagged"][i]) else threshold,
-            "tags": [classes[c] for c in kept if c != 0],
-            "scores": {classes[c]: round(float(s), 4) for c, s in enumerate(pooled[i].tolist())},
-            "share": {classes[c]: round(float(n) / mask.size, 4) for c, n in enumerate(counts.tolist()) if n},
-        }
-        per_image.append((name, mask, probs, record))
-    seconds = (time.time() - t0) / max(1, len(per_image))
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    for name, mask, probs, record in per_image:
-        record["seconds"] = round(seconds, 4)
-        record["time"] = now
-        text = stamp(STAGE, keys[name], record=record)
-        writer.submit(_write_outputs, target, name, mask, probs, text)
-        out.append(record)
-    return out
+class NewImageMasks:
+    """predict's part of the mask loop (:class:`vitpcm.stages.mask_writer.MaskStage`): a
+    batch's patch distributions ``[B, C, h, w]`` and pooled scores ``[B, C]``, the tags (given,
+    else ``pooled >= threshold``), merged; per image its mask, npz and record (the PNG is
+    stamped with the record: a resumed image's record comes back from it). Collects
+    ``records`` ``{name: record}``."""
 
+    def __init__(self, model: Any, dataset: LooseImages, target: PredictLayout, device: torch.device, *, cfg: Any,
+                 ckpt_path: Path, scale: int, sizes: List[int], tta: bool, flip: bool, threshold: float,
+                 given: Mapping[str, np.ndarray], files: Mapping[str, Path], align_corners: bool,
+                 amp: bool) -> None:  # fmt: skip
+        self.model, self.dataset, self.target, self.device = model, dataset, target, device
+        self.cfg, self.ckpt_path, self.scale, self.sizes, self.tta, self.flip = cfg, ckpt_path, scale, sizes, tta, flip
+        self.threshold, self.given, self.files = threshold, given, files
+        self.align_corners, self.amp = align_corners, amp
+        self.max_side = int(cfg.infer.max_side)
+        self.probs_resize = str(cfg.infer.get("probs_resize", "mask"))
+        self.ckpt_mtime = ckpt_path.stat().st_mtime_ns
+        self.records: Dict[str, Dict[str, Any]] = {}
+        self._keys: Dict[str, str] = {}
 
-def _write_outputs(target: PredictLayout, name: str, mask: np.ndarray, probs: Dict[str, np.ndarray],
-                   text: Dict[str, str]) -> None:  # fmt: skip
-    """One image's files: the npz first, then the PNG (a PNG implies its npz)."""
-    write_probs(target.probs / f"{name}.npz", **probs)
-    save_mask_png(target.masks / f"{name}.png", mask, text)
+    def key(self, name: str) -> str:
+        """The image's stamp key (:func:`_image_key`), computed once."""
+        if name not in self._keys:
+            self._keys[name] = _image_key(self.cfg, self.ckpt_path, self.scale, self.sizes, self.tta, self.flip,
+                                          self.threshold, self.given.get(name), self.files[name])  # fmt: skip
+        return self._keys[name]
+
+    def finished(self, name: str) -> bool:
+        return _finished(self.target, name, self.key(name), self.ckpt_mtime)
+
+    def resumed(self, name: str, mask: Optional[np.ndarray]) -> None:
+        self.records[name] = (read_stamp(self.target.masks / f"{name}.png") or {}).get("record", {"name": name})
+
+    def predict(self, batch: Dict[str, Any]) -> List[MaskOutput]:
+        t0 = time.time()
+        dev = self.device
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
+            if self.tta:
+                views = [batch[f"image_{n}"].to(dev, non_blocking=True) for n in self.sizes]
+                grid, pooled = predict_tta(self.model, views, self.flip)
+            else:
+                outputs = self.model(batch["image"].to(dev, non_blocking=True))
+                grid, pooled = outputs["probs"], outputs["pooled"]
+        grid, pooled = grid.float(), pooled.float()
+        tagged = torch.tensor(batch["tagged"], dtype=torch.bool, device=dev)
+        tags = torch.where(tagged[:, None], batch["labels"].to(dev), tags_from_scores(pooled, self.threshold))
+        grid = merge_class_labels(grid, tags)
+        classes = self.dataset.classes
+        per_image = []
+        for i, name in enumerate(batch["name"]):
+            height, width = (int(v) for v in batch["size"][i])
+            mask, probs = image_outputs(grid[i], tags[i], pooled[i], (height, width), self.threshold,
+                                        align_corners=self.align_corners, max_side=self.max_side,
+                                        probs_resize=self.probs_resize)  # fmt: skip
+            probs["pooled"] = pooled[i].cpu().numpy().astype(np.float32)
+            counts = np.bincount(mask.ravel(), minlength=len(classes))
+            kept = torch.nonzero(tags[i] > 0).flatten().tolist()
+            record = {
+                "name": name,
+                "image": str(self.dataset.image_path(name)),
+                "size": [height, width],
+                "tags_from": "given" if bool(batch["tagged"][i]) else "scores",
+                "threshold": None if bool(batch["tagged"][i]) else self.threshold,
+                "tags": [classes[c] for c in kept if c != 0],
+                "scores": {classes[c]: round(float(s), 4) for c, s in enumerate(pooled[i].tolist())},
+                "share": {classes[c]: round(float(n) / mask.size, 4) for c, n in enumerate(counts.tolist()) if n},
+            }
+            per_image.append((name, mask, probs, record))
+        seconds = (time.time() - t0) / max(1, len(per_image))
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        out: List[MaskOutput] = []
+        for name, mask, probs, record in per_image:
+            record["seconds"] = round(seconds, 4)
+            record["time"] = now
+            self.records[name] = record
+            out.append(MaskOutput(name, mask, probs, stamp(STAGE, self.key(name), record=record)))
+        return out
 
 
 def _write_overlays(dataset: LooseImages, names: Sequence[str], masks: Path, overlays: Path, overwrite: bool,

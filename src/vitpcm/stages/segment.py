@@ -8,7 +8,7 @@
 * :func:`segment_infer` (``vitpcm segment infer RUN --split S``): softmax averaged over
   input scales (and horizontal flips), argmax -> palette PNGs, the present classes'
   probabilities in ``vitpcm infer``'s npz format (so the dense CRF of
-  :mod:`vitpcm.stages.refine` runs on them unchanged), and the mIoU when the split has
+  :mod:`vitpcm.stages.crf` runs on them unchanged), and the mIoU when the split has
   ground truth. The layout is ``vitpcm infer``'s::
 
       RUN/pseudo/SPLIT/masks/NAME.png   DeepLab's masks
@@ -18,7 +18,8 @@
 
   ``vitpcm evaluate --pred RUN/pseudo/val/crf --gt ...`` then works as on any folder.
 
-  As ``vitpcm infer`` (docs/reliability.md, docs/scaling.md): a rerun skips every image
+  As ``vitpcm infer`` (the same loop, :func:`vitpcm.stages.mask_writer.write_masks`, with
+  :class:`DeepLabMasks` for the batch; docs/reliability.md, docs/scaling.md): a rerun skips every image
   whose mask is finished (newer than the checkpoint, stamped by this stage with the same
   settings: checkpoint, scales, flip, keep_threshold, data; its npz, written atomically
   before the PNG, is there) and counts it into the mIoU; ``overwrite`` recomputes all.
@@ -28,10 +29,8 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -39,11 +38,9 @@ from omegaconf import DictConfig
 
 from vitpcm.config import to_yaml
 from vitpcm.errors import VitpcmError
-from vitpcm.io import format_names, read_mask_png, save_mask_png
-from vitpcm.postprocess.probs_file import write_probs
+from vitpcm.io import format_names
 from vitpcm.runs import PseudoLayout, RunLayout
 from vitpcm.stages.crf_pass import DeviceCRF
-from vitpcm.utils.folders import output_folders
 from vitpcm.utils.shard import Shard
 from vitpcm.utils.stamps import digest, finished, stamp
 
@@ -286,93 +283,22 @@ def _segment_infer(
     progress: bool,
     overwrite: bool,
 ) -> Dict[str, Any]:
-    import numpy as np
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
-
-    from vitpcm.data.check import screen_items
     from vitpcm.data.pseudo import SegmentEvalTransform, segment_collate
-    from vitpcm.engine.distributed import all_reduce_sum, gather_objects
-    from vitpcm.engine.task import autocast
-    from vitpcm.evaluation import ConfusionMatrix
-    from vitpcm.models.deeplab import predict_probs
+    from vitpcm.stages.mask_writer import Loader, MaskPass, finish_pseudo, write_masks
 
     model.to(dev).eval()
     amp = bool(cfg.train.amp) and dev.type == "cuda"  # autocast is a no-op elsewhere
     files = PseudoLayout(out if out is not None else layout.pseudo(split))
     key = digest(_settings(cfg, ckpt, scales, flip, model, amp))
-    ckpt_mtime = ckpt.stat().st_mtime_ns
-
-    # this rank's share, less the finished images
-    mine = shard.take(list(dataset.names))
-    done = [] if overwrite else [n for n in mine if _finished(n, files, key, ckpt_mtime)]
-    done_set = set(done)
-    todo = [n for n in mine if n not in done_set]
-    if done:
-        log.info("segment infer %s: %d of %d images already done (same checkpoint and settings), %d to go",
-                 split, len(done), len(mine), len(todo))  # fmt: skip
-    # every item still to do read once, all problems together, before anything is written
-    problems = screen_items(dataset, todo, full=len(todo) == len(dataset.names), progress=progress) if todo else []
-    problems = [p for part in gather_objects(problems, dist_info) for p in part]
-    if problems:
-        raise VitpcmError(
-            f"{len(problems)} problem(s) in split '{split}' ({len({p[0] for p in problems})} item(s)), nothing"
-            " inferred; fix them (`vitpcm check-data` lists them too):\n"
-            + "\n".join(f"[{split}] {path}: {message}" for _, _, path, message in problems)
-        )
-
-    cm = ConfusionMatrix(dataset.num_classes) if dataset.has_masks else None
-    threshold = float(cfg.segment.keep_threshold)
-    start = time.time()
-    folders = [files.masks, files.probs]
+    stage = DeepLabMasks(model, files, dev, key=key, ckpt_mtime=ckpt.stat().st_mtime_ns, scales=scales, flip=flip,
+                         threshold=float(cfg.segment.keep_threshold), amp=amp)  # fmt: skip
     crf_pass = None
     if crf and DeviceCRF.wanted(cfg.crf, dev):  # crf.backend resolves to torch: refine each image right here
         crf_pass = DeviceCRF(cfg.crf, dev, files.crf, dataset.image_path)
-        folders.append(files.crf)
-    with output_folders(*folders):
-        if cm is not None:  # the finished images only count in the score
-            for name in done:
-                pred = read_mask_png(files.masks / f"{name}.png")
-                cm.update(pred, dataset.read_mask(name, pred.shape))
+    loader = Loader(SegmentEvalTransform(*model.normalisation), 1, min(int(cfg.data.num_workers), 4), segment_collate,
+                    f"segment infer {split} x{scales}{' +flip' if flip else ''}")  # fmt: skip
 
-        sub = copy.copy(dataset)
-        sub.names = todo
-        sub.transform = SegmentEvalTransform(*model.normalisation)
-        loader = DataLoader(sub, batch_size=1, shuffle=False, num_workers=min(int(cfg.data.num_workers), 4),
-                            collate_fn=segment_collate)  # fmt: skip
-        desc = f"segment infer {split} x{scales}{' +flip' if flip else ''}"
-        desc += f" [{shard.rank}/{shard.world}]" if shard.enabled else ""
-        text = stamp(STAMP_STAGE, key, probs=True)
-        with torch.inference_mode():
-            for batch in tqdm(loader, desc=desc, unit="img", disable=not progress or not todo):
-                with autocast(dev, amp):
-                    probs = predict_probs(model, batch["image"][0].to(dev), scales, flip).float()
-                mask = probs.argmax(0)
-                name = batch["name"][0]
-                keep = _keep_classes(probs, mask, threshold)
-                # the npz first, then the stamped PNG: a PNG implies its npz
-                write_probs(
-                    files.probs / f"{name}.npz",
-                    probs[keep].cpu().numpy().astype(np.float32),
-                    keep.cpu().numpy().astype(np.int64),
-                )
-                pred = mask.to(torch.uint8).cpu().numpy()
-                save_mask_png(files.masks / f"{name}.png", pred, text)
-                if crf_pass is not None:  # after its npz: the CRF stage finds it finished
-                    classes = keep.cpu().numpy().astype(np.int64)
-                    for crf_name, crf_mask in crf_pass.masks([(name, probs[keep], classes, pred.shape)]).items():
-                        crf_pass.write(crf_name, crf_mask)
-                if cm is not None:
-                    cm.update(pred, batch["mask"][0].numpy())
-        seconds = time.time() - start
-
-        # one summary for all ranks
-        # on the device: NCCL reduces CUDA tensors only
-        if cm is not None and dist_info.enabled:
-            cm.matrix = all_reduce_sum(torch.from_numpy(cm.matrix.copy()).to(dev), dist_info).cpu().numpy()
-        counts = all_reduce_sum(torch.tensor([len(todo), len(done)], device=dev), dist_info)
-        computed, resumed = (int(v) for v in counts.tolist())
+    def finish(done: MaskPass) -> Dict[str, Any]:
         summary: Dict[str, Any] = {
             "run": str(layout.root),
             "out": str(files.root),
@@ -380,21 +306,66 @@ def _segment_infer(
             "model": dict(state["arch"]),
             "split": split,
             "images": len(dataset),
-            "computed": computed,  # this call; the others were finished already
-            "resumed": resumed,
+            "computed": done.computed,  # this call; the others were finished already
+            "resumed": done.resumed,
             "scales": scales,
             "flip": flip,
-            "seconds": round(seconds, 2),
+            "seconds": round(done.seconds, 2),
             "classes": dataset.classes,
         }
         if shard.enabled:
             summary["ranks"] = shard.world
         if crf_pass is not None:
             summary["crf_pass"] = crf_pass.summary()
-        from vitpcm.stages.refine import finish_pseudo
-
         # score, CRF, summary (rank 0); every rank returns once the summary exists (after the
         # one-pass CRF, the stage keeps its masks and refines what it left: vitpcm.stages.crf_pass)
-        return finish_pseudo(cfg, dataset, files, summary, cm, main=shard.main, dist_info=dist_info, crf=crf,
+        return finish_pseudo(cfg, dataset, files, summary, done.cm, main=shard.main, dist_info=dist_info, crf=crf,
                              overwrite=overwrite and crf_pass is None, progress=progress,
                              crf_device=str(dev))  # fmt: skip
+
+    # no --skip-bad here: any broken item stops the stage before it writes
+    return write_masks(stage, dataset, files, loader, label=f"segment infer {split}", split=split, shard=shard,
+                       dist_info=dist_info, device=dev, finish=finish, crf_pass=crf_pass, overwrite=overwrite,
+                       progress=progress)  # fmt: skip
+
+
+class DeepLabMasks:
+    """DeepLab's part of the pseudo-mask loop (:class:`vitpcm.stages.mask_writer.MaskStage`):
+    one image's softmax ``[C, H, W]`` averaged over ``scales`` (and flips), argmax'ed; the
+    classes kept in its npz are those that win a pixel or reach ``threshold``
+    (``segment.keep_threshold``)."""
+
+    def __init__(self, model: Any, files: PseudoLayout, device: Any, *, key: str, ckpt_mtime: int,
+                 scales: Sequence[float], flip: bool, threshold: float, amp: bool) -> None:  # fmt: skip
+        self.model, self.files, self.device = model, files, device
+        self.key, self.ckpt_mtime = key, ckpt_mtime
+        self.scales, self.flip, self.threshold, self.amp = list(scales), flip, threshold, amp
+        self.text = stamp(STAMP_STAGE, key, probs=True)
+
+    def finished(self, name: str) -> bool:
+        return _finished(name, self.files, self.key, self.ckpt_mtime)
+
+    def resumed(self, name: str, mask: Any) -> None:
+        """Nothing beyond the score."""
+
+    def predict(self, batch: Dict[str, Any]) -> List[Any]:
+        import numpy as np
+        import torch
+
+        from vitpcm.engine.task import autocast
+        from vitpcm.models.deeplab import predict_probs
+        from vitpcm.stages.mask_writer import MaskOutput
+
+        out = []
+        for i, name in enumerate(batch["name"]):
+            with autocast(self.device, self.amp):
+                probs = predict_probs(self.model, batch["image"][i].to(self.device), self.scales, self.flip).float()
+            mask = probs.argmax(0)
+            keep = _keep_classes(probs, mask, self.threshold)
+            stored = {
+                "probs": probs[keep].cpu().numpy().astype(np.float32),
+                "classes": keep.cpu().numpy().astype(np.int64),
+            }
+            pred = mask.to(torch.uint8).cpu().numpy()
+            out.append(MaskOutput(name, pred, stored, self.text, probs[keep], pred.shape))
+        return out

@@ -1,14 +1,16 @@
-"""Stage ``refine``: the dense CRF over pseudo-masks (the paper's post-processing).
+"""Stage ``crf`` (``vitpcm crf``): the dense CRF over pseudo-masks (the paper's post-processing).
 
-* :func:`refine_folders`: ``vitpcm crf --probs DIR --images DIR --out DIR`` (any folders).
-* :func:`refine_pseudo` / :func:`refine_run`: the CRF of one split of a run
+* :func:`crf_folders`: ``vitpcm crf --probs DIR --images DIR --out DIR`` (any folders).
+* :func:`crf_pseudo` / :func:`crf_split`: the CRF of one split of a run
   (``RUN/pseudo/SPLIT/probs`` -> ``.../crf``), scored against the dataset's ground truth
   when it has masks; ``vitpcm infer --crf`` and the demo chain it this way.
-* :func:`refine`: the same from a run folder and overrides (``vitpcm.refine``).
+* :func:`crf`: the same from a run folder and overrides (``vitpcm.crf``; ``vitpcm.refine``,
+  its name before the stage was named as the command, stays an alias).
 
-Importing this module imports neither torch nor timm: the CRF is numpy and pydensecrf (torch
-only when ``crf.backend`` resolves to torch, inside the call). Only
-:func:`refine_run` / :func:`refine` build the dataset (``vitpcm.data``), inside the call.
+The work itself is :func:`vitpcm.postprocess.crf_runner.run_crf`. Importing this module
+imports neither torch nor timm: the CRF is numpy and pydensecrf (torch only when
+``crf.backend`` resolves to torch, inside the call). Only :func:`crf_split` / :func:`crf`
+build the dataset (``vitpcm.data``), inside the call.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
+from vitpcm.config import load_config
 from vitpcm.crf_params import CRFParams
 from vitpcm.errors import VitpcmError
 from vitpcm.evaluation import evaluate_folders, names_from_split_file
 from vitpcm.postprocess.crf_runner import run_crf
 from vitpcm.runs import PseudoLayout, RunLayout
+from vitpcm.utils.shard import Shard
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -31,8 +35,6 @@ def crf_params_from_overrides(overrides: Sequence[str] = ()) -> Tuple[CRFParams,
 
     Any other key is an error: ``vitpcm crf`` has no dataset, model or run.
     """
-    from vitpcm.config import load_config
-
     wrong = [o for o in overrides if not o.startswith("crf.")]
     if wrong:
         raise VitpcmError(f"vitpcm crf takes crf.* overrides only (e.g. crf.iterations=5), got {' '.join(wrong)}")
@@ -43,13 +45,11 @@ def crf_params_from_overrides(overrides: Sequence[str] = ()) -> Tuple[CRFParams,
 def crf_section_from_overrides(overrides: Sequence[str] = ()) -> Any:
     """``crf.key=value`` overrides -> the config's whole ``crf`` section (parameters,
     ``workers``, ``max_pixels``, ``memory_budget``), validated. Other keys are an error."""
-    from vitpcm.config import load_config
-
     crf_params_from_overrides(overrides)  # the same check and message
     return load_config(None, overrides).crf
 
 
-def refine_folders(
+def crf_folders(
     probs: PathLike,
     images: Optional[PathLike],
     out: PathLike,
@@ -97,7 +97,7 @@ def refine_folders(
                    overwrite=overwrite, progress=progress, image_paths=image_paths, device=device)  # fmt: skip
 
 
-def refine_pseudo(
+def crf_pseudo(
     cfg: Any,
     dataset: Any,
     pseudo: PathLike,
@@ -120,12 +120,10 @@ def refine_pseudo(
     Returns ``{"out", "seconds", "workers", "computed", "skipped", "reduced"}`` and ``miou``
     when the split has masks.
     """
-    from vitpcm.utils.shard import Shard
-
     files = PseudoLayout(pseudo)
-    result = refine_folders(files.probs, None, files.crf, params=cfg.crf, workers=int(cfg.crf.workers),
-                            names=dataset.names, overwrite=overwrite, progress=progress,
-                            image_paths={n: dataset.image_path(n) for n in dataset.names}, device=device)  # fmt: skip
+    result = crf_folders(files.probs, None, files.crf, params=cfg.crf, workers=int(cfg.crf.workers),
+                         names=dataset.names, overwrite=overwrite, progress=progress,
+                         image_paths={n: dataset.image_path(n) for n in dataset.names}, device=device)  # fmt: skip
     info: Dict[str, Any] = {"out": str(files.crf)}
     info.update({k: result[k] for k in ("seconds", "workers", "computed", "skipped", "reduced") if k in result})
     if dataset.has_masks and Shard.from_env().main:
@@ -135,52 +133,8 @@ def refine_pseudo(
     return info
 
 
-def finish_pseudo(
-    cfg: Any,
-    dataset: Any,
-    files: PseudoLayout,
-    summary: Dict[str, Any],
-    cm: Any,
-    *,
-    main: bool,
-    dist_info: Any,
-    crf: bool,
-    overwrite: bool,
-    progress: bool,
-    crf_device: Optional[str] = None,
-) -> Dict[str, Any]:
-    """The common end of the stages that write pseudo-masks (``vitpcm infer``, ``vitpcm
-    segment infer``): the score into ``summary`` (and ``files.confusion``, by rank 0; ``cm``
-    None: no ground truth), the CRF chained when ``crf`` (once every rank's probabilities are
-    on disk; finished CRF masks are kept unless ``overwrite``: a rewritten npz is newer than
-    its mask, which makes it stale; ``crf_device``: the inference device, where
-    ``crf.backend=auto`` runs torch if it is a GPU), ``files.summary`` written by rank 0. Every rank returns
-    once it exists. Returns ``summary``."""
-    import numpy as np
-
-    from vitpcm.engine.distributed import barrier
-    from vitpcm.io import atomic_path, write_json_atomic
-
-    if cm is not None:
-        result = cm.summary(dataset.classes)
-        summary.update(miou=result["miou"], iou=result["iou"])
-        if main:
-            with atomic_path(files.confusion) as tmp, open(tmp, "wb") as f:
-                np.save(f, cm.matrix)
-    if crf:
-        barrier(dist_info)
-        summary["crf"] = refine_pseudo(cfg, dataset, files.root, overwrite=overwrite, progress=progress,
-                                       device=crf_device)  # fmt: skip
-        if "miou" in summary["crf"]:
-            summary["crf_miou"] = summary["crf"].pop("miou")
-    if main:
-        write_json_atomic(files.summary, summary)
-    barrier(dist_info)
-    return summary
-
-
-def refine_run(cfg: Any, run: PathLike, split: str, *, progress: bool = True, overwrite: bool = True) -> Dict[str, Any]:
-    """:func:`refine_pseudo` of ``RUN/pseudo/SPLIT`` with the split's dataset (``cfg.data``).
+def crf_split(cfg: Any, run: PathLike, split: str, *, progress: bool = True, overwrite: bool = True) -> Dict[str, Any]:
+    """:func:`crf_pseudo` of ``RUN/pseudo/SPLIT`` with the split's dataset (``cfg.data``).
 
     Builds the dataset (imports ``vitpcm.data``, hence torch) inside the call.
     """
@@ -192,16 +146,17 @@ def refine_run(cfg: Any, run: PathLike, split: str, *, progress: bool = True, ov
             f"no probabilities in {PseudoLayout(pseudo).probs}: run `vitpcm infer {run} --split {split}` first"
         )
     dataset = build_dataset(cfg.data, split, require_masks=False)
-    return refine_pseudo(cfg, dataset, pseudo, overwrite=overwrite, progress=progress)
+    return crf_pseudo(cfg, dataset, pseudo, overwrite=overwrite, progress=progress)
 
 
-def refine(
+def crf(
     run: PathLike, split: str = "val", *, overrides: Sequence[str] = (), overwrite: bool = False, progress: bool = True
 ) -> Dict[str, Any]:
     """The CRF of ``RUN/pseudo/SPLIT`` with the run's config (``overrides``: e.g. ``crf.iterations=5``,
-    ``data.root=...``); finished masks are kept unless ``overwrite``. See :func:`refine_run`."""
-    from vitpcm.config import load_config
-
+    ``data.root=...``); finished masks are kept unless ``overwrite``. See :func:`crf_split`."""
     layout = RunLayout(run).require()
     cfg = load_config(layout.config, overrides)
-    return refine_run(cfg, layout.root, split, progress=progress, overwrite=overwrite)
+    return crf_split(cfg, layout.root, split, progress=progress, overwrite=overwrite)
+
+
+refine = crf  # the name of this stage before it was named as the command (vitpcm.refine)
