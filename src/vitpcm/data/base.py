@@ -25,9 +25,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from vitpcm.classes import IGNORE_INDEX
 from vitpcm.errors import VitpcmError
 from vitpcm.images import ImageReadError, decode_image
-from vitpcm.io import IGNORE_INDEX, format_names, labels_from_mask
+from vitpcm.io import format_names, labels_from_mask
 
 Sample = Dict[str, Any]
 

@@ -40,9 +40,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from vitpcm.atomic import write_text_atomic
 from vitpcm.data.base import ItemReport, Problem, SegmentationDataset
 from vitpcm.errors import VitpcmError
-from vitpcm.io import format_names, write_text_atomic
+from vitpcm.io import format_names
 from vitpcm.utils.system import resolve_workers
 
 log = logging.getLogger(__name__)
@@ -314,7 +315,7 @@ def format_report(report: DataReport) -> str:
 CACHE_ENV = "VITPCM_CACHE_DIR"  # where the cache lives (its screen/ subfolder); off / none / 0 = no cache
 CACHE_FORMAT = 2  # bump when the file layout below changes
 CACHE_MAX_AGE_DAYS = 60  # cache files untouched this long are removed when another one is written
-_CODE_FILES = ("data/base.py", "images.py", "io.py")  # the code whose verdicts are cached
+_CODE_FILES = ("data/base.py", "images.py", "io.py", "classes.py")  # the code whose verdicts are cached
 
 
 def screen_cache_dir() -> Optional[Path]:

@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from vitpcm.classes import IGNORE_INDEX
 from vitpcm.data.transforms import to_model_input
 from vitpcm.errors import VitpcmError
 from vitpcm.images import ImageReadError, decode_image
-from vitpcm.io import IGNORE_INDEX, format_names, names_in, read_mask_png
+from vitpcm.io import format_names, names_in, read_mask_png
 from vitpcm.utils.system import resolve_workers
 
 Sample = Dict[str, Any]
