@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from vitpcm.atomic import write_text_atomic
 from vitpcm.data import build_dataset
-from vitpcm.data.base import ItemReport, Problem, SegmentationDataset
+from vitpcm.data.base import ItemReport, Problem, TaggedImageDataset
 from vitpcm.data.check_cache import CheckCache, check_cache_dir
 from vitpcm.data.check_report import DataReport, SplitReport, format_report
 from vitpcm.errors import VitpcmError
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 
 def check_dataset(
-    ds: SegmentationDataset,
+    ds: TaggedImageDataset,
     role: str = "extra",
     workers: int = 0,
     progress: bool = True,
@@ -90,7 +90,7 @@ def check_dataset(
     return report
 
 
-def open_split(data_cfg: Any, split: str, role: str) -> Tuple[Optional[SegmentationDataset], Optional[str]]:
+def open_split(data_cfg: Any, split: str, role: str) -> Tuple[Optional[TaggedImageDataset], Optional[str]]:
     """Open a split without stopping at listing problems; ``(None, message)`` if impossible."""
     try:
         return build_dataset(data_cfg, split, require_masks=(role == "train"), strict=False), None
@@ -135,7 +135,7 @@ def check_config(
 
 
 def check_items(
-    dataset: SegmentationDataset, names: Sequence[str], *, full: bool, progress: bool = True
+    dataset: TaggedImageDataset, names: Sequence[str], *, full: bool, progress: bool = True
 ) -> List[Tuple[str, str, str, str]]:
     """The check before an inference stage: read each of ``names`` of ``dataset`` once
     (``vitpcm check-data``'s check) and return its problems as ``(name, kind, path, message)``.
@@ -155,7 +155,7 @@ def check_items(
 
 
 def check_before_training(
-    datasets: Sequence[Optional[SegmentationDataset]],
+    datasets: Sequence[Optional[TaggedImageDataset]],
     run_dir: Path,
     skip_bad: bool,
     progress: bool = True,

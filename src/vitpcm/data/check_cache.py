@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from vitpcm.atomic import write_text_atomic
-from vitpcm.data.base import ItemReport, Problem, SegmentationDataset
+from vitpcm.data.base import ItemReport, Problem, TaggedImageDataset
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def _file_key(path: Optional[Path]) -> Optional[List[Any]]:
     return [str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
-def _code_fingerprint(ds: SegmentationDataset) -> str:
+def _code_fingerprint(ds: TaggedImageDataset) -> str:
     """Hash of the source that decides an item's verdict (base, images, io and the format's
     module): a vitpcm update that changes the check invalidates the cache by itself."""
     package = Path(__file__).resolve().parents[1]
@@ -101,7 +101,7 @@ def _report_from_json(name: str, d: Dict[str, Any]) -> ItemReport:
 
 
 class CheckCache:
-    """What :meth:`SegmentationDataset.inspect` found for each item of one split, kept across
+    """What :meth:`TaggedImageDataset.inspect` found for each item of one split, kept across
     training starts so that an unchanged dataset is not decoded again.
 
     One file per (format, resolved root, split, class list, masks or not, check code),
@@ -117,7 +117,7 @@ class CheckCache:
         folder: where cache files live (:func:`check_cache_dir`).
     """
 
-    def __init__(self, ds: SegmentationDataset, folder: Path) -> None:
+    def __init__(self, ds: TaggedImageDataset, folder: Path) -> None:
         self.ds = ds
         self.folder = Path(folder)
         self.ident = {
@@ -186,7 +186,7 @@ class CheckCache:
         return report
 
     def read(self, index: int) -> ItemReport:
-        """Read the item (:meth:`SegmentationDataset.inspect`) and remember its report."""
+        """Read the item (:meth:`TaggedImageDataset.inspect`) and remember its report."""
         name = self.ds.names[index]
         report = self.ds.inspect(index)[1]
         if name in self.ds.listing_problems:
