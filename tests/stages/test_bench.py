@@ -91,7 +91,7 @@ def test_bench_help_and_authors_path_import_no_torch(tmp_path):
     code = (
         "import sys\n"
         "from vitpcm.cli import main\n"
-        "import vitpcm.stages.bench, vitpcm.stages.bench_crf\n"
+        "import vitpcm.stages.bench, vitpcm.stages.bench.crf_authors\n"
         "try:\n    main(['bench', '--help'])\nexcept SystemExit:\n    pass\n"
         "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))"
     )
