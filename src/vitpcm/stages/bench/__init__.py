@@ -6,7 +6,7 @@ In one process, on one device, each part beside its floor, one runner per sectio
 section    what is measured (the runner's module docstring says how)
 =========  ===================================================================================
 infer      the inference stage vs the bare backbone forward (``infer_ratio``): ``infer.py``
-train      one training step as the engine runs it vs the bare backbone doing the same work
+train      the engine's own training step (``Trainer``) vs the bare backbone doing the same work
            (``train_ratio``): ``train.py``
 crf        ``vitpcm crf`` vs the authors' CRF stage at equal cores (``crf_speedup``), pixel
            agreement, ``crf.backend=torch`` beside pydensecrf: ``crf.py``, ``crf_authors.py``
