@@ -115,7 +115,6 @@ def bench_crf(
     default (``crf.gaussian=exact``) and with the authors' lattice for the smoothness kernel
     (``crf.gaussian=lattice``, the paper presets); and with ``crf.backend=torch`` on
     ``device``."""
-
     folder = work / "crf"
     names = make_crf_inputs(folder, images, seed=0, num_classes=VOC_CLASSES, sizes=sizes or VOC_SIZES)
     probs, imgs = folder / "probs", folder / "images"

@@ -37,7 +37,6 @@ def authors_one(
 ) -> float:
     """The authors' CRF of one image: all ``num_classes`` channels, ``unary_from_softmax``;
     writes the mask PNG and returns the CPU seconds it took."""
-
     params = params or CRFParams()
     start = time.process_time()
     data = np.load(probs_path)

@@ -28,7 +28,6 @@ from vitpcm.stages.infer import infer, speed_settings
 
 def bench_infer(cfg: Any, work: Path, device: str, images: int, repeats: int) -> Dict[str, Any]:
     """The inference stage vs the bare backbone forward at ``infer.scale`` (module docstring)."""
-
     cfg = resolve_config(cfg)
     dataset = build_dataset(cfg.data, "val", require_masks=False)
     seg = Path(cfg.data.root) / "ImageSets" / "Segmentation"

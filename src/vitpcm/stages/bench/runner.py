@@ -62,7 +62,8 @@ def bench(
     progress: bool = True,
 ) -> Dict[str, Any]:
     """Measure the sections (``infer``, ``train``, ``crf``, ``cli``) side by side and return
-    (and with ``json_path`` write) the results: module docstring.
+    (and with ``json_path`` write) the results: the package docstring, and each section's
+    module for what it measures.
 
     Args:
         preset: config preset (or YAML) whose model and sizes are measured; ``overrides`` on top.
@@ -83,7 +84,6 @@ def bench(
 
     Returns ``{"machine", "config", "infer", "train", "crf", "cli", "targets", "met", ...}``.
     """
-
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         raise VitpcmError(f"unknown bench section(s) {unknown}: choose from {', '.join(SECTIONS)}")
