@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from vitpcm.classes import IGNORE_INDEX
 from vitpcm.data.transforms import to_model_input
@@ -141,7 +142,6 @@ def check_pseudo_masks(
 
     ``image_path``: ``name -> Path`` of the image (the dataset's :meth:`image_path`).
     """
-    from tqdm import tqdm
 
     def one(name: str) -> Optional[str]:
         return check_pseudo_mask(listing.mask_path(name), Path(image_path(name)), num_classes)
