@@ -30,7 +30,7 @@ from vitpcm.crf_params import CRFParams  # noqa: E402
 from vitpcm.images import load_rgb  # noqa: E402
 from vitpcm.postprocess.crf import dense_crf  # noqa: E402
 from vitpcm.postprocess.probs_file import load_probs  # noqa: E402
-from vitpcm.stages.bench_crf import make_crf_inputs  # noqa: E402
+from vitpcm.stages.bench.crf import make_crf_inputs  # noqa: E402
 
 
 def main() -> int:

@@ -40,10 +40,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
+from vitpcm.atomic import disk_error, write_json_atomic
 from vitpcm.crf_params import DEFAULT_MAX_PIXELS, CRFParams
 from vitpcm.errors import VitpcmError
 from vitpcm.images import load_rgb
-from vitpcm.io import disk_error, find_image, format_names, names_in, save_mask_png, write_json_atomic
+from vitpcm.io import find_image, format_names, names_in, save_mask_png
 from vitpcm.postprocess.crf import crf_labels_bounded
 from vitpcm.postprocess.probs_file import check_distributions, probs_shape, read_probs
 from vitpcm.utils.folders import output_folders
@@ -358,7 +359,7 @@ def _refine_shard(
                         seconds, small = fut.result()  # re-raises a worker's error here
                         busy, reduced = busy + seconds, reduced + small
                         bar.update()
-    except OSError as exc:  # a write failure (a DiskError, from io.atomic_path, is one line already)
+    except OSError as exc:  # a write failure (a DiskError, from atomic.atomic_path, is one line already)
         if isinstance(exc, VitpcmError):
             raise
         err = disk_error(exc, Path(exc.filename) if getattr(exc, "filename", None) else out_dir / "NAME.png")

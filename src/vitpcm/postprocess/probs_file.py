@@ -1,6 +1,6 @@
 """The probabilities file of a pseudo-mask (``probs/NAME.npz``): written by the stages, read by the CRF.
 
-One uncompressed npz per image (:func:`vitpcm.io.save_npz_atomic`), written before the
+One uncompressed npz per image (:func:`vitpcm.atomic.save_npz_atomic`), written before the
 image's mask PNG (a PNG implies its npz)::
 
     probs    [P, h, w] float32   the P kept classes' probabilities
@@ -21,8 +21,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from vitpcm.atomic import PathLike, save_npz_atomic
 from vitpcm.errors import VitpcmError
-from vitpcm.io import PathLike, save_npz_atomic
 from vitpcm.postprocess.crf import resize_planes
 
 __all__ = [

@@ -14,7 +14,7 @@
                          tell them (per-class precision / recall / F1 at infer.present_threshold,
                          AP, mAP, the threshold with the best mean F1; vitpcm.stages.tag_quality)
 
-The loop (share, resume, screen, write, sum over ranks) is :func:`vitpcm.stages.mask_writer.write_masks`'s;
+The loop (share, resume, check, write, sum over ranks) is :func:`vitpcm.stages.mask_writer.write_masks`'s;
 this module supplies ViT-PCM's batch (:class:`PseudoMasks`) and the summary.
 
 With ``--crf`` and ``crf.backend`` resolving to torch (``auto`` on a GPU), each batch is

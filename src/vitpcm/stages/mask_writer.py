@@ -1,4 +1,4 @@
-"""The one loop of the stages that write masks (``infer``, ``segment infer``, ``predict``): share, resume, screen, predict, write.
+"""The one loop of the stages that write masks (``infer``, ``segment infer``, ``predict``): share, resume, check, predict, write.
 
 A stage supplies only what is its own (:class:`MaskStage`): which of its images are
 finished, what a finished image still counts for, and how a batch becomes masks; and its
@@ -7,7 +7,7 @@ loader (:class:`Loader`). :func:`write_masks` does the rest, the same for every 
 
 1. this rank's share (``names[rank::world]`` under ``torchrun``), less the finished images
    (unless ``overwrite``);
-2. every image still to do read once (``vitpcm check-data``'s screen, with its cache), the
+2. every image still to do read once (``vitpcm check-data``'s check, with its cache), the
    problems of all ranks together, before anything is written: an error listing them all,
    or, with ``skip_bad``, the broken items left out and listed in ``OUT/skipped.txt``;
 3. the output folders (removed again when the stage fails before writing into them), the
@@ -33,11 +33,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from vitpcm.data.check import screen_items
+from vitpcm.atomic import atomic_path, write_json_atomic, write_text_atomic
+from vitpcm.data.check import check_items
 from vitpcm.engine.distributed import Dist, all_reduce_sum, barrier, gather_objects
 from vitpcm.errors import VitpcmError
 from vitpcm.evaluation import ConfusionMatrix
-from vitpcm.io import atomic_path, read_mask_png, save_mask_png, write_json_atomic, write_text_atomic
+from vitpcm.io import read_mask_png, save_mask_png
 from vitpcm.postprocess.probs_file import write_probs
 from vitpcm.runs import PseudoLayout
 from vitpcm.stages.crf import crf_pseudo
@@ -48,7 +49,7 @@ from vitpcm.utils.shard import Shard
 
 log = logging.getLogger(__name__)
 
-Problem = Tuple[str, str, str, str]  # (name, kind, file, reason): data.check.screen_items
+Problem = Tuple[str, str, str, str]  # (name, kind, file, reason): data.check.check_items
 T = TypeVar("T")
 
 
@@ -106,7 +107,7 @@ class Loader:
 class MaskPass:
     """What :func:`write_masks` did: this rank's ``done`` / ``todo`` names, every rank's
     ``problems`` and ``bad`` (items left out), the counts summed over ranks, the seconds of
-    the screen and of the model pass, and the confusion matrix summed over ranks (None
+    the check and of the model pass, and the confusion matrix summed over ranks (None
     without ground truth)."""
 
     done: List[str]
@@ -166,8 +167,8 @@ def write_masks(
 
     # 2. every item still to do read once, all problems together, before anything is written
     t_screen = time.time()
-    whole_split = split is not None and len(todo) == len(dataset.names)  # the screen's cache marks a whole split
-    problems = screen_items(dataset, todo, full=whole_split, progress=progress) if todo else []
+    whole_split = split is not None and len(todo) == len(dataset.names)  # the check's cache keeps whole splits
+    problems = check_items(dataset, todo, full=whole_split, progress=progress) if todo else []
     problems = [p for part in gather_objects(problems, dist_info) for p in part]  # every rank stops, or none
     screen_seconds = time.time() - t_screen
     if problems and not skip_bad:
