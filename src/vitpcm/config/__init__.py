@@ -48,6 +48,7 @@ from vitpcm.config.schema import (
 from vitpcm.config.validate import (
     check_sizes,
     normalisation_values,
+    resolved_normalisation,
     validate_bounds,
     validate_config,
     validate_segment,
@@ -77,6 +78,7 @@ __all__ = [
     "normalisation_values",
     "preset_names",
     "resolve_preset",
+    "resolved_normalisation",
     "resume_allowed",
     "run_config",
     "to_yaml",

@@ -142,6 +142,21 @@ def normalisation_values(cfg: DictConfig, key: str) -> Optional[List[float]]:
     return values
 
 
+def resolved_normalisation(cfg: DictConfig) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """``(mean, std)`` of a prepared config, three floats each, for the transforms.
+
+    Raises :class:`VitpcmError` when a value is still ``auto``: the backbone's values are
+    filled in once, by :func:`vitpcm.stages.config.prepare_config`, before a task runs.
+    """
+    mean, std = normalisation_values(cfg, "mean"), normalisation_values(cfg, "std")
+    if mean is None or std is None:
+        raise VitpcmError(
+            "input.mean / input.std are still auto: prepare the config first"
+            " (vitpcm.stages.config.prepare_config fills in the backbone's values)"
+        )
+    return tuple(mean), tuple(std)
+
+
 def _nearest_multiples(value: int, step: int) -> List[int]:
     below = value // step * step
     return [v for v in (below, below + step) if v > 0]

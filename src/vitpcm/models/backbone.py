@@ -303,7 +303,9 @@ def describe_backbone(
     return BackboneAdapter(module, name)
 
 
-def _describe_cfg(cfg: Any) -> BackboneAdapter:
+def describe_configured_backbone(cfg: Any) -> BackboneAdapter:
+    """:func:`describe_backbone` of the config's ``model.backbone`` (with its
+    ``model.backbone_kwargs``) at ``input.train_size``."""
     from omegaconf import OmegaConf
 
     kwargs = OmegaConf.to_container(cfg.model.backbone_kwargs, resolve=True) if cfg.model.backbone_kwargs else {}
@@ -318,7 +320,7 @@ def resolve_normalisation(cfg: Any, adapter: Optional[BackboneAdapter] = None) -
 
     mean, std = normalisation_values(cfg, "mean"), normalisation_values(cfg, "std")
     if mean is None or std is None:
-        adapter = adapter or _describe_cfg(cfg)
+        adapter = adapter or describe_configured_backbone(cfg)
         mean = mean if mean is not None else list(adapter.mean)
         std = std if std is not None else list(adapter.std)
     return tuple(mean), tuple(std)  # type: ignore[return-value]
@@ -332,7 +334,7 @@ def resolve_config(cfg: Any, check: bool = True) -> Any:
     """
     from vitpcm.config import check_sizes
 
-    adapter = _describe_cfg(cfg)
+    adapter = describe_configured_backbone(cfg)
     mean, std = resolve_normalisation(cfg, adapter)
     out = copy.deepcopy(cfg)  # keeps the typed schema: later overrides are still checked
     out.input.mean = [float(v) for v in mean]
