@@ -31,7 +31,6 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from vitpcm.config import load_config
     from vitpcm.stages.train import train
 
     config, overrides = args.config, list(args.overrides)
@@ -42,8 +41,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if config is None and not args.resume:
         raise VitpcmError("give a config: a preset name (synthetic, voc12, coco14) or a YAML file")
     out = args.out or str(Path("runs") / f"{Path(config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-    cfg = load_config(config, overrides) if config is not None else None  # None: the run's own config
-    result = train(cfg, out, resume=args.resume, overrides=overrides if cfg is None else (), progress=not args.quiet,
+    # the config is loaded once, by the stage (config None: the run's own config)
+    result = train(config, out, resume=args.resume, overrides=overrides, progress=not args.quiet,
                    skip_bad=args.skip_bad)  # fmt: skip
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
         return 0

@@ -289,7 +289,7 @@ def bench_infer(cfg: Any, work: Path, device: str, images: int, repeats: int) ->
 
     from vitpcm.data import EvalTransform, build_dataset
     from vitpcm.engine.distributed import resolve_device
-    from vitpcm.models.backbone import resolve_config
+    from vitpcm.stages.config import resolve_config
     from vitpcm.stages.infer import infer
 
     cfg = resolve_config(cfg)
@@ -412,8 +412,8 @@ def bench_train(cfg: Any, work: Path, device: str, steps: int, warmup: int = 1) 
     from vitpcm.engine.distributed import Dist, resolve_device
     from vitpcm.engine.task import EngineContext, eval_mode
     from vitpcm.engine.trainer import seed_everything
-    from vitpcm.models.backbone import resolve_config
     from vitpcm.runs import RunLayout
+    from vitpcm.stages.config import resolve_config
     from vitpcm.tasks.pcm import PcmTask
 
     cfg = resolve_config(cfg)
