@@ -26,7 +26,6 @@ Anything else (CNNs, hybrids, Swin, BEiT, ...) is refused with one line naming w
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -324,21 +323,3 @@ def resolve_normalisation(cfg: Any, adapter: Optional[BackboneAdapter] = None) -
         mean = mean if mean is not None else list(adapter.mean)
         std = std if std is not None else list(adapter.std)
     return tuple(mean), tuple(std)  # type: ignore[return-value]
-
-
-def resolve_config(cfg: Any, check: bool = True) -> Any:
-    """A copy of ``cfg`` with what depends on the backbone resolved (for ``vitpcm config``,
-    and before training / inference): ``input.mean`` / ``input.std`` ``auto`` -> the timm
-    model's pretrained values; with ``check``, every size checked against the patch size
-    (:func:`vitpcm.config.check_sizes`, one :class:`VitpcmError` naming the wrong keys).
-    """
-    from vitpcm.config import check_sizes
-
-    adapter = describe_configured_backbone(cfg)
-    mean, std = resolve_normalisation(cfg, adapter)
-    out = copy.deepcopy(cfg)  # keeps the typed schema: later overrides are still checked
-    out.input.mean = [float(v) for v in mean]
-    out.input.std = [float(v) for v in std]
-    if check:
-        check_sizes(out, adapter.patch_size, str(cfg.model.backbone))
-    return out
