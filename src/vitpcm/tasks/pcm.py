@@ -43,6 +43,7 @@ from vitpcm.losses import et_loss, mce_loss, reg_loss
 from vitpcm.models.predict import upsample
 from vitpcm.models.registry import build_model, model_arch
 from vitpcm.models.vitpcm import merge_class_labels
+from vitpcm.tasks.settings import engine_settings
 
 log = logging.getLogger(__name__)
 
@@ -104,20 +105,7 @@ def train_batch_plan(cfg: DictConfig) -> Tuple[int, int]:
 def train_settings(cfg: DictConfig) -> TrainSettings:
     """The engine's settings from ``train.*`` (and ``data.num_workers``)."""
     t = cfg.train
-    return TrainSettings(
-        epochs=int(t.epochs),
-        batch_size=train_batch_plan(cfg)[0],
-        seed=int(t.seed),
-        device=str(t.device),
-        threads=int(t.threads),
-        amp=bool(t.amp),
-        val_every=int(t.val_every),
-        log_every=int(t.log_every),
-        num_workers=int(cfg.data.num_workers),
-        deterministic=bool(t.deterministic),
-        checkpoint_every=int(t.checkpoint_every),
-        max_loss=float(t.max_loss),
-    )
+    return engine_settings(cfg, epochs=int(t.epochs), batch_size=train_batch_plan(cfg)[0], val_every=int(t.val_every))
 
 
 class PcmTask(Task):
