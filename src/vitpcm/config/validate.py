@@ -8,7 +8,6 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from vitpcm.crf_params import CRFParams
 from vitpcm.errors import VitpcmError
-from vitpcm.utils.pools import parse_size
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -79,6 +78,8 @@ def validate_config(cfg: DictConfig) -> None:
 
 def validate_bounds(cfg: DictConfig) -> None:
     """Big-input bounds (``infer.max_side``, ``crf.max_pixels``, ``crf.memory_budget``)."""
+    from vitpcm.utils.pools import parse_size  # numpy comes with it: `import vitpcm.config` stays light
+
     if int(cfg.infer.max_side) < 0 or 0 < int(cfg.infer.max_side) < 64:
         raise VitpcmError(f"infer.max_side must be 0 (no bound) or at least 64, got {cfg.infer.max_side}")
     for key in ("batch_size", "writers"):
