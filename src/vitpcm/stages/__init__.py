@@ -6,7 +6,7 @@ dict. The CLI makes one stage call per command and prints what came back.
 stage          function                                                    torch?
 =============  ==========================================================  =========
 data           ``stages.data.synth / check_data / prepare``                 yes / no
-config         ``stages.config.resolved_config(preset, overrides)``           timm
+config         ``stages.config.prepare_config(source, overrides)``            timm
 train          ``stages.train.train(cfg, run)``                             yes
 infer          ``stages.infer.infer(run, split)`` (pseudo-masks, ``--crf``)  yes
 crf            ``stages.crf.crf_folders(...)``, ``crf_pseudo(...)``          no
