@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vitpcm.classes import class_list
 from vitpcm.cli import main
 from vitpcm.errors import VitpcmError
 from vitpcm.evaluation import (
@@ -19,7 +20,7 @@ from vitpcm.evaluation import (
     published_table,
 )
 from vitpcm.evaluation.published import TABLE_FILES, TABLES_DIR
-from vitpcm.io import class_list, save_mask_png
+from vitpcm.io import save_mask_png
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 from tests.stages.test_report import _png_ok, check_self_contained
 
+from vitpcm.atomic import write_text_atomic
+from vitpcm.classes import class_list
 from vitpcm.cli import main
 from vitpcm.config import load_config, to_yaml
 from vitpcm.errors import VitpcmError
 from vitpcm.evaluation import confused_pairs
-from vitpcm.io import class_list, names_in, read_mask_png, read_names, save_mask_png, write_text_atomic
+from vitpcm.io import names_in, read_mask_png, read_names, save_mask_png
 from vitpcm.runs import PseudoLayout, RunLayout
 
 

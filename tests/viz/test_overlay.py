@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vitpcm.io import pascal_palette
+from vitpcm.classes import pascal_palette
 from vitpcm.viz.overlay import ALPHA, blend, overlay_with_legend, save_overlay, thumbnail_jpeg
 
 NAMES = ["background", "cat", "dog"]

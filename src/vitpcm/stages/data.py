@@ -45,8 +45,8 @@ def check_data(
 
     Returns ``ok`` (no broken item), ``text`` (the report for a person), ``report`` (the
     JSON-ready dict, also written to ``json_path`` when given)."""
+    from vitpcm.atomic import write_json_atomic
     from vitpcm.data.check import check_config
-    from vitpcm.io import write_json_atomic
 
     report = check_config(cfg, splits=splits, workers=workers, progress=progress)
     result = {"ok": report.ok, "text": report.format(), "report": report.to_dict()}

@@ -28,9 +28,10 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Sequence
 
+from vitpcm.atomic import write_json_atomic, write_text_atomic
+from vitpcm.classes import read_classes
 from vitpcm.config import load_config
 from vitpcm.errors import VitpcmError
-from vitpcm.io import read_classes, write_json_atomic, write_text_atomic
 from vitpcm.runs import PseudoLayout, RunLayout
 
 log = logging.getLogger(__name__)

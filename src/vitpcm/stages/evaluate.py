@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from vitpcm.atomic import write_json_atomic
+from vitpcm.classes import class_list
 from vitpcm.errors import VitpcmError
 from vitpcm.evaluation import (
     ConfusionMatrix,
@@ -23,7 +25,6 @@ from vitpcm.evaluation import (
     published_table,
     write_evaluation,
 )
-from vitpcm.io import class_list, write_json_atomic
 
 PathLike = Union[str, "os.PathLike[str]"]
 

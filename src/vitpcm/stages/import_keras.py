@@ -35,7 +35,7 @@ IMPORT_OVERRIDES = ["model.pretrained=false", "input.mean=[0.5,0.5,0.5]", "input
 
 def _classes(cfg: Any) -> List[str]:
     """The run's class list: ``data.classes`` (a file or voc12 / coco14); VOC's 21 by default."""
-    from vitpcm.io import VOC_CLASSES, class_list
+    from vitpcm.classes import VOC_CLASSES, class_list
 
     spec = cfg.data.classes
     if spec:
@@ -82,9 +82,9 @@ def import_keras(
     import torch
     from omegaconf import OmegaConf
 
+    from vitpcm.atomic import write_text_atomic
     from vitpcm.config import load_config, to_yaml
     from vitpcm.engine.checkpoint import save_checkpoint
-    from vitpcm.io import write_text_atomic
     from vitpcm.models.keras_import import file_sha256, keras_spec, load_keras_weights, published_bpm, read_keras_h5
     from vitpcm.models.registry import build_model, model_arch
     from vitpcm.stages.config import prepare_config

@@ -39,8 +39,10 @@ from html import escape as html_escape
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from vitpcm.atomic import write_text_atomic
+from vitpcm.classes import read_classes
 from vitpcm.errors import VitpcmError
-from vitpcm.io import format_names, names_in, read_classes, read_mask_png, write_text_atomic
+from vitpcm.io import format_names, names_in, read_mask_png
 from vitpcm.runs import PseudoLayout, RunLayout
 
 log = logging.getLogger(__name__)
