@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
+from tqdm import tqdm
 
 from vitpcm.classes import IGNORE_INDEX
 from vitpcm.errors import VitpcmError
@@ -58,8 +59,6 @@ def evaluate_folders(
 
     Returns ``{label: ConfusionMatrix}`` (``[C, C]``, C = ``len(class_names)``).
     """
-    from tqdm import tqdm
-
     if not preds:
         raise VitpcmError("no prediction folder given")
     pred_dirs = {label: Path(folder) for label, folder in preds.items()}
