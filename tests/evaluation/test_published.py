@@ -21,6 +21,7 @@ from vitpcm.evaluation import (
 )
 from vitpcm.evaluation.published import TABLE_FILES, TABLES_DIR
 from vitpcm.io import save_mask_png
+from vitpcm.stages.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -155,8 +156,6 @@ def _classes_file(root: Path) -> Path:
 
 
 def test_evaluate_compare_all_on_coco_is_long(tmp_path):
-    from vitpcm.stages.evaluate import evaluate
-
     save_mask_png(tmp_path / "gt" / "a.png", np.array([[0, 1], [1, 0]], dtype=np.uint8))
     save_mask_png(tmp_path / "pred" / "a.png", np.array([[0, 1], [1, 1]], dtype=np.uint8))
     r = evaluate({"bpm": tmp_path / "pred"}, tmp_path / "gt", "coco14", compare="all", progress=False,
