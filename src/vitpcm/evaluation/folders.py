@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from tqdm import tqdm
 
 from vitpcm.classes import IGNORE_INDEX
 from vitpcm.errors import VitpcmError
@@ -59,6 +58,8 @@ def evaluate_folders(
 
     Returns ``{label: ConfusionMatrix}`` (``[C, C]``, C = ``len(class_names)``).
     """
+    from tqdm import tqdm  # lazy (~50 ms): `vitpcm crf` imports this package, and only evaluating needs tqdm
+
     if not preds:
         raise VitpcmError("no prediction folder given")
     pred_dirs = {label: Path(folder) for label, folder in preds.items()}
