@@ -40,9 +40,7 @@ import logging
 import math
 import os
 import random
-import signal
 import socket
-import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -56,8 +54,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from vitpcm.engine.checkpoint import non_finite_tensors, read_checkpoint, save_checkpoint
-from vitpcm.engine.distributed import all_reduce_sum, barrier, cleanup, init_distributed
+from vitpcm.engine.distributed import all_reduce_sum, any_rank, barrier, cleanup, init_distributed
 from vitpcm.engine.sampling import EpochSampler, SeededItems, preserved_rng, rng_state, set_rng_state
+from vitpcm.engine.signals import StopSignals, TrainingStopped, ignore_sigint
 from vitpcm.engine.task import EngineContext, Phase, Task, count_parameters, eval_mode
 from vitpcm.errors import VitpcmError
 from vitpcm.io import DiskError, FolderLock, disk_error, remove_temporaries, write_text_atomic
@@ -102,18 +101,6 @@ class TrainSettings:
     max_loss: float = 0.0
 
 
-class TrainingStopped(VitpcmError):
-    """Training stopped on SIGTERM / SIGINT after saving ``last.pt``; the CLI exits with
-    ``exit_code`` (128 + the signal number) and says how to continue."""
-
-    label = "stopped"
-
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.signum = int(signum)
-        self.exit_code = 128 + int(signum)
-
-
 def seed_everything(seed: int) -> None:
     """Seed Python's, numpy's and torch's global generators."""
     random.seed(seed)
@@ -125,9 +112,7 @@ def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % (2**32)
     np.random.seed(seed)
     random.seed(seed)
-    # Ctrl-C reaches the whole process group: the main process saves a checkpoint after
-    # the current step and ends the workers itself
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ignore_sigint()
 
 
 class Trainer:
@@ -251,8 +236,7 @@ class Trainer:
         self._saved_step = 0
         self._resume_state: Optional[Dict[str, Any]] = None  # optimizer of the resumed phase
         self._position: Optional[Dict[str, Any]] = None  # where the resumed run stopped
-        self._stop_signal: Optional[int] = None
-        self._old_handlers: Dict[int, Any] = {}
+        self.signals = StopSignals(announce=self.dist.main)
         self._pending_config: Optional[str] = None
         if resume:
             self._load_resume(last, resume_changes or {})
@@ -450,50 +434,11 @@ class Trainer:
         self.lr = float(lr)
 
     # ----------------------------------------------------------------- signals
-    def _install_signal_handlers(self) -> None:
-        """SIGTERM / SIGINT: finish the step, save, stop (only possible in the main thread)."""
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._old_handlers[signum] = signal.getsignal(signum)
-            signal.signal(signum, self._on_signal)
-
-    def _restore_signal_handlers(self) -> None:
-        for signum, handler in self._old_handlers.items():
-            with contextlib.suppress(ValueError, TypeError):
-                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-        self._old_handlers = {}
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        if self._stop_signal is None:
-            self._stop_signal = signum
-            # a second signal acts as it would without vitpcm (SIGINT: KeyboardInterrupt)
-            with contextlib.suppress(ValueError, TypeError):
-                signal.signal(signum, self._old_handlers.get(signum) or signal.SIG_DFL)
-            if self.dist.main:
-                os.write(2, f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping"
-                            " (send it again to stop at once)\n".encode())  # fmt: skip
-
     def _agree(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is true on any (always ``flag`` without DDP)."""
-        if not self.dist.enabled:
-            return bool(flag)
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        return bool(all_reduce_sum(t, self.dist).item() > 0)
+        return any_rank(flag, self.dist, self.device)
 
     def _stopped(self, epoch: int, batch: int, steps: int, saved: bool = True) -> TrainingStopped:
-        signum = self._stop_signal or signal.SIGTERM
-        name = signal.Signals(signum).name
-        at = f"epoch {epoch + 1}, batch {batch}/{steps}" if batch else f"the end of epoch {epoch}"
-        if saved and self.saved is not None:
-            what = f"saved {self.saved} at {at}"
-        elif self.saved is not None:
-            what = f"the last checkpoint is {self.saved}"
-        else:
-            what = "no checkpoint was written yet"
-        return TrainingStopped(
-            f"{name} received: {what}; continue with `vitpcm train --resume --out {self.run_dir}`", signum
-        )
+        return self.signals.stopped(self.run_dir, epoch, batch, steps, self.saved, saved)
 
     # ----------------------------------------------------------------- one batch
     def _diverged(self, what: str, epoch: int, where: str) -> VitpcmError:
@@ -558,13 +503,12 @@ class Trainer:
         "best_<metric>", "epochs", "history"}`` (history: the metrics.jsonl rows of the
         epochs run here). SIGTERM / SIGINT save ``last.pt`` after the current step and raise
         :class:`TrainingStopped`."""
-        self._install_signal_handlers()
         try:
-            history = self._epochs()
+            with self.signals:
+                history = self._epochs()
         except OSError as exc:  # full disk, read-only run folder: one line naming the folder
             raise self._disk_error(exc) from None
         finally:  # also on a divergence stop: TensorBoard flushed, process group left, lock freed
-            self._restore_signal_handlers()
             if self.writer is not None:
                 self.writer.close()
             cleanup(self.dist)
@@ -626,7 +570,7 @@ class Trainer:
                     for k, v in record.items():
                         self.writer.add_scalar(f"train/{k}", v, self.global_step)
                 if it + 1 < steps and self._window_end(it, steps):
-                    stop = self._agree(self._stop_signal is not None)
+                    stop = self._agree(self.signals.received is not None)
                     due = s.checkpoint_every > 0 and self.global_step - self._saved_step >= int(s.checkpoint_every)
                     if stop or due:
                         self._save_position(epoch, it + 1, steps, sums, n, seconds + time.time() - t0, batch)
@@ -668,7 +612,7 @@ class Trainer:
                 shown = f", val {self.task.metric_label} {100 * value:.2f}" if value is not None else ""
                 log.info("epoch %d/%d: loss %.4f%s (%.1fs)", epoch + 1, epochs, row["loss"], shown, train_time)
             barrier(self.dist)
-            if epoch + 1 < epochs and self._agree(self._stop_signal is not None):
+            if epoch + 1 < epochs and self._agree(self.signals.received is not None):
                 raise self._stopped(epoch + 1, 0, steps)
         return history
 
@@ -688,7 +632,7 @@ class Trainer:
         try:
             return next(batches)
         except Exception:
-            if self._stop_signal is None:
+            if self.signals.received is None:
                 raise
             saved = False
             if it > 0 and it % self.accumulate == 0 and self.global_step > self._saved_step:
