@@ -55,8 +55,8 @@ from torch.utils.data import DataLoader
 
 from vitpcm.engine.checkpoint import non_finite_tensors, read_checkpoint, save_checkpoint
 from vitpcm.engine.distributed import all_reduce_sum, any_rank, barrier, cleanup, init_distributed
-from vitpcm.engine.sampling import EpochSampler, SeededItems, preserved_rng, rng_state, set_rng_state
-from vitpcm.engine.signals import StopSignals, TrainingStopped, ignore_sigint
+from vitpcm.engine.sampling import batches_per_epoch, epoch_loader, preserved_rng, rng_state, set_rng_state
+from vitpcm.engine.signals import StopSignals, TrainingStopped
 from vitpcm.engine.task import EngineContext, Phase, Task, count_parameters, eval_mode
 from vitpcm.errors import VitpcmError
 from vitpcm.io import DiskError, FolderLock, disk_error, remove_temporaries, write_text_atomic
@@ -106,13 +106,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-def _seed_worker(worker_id: int) -> None:
-    seed = torch.initial_seed() % (2**32)
-    np.random.seed(seed)
-    random.seed(seed)
-    ignore_sigint()
 
 
 class Trainer:
@@ -355,41 +348,16 @@ class Trainer:
         # purge_step: the steps a killed run logged after its checkpoint are logged again
         return SummaryWriter(log_dir=str(self.layout.logs), purge_step=purge_step)
 
-    def _per_rank(self) -> int:
-        return math.ceil(len(self.task.train_set) / self.dist.world)
-
-    def _drop_last(self) -> bool:
-        return self._per_rank() >= 2 * int(self.settings.batch_size)  # keep every image of a tiny set
-
     def _steps_per_epoch(self) -> int:
-        n, bs = self._per_rank(), int(self.settings.batch_size)
-        return n // bs if self._drop_last() else math.ceil(n / bs)
+        return batches_per_epoch(len(self.task.train_set), int(self.settings.batch_size), self.dist.world)
 
     def _loader(self, epoch: int, skip: int = 0) -> DataLoader:
         """The epoch's loader from batch ``skip`` on."""
         s = self.settings
-        bs = int(s.batch_size)
-        data = self.task.train_set
-        deterministic = bool(s.deterministic)
-        sampler = EpochSampler(len(data), int(s.seed), epoch, self.dist.rank, self.dist.world, start=skip * bs,
-                               tagged=deterministic)  # fmt: skip
-        generator = None
-        if deterministic:  # worker seeds from the epoch, not from the global generator
-            data = SeededItems(data, int(s.seed))
-            generator = torch.Generator()
-            generator.manual_seed(int(s.seed) * 1009 + epoch)
-        return DataLoader(
-            data,
-            batch_size=bs,
-            sampler=sampler,
-            num_workers=int(s.num_workers),
-            collate_fn=self.task.collate_fn,
-            drop_last=self._drop_last(),
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
-            worker_init_fn=_seed_worker,
-            generator=generator,
-        )
+        return epoch_loader(self.task.train_set, int(s.batch_size), int(s.seed), epoch, rank=self.dist.rank,
+                            world=self.dist.world, skip=skip, deterministic=bool(s.deterministic),
+                            num_workers=int(s.num_workers), collate_fn=self.task.collate_fn,
+                            pin_memory=self.device.type == "cuda")  # fmt: skip
 
     def _phase_at(self, epoch: int) -> Phase:
         current = self.phases[0]
