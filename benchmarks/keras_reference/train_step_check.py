@@ -186,15 +186,15 @@ def authors_affine(records: Dict[str, np.ndarray], size: int, scale: int, crop: 
 def _trainer_standin(task: Any, model: torch.nn.Module, cfg: Any, ctx: Any) -> SimpleNamespace:
     """What ``Trainer._enter_phase`` / ``Trainer._backward_step`` read of the trainer, so the
     trainer's own methods run unchanged on one process without a data loader or a run folder."""
+    from vitpcm.engine.guards import DivergenceGuard
     from vitpcm.engine.trainer import Trainer
 
     t = SimpleNamespace(task=task, model=model, phases=task.phases(), phase=None, lr=None, _resume_state=None,
                         dist=ctx.dist, device=ctx.device, accumulate=max(1, int(task.accumulate_steps())),
-                        optimizer=None, ddp=model, settings=SimpleNamespace(max_loss=float(cfg.train.max_loss)),
+                        optimizer=None, ddp=model, guard=DivergenceGuard(task, ctx, float(cfg.train.max_loss)),
                         ctx=ctx, scaler=None)  # fmt: skip
     t._phase_at = lambda epoch: Trainer._phase_at(t, epoch)
     t._window_end = lambda it, steps: Trainer._window_end(t, it, steps)
-    t._diverged = lambda *a: Trainer._diverged(t, *a)
     t._enter_phase = lambda epoch: Trainer._enter_phase(t, epoch)
     t._backward_step = lambda *a: Trainer._backward_step(t, *a)
     return t

@@ -55,9 +55,10 @@ from torch.utils.data import DataLoader
 
 from vitpcm.engine.checkpoint import non_finite_tensors, read_checkpoint, save_checkpoint
 from vitpcm.engine.distributed import all_reduce_sum, any_rank, barrier, cleanup, init_distributed
+from vitpcm.engine.guards import DivergenceGuard
 from vitpcm.engine.sampling import batches_per_epoch, epoch_loader, preserved_rng, rng_state, set_rng_state
 from vitpcm.engine.signals import StopSignals, TrainingStopped
-from vitpcm.engine.task import EngineContext, Phase, Task, count_parameters, eval_mode
+from vitpcm.engine.task import EngineContext, Phase, Task, count_parameters
 from vitpcm.errors import VitpcmError
 from vitpcm.io import DiskError, FolderLock, disk_error, remove_temporaries, write_text_atomic
 from vitpcm.runs import RunLayout
@@ -224,7 +225,7 @@ class Trainer:
         self.lr = float("nan")
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.ddp: Optional[torch.nn.Module] = None
-        self.saved: Optional[Path] = None  # the last good checkpoint (named in divergence errors)
+        self.guard = DivergenceGuard(task, self.ctx, settings.max_loss)  # names the last good checkpoint
         self.global_step = 0
         self._saved_step = 0
         self._resume_state: Optional[Dict[str, Any]] = None  # optimizer of the resumed phase
@@ -284,7 +285,7 @@ class Trainer:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.task.load_state_dict(state.get("task_state") or {})
-        self.saved = last
+        self.guard.last_good = last
         where = (
             f"epoch {self.start_epoch + 1}, batch {batch}/{steps}" if batch else f"the end of epoch {self.start_epoch}"
         )
@@ -406,18 +407,9 @@ class Trainer:
         return any_rank(flag, self.dist, self.device)
 
     def _stopped(self, epoch: int, batch: int, steps: int, saved: bool = True) -> TrainingStopped:
-        return self.signals.stopped(self.run_dir, epoch, batch, steps, self.saved, saved)
+        return self.signals.stopped(self.run_dir, epoch, batch, steps, self.guard.last_good, saved)
 
     # ----------------------------------------------------------------- one batch
-    def _diverged(self, what: str, epoch: int, where: str) -> VitpcmError:
-        if self.saved is not None:
-            last = (
-                f"the last good checkpoint is {self.saved} (continue from it with --resume and a lower learning rate)"
-            )
-        else:
-            last = "no checkpoint was written yet"
-        return VitpcmError(f"{what} at epoch {epoch + 1}{where}: {self.task.divergence_hint()}; {last}")
-
     def _window_end(self, it: int, steps: int) -> bool:
         return (it + 1) % self.accumulate == 0 or it + 1 == steps
 
@@ -429,27 +421,9 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         # between accumulated batches DDP need not all-reduce gradients
         sync = contextlib.nullcontext() if window_end or not self.dist.enabled else self.ddp.no_sync()
-        limit = float(self.settings.max_loss or 0.0)
         with sync:
             loss, terms = self.task.train_step(self.ddp, batch, self.ctx)
-            value = loss.detach().float().reshape(1)
-            bad = ~torch.isfinite(value)
-            if limit > 0:
-                bad = bad | (value.abs() > limit)
-            check = bad.float()
-            if self.dist.enabled:  # every rank stops together (a lone raise would hang the others)
-                check = all_reduce_sum(check.clone(), self.dist)
-            if bool(check.item() > 0):
-                mine = float(value.item())
-                if not math.isfinite(mine):
-                    what = f"the loss became {mine}"
-                elif limit > 0 and abs(mine) > limit:
-                    what = f"the loss reached {mine:.4g}, above the limit {limit:g} (train.max_loss)"
-                elif limit > 0:
-                    what = f"the loss became non-finite or above {limit:g} (train.max_loss) on another rank"
-                else:
-                    what = "the loss became non-finite on another rank"
-                raise self._diverged(what, epoch, f", batch {it + 1}/{steps} (step {global_step})")
+            self.guard.check_loss(loss, epoch, f", batch {it + 1}/{steps} (step {global_step})")
             scaled = loss / self.accumulate if self.accumulate > 1 else loss
             if self.scaler is not None and self.scaler.is_enabled():
                 self.scaler.scale(scaled).backward()
@@ -620,31 +594,6 @@ class Trainer:
         set_rng_state(states[self.dist.rank])
 
     # ----------------------------------------------------------------- checkpoints
-    def _check_before_save(self, last_batch: Any, epoch: int, where: str) -> None:
-        """With ``max_loss``: the weights about to be saved must still give a loss under it on
-        the last batch. The loss of a step is checked before its update, so without this an
-        exploding last update (finite weights, a loss of 1e11 on the next forward) would
-        become the "last good" checkpoint. One forward without gradient, in eval mode (no
-        dropout, no batch-norm statistics), the random generators left as they were."""
-        limit = float(self.settings.max_loss or 0.0)
-        if limit <= 0 or last_batch is None:
-            return
-        with torch.no_grad(), preserved_rng(self.device.type == "cuda"), eval_mode(self.model):
-            loss, _ = self.task.train_step(self.model, last_batch, self.ctx)
-        value = loss.detach().float().reshape(1)
-        bad = (~torch.isfinite(value) | (value.abs() > limit)).float()
-        if self.dist.enabled:
-            bad = all_reduce_sum(bad.clone(), self.dist)
-        if bool(bad.item() > 0):
-            mine = float(value.item())
-            what = (
-                f"the weights after step {self.global_step} give a loss of {mine:.4g} on its batch, above the limit"
-                f" {limit:g} (train.max_loss)"
-                if not (math.isfinite(mine) and abs(mine) <= limit)
-                else "the weights diverged on another rank"
-            )
-            raise self._diverged(what, epoch, where)
-
     def _gather_rng(self) -> Optional[List[Dict[str, Any]]]:
         """Every rank's generator states, on rank 0 (None elsewhere)."""
         mine = rng_state()
@@ -659,12 +608,9 @@ class Trainer:
         on every rank first: a diverged state is never saved."""
         model_state = self.model.state_dict()
         optimizer_state = self.optimizer.state_dict()
-        bad = non_finite_tensors({"model": model_state, "optimizer": optimizer_state})
-        if bad:
-            where = f", batch {position['batch']}/{position['steps']}" if position.get("batch") else ""
-            raise self._diverged(f"the weights became non-finite ({bad[0]}{' and more' if len(bad) > 1 else ''})",
-                                 position["epoch"] if position.get("batch") else epoch_done - 1,
-                                 f"{where} (not saved)")  # fmt: skip
+        where = f", batch {position['batch']}/{position['steps']}" if position.get("batch") else ""
+        self.guard.check_state({"model": model_state, "optimizer": optimizer_state},
+                               position["epoch"] if position.get("batch") else epoch_done - 1, f"{where} (not saved)")  # fmt: skip
         rng = self._gather_rng()
         if not self.dist.main:
             return {}
@@ -700,7 +646,13 @@ class Trainer:
         self, epoch: int, batch: int, steps: int, sums: Dict[str, float], n: int, seconds: float, last_batch: Any
     ) -> None:
         """``last.pt`` in the middle of epoch ``epoch`` (0-based) after ``batch`` batches."""
-        self._check_before_save(last_batch, epoch, f", batch {batch}/{steps} (step {self.global_step}, not saved)")
+        self.guard.check_weights(
+            self.model,
+            last_batch,
+            self.global_step,
+            epoch,
+            f", batch {batch}/{steps} (step {self.global_step}, not saved)",
+        )
         state = self._state(epoch, self._position_record(epoch, batch, steps))
         last = self.layout.checkpoint("last")
         if self.dist.main:
@@ -708,7 +660,7 @@ class Trainer:
                           "progress": {"sums": dict(sums), "n": int(n), "seconds": float(seconds)}})  # fmt: skip
             save_checkpoint(last, state, check_finite=False)  # checked in _state
             self._write_pending_config()
-        self.saved = last
+        self.guard.last_good = last
         self._saved_step = self.global_step
         barrier(self.dist)
 
@@ -716,13 +668,13 @@ class Trainer:
         """``last.pt`` at the end of epoch ``epoch``; ``best.pt`` (without the optimizer) when the
         metric improves or the task cannot validate. A state with non-finite tensors, or weights
         whose loss explodes, stop the run instead (checked on every rank, so all of them stop)."""
-        self._check_before_save(last_batch, epoch, " (not saved)")
+        self.guard.check_weights(self.model, last_batch, self.global_step, epoch, " (not saved)")
         state = self._state(epoch + 1, self._position_record(epoch + 1, 0, steps))
         improved = value is not None and value > self.best
         if improved:
             self.best = float(value)
         last = self.layout.checkpoint("last")
-        self.saved = last  # rank 0 writes it; every rank names it in errors
+        self.guard.last_good = last  # rank 0 writes it; every rank names it in errors
         self._saved_step = self.global_step
         if not self.dist.main:
             return
