@@ -34,15 +34,11 @@ What it does for every task:
 from __future__ import annotations
 
 import contextlib
-import errno
-import json
 import logging
 import math
 import os
 import random
-import socket
 import time
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
@@ -56,11 +52,11 @@ from torch.utils.data import DataLoader
 from vitpcm.engine.checkpoint import non_finite_tensors, read_checkpoint, save_checkpoint
 from vitpcm.engine.distributed import all_reduce_sum, any_rank, barrier, cleanup, init_distributed
 from vitpcm.engine.guards import DivergenceGuard
+from vitpcm.engine.run_folder import RunFolder
 from vitpcm.engine.sampling import batches_per_epoch, epoch_loader, preserved_rng, rng_state, set_rng_state
 from vitpcm.engine.signals import StopSignals, TrainingStopped
 from vitpcm.engine.task import EngineContext, Phase, Task, count_parameters
 from vitpcm.errors import VitpcmError
-from vitpcm.io import DiskError, FolderLock, disk_error, remove_temporaries, write_text_atomic
 from vitpcm.runs import RunLayout
 
 log = logging.getLogger(__name__)
@@ -150,61 +146,19 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         seed_everything(int(settings.seed) + self.dist.rank)
 
-        # one writer per run folder, before anything is read or written there
-        self._lock = FolderLock(self.layout.lock, "vitpcm train") if self.dist.main else None
-        self._finalizer = None
-        failure: Optional[BaseException] = None
-        if self._lock is not None:
-            try:
-                stale = self._lock.acquire()
-                self._finalizer = weakref.finalize(self, self._lock.release)
-                if stale:
-                    log.warning("%s: took over the lock of PID %s on %s (started %s), which is no longer running",
-                                self.run_dir, stale.get("pid"), stale.get("host"), stale.get("started"))  # fmt: skip
-            except BaseException as exc:  # every rank must stop, not only rank 0
-                failure = exc
-        if self._agree(failure is not None):
-            raise failure if failure is not None else VitpcmError(f"{self.run_dir} is in use by another process")
+        self.folder = RunFolder(self.layout, self.dist, self.device)  # before anything is read or written there
         try:
             self._init(task, settings, resume, config_text, resume_changes)
         except OSError as exc:
             self.close()
-            raise self._disk_error(exc) from None
+            raise self.folder.disk_error(exc) from None
         except BaseException:
             self.close()
             raise
 
-    def _disk_error(self, exc: OSError) -> OSError:
-        """A write failure in the run folder as one line naming the folder (else ``exc``)."""
-        name = getattr(exc, "filename", None)
-        if isinstance(exc, DiskError):
-            return exc
-        inside = name is not None and Path(name).resolve().is_relative_to(self.run_dir.resolve())
-        write_only = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
-        if inside or (name is None and write_only):
-            return disk_error(exc, Path(name) if name else self.run_dir / "(a file)") or exc
-        return exc
-
     def _init(self, task, settings, resume, config_text, resume_changes) -> None:
+        resume = self.folder.start(resume)
         last = self.layout.checkpoint("last")
-        if last.is_file() and not resume:
-            raise VitpcmError(
-                f"{self.run_dir} already holds a training run: pass --resume to continue it, or choose another --out"
-            )
-        if resume and not last.is_file():
-            if not self.layout.config.is_file():
-                raise VitpcmError(f"--resume: {last} not found, nothing to resume")
-            if self.dist.main:
-                log.info("--resume: %s holds no checkpoint yet (stopped before its first save): starting from the"
-                         " beginning", self.run_dir)  # fmt: skip
-            resume = False
-        if self.dist.main:
-            # a kill during a save leaves its temporary file; under the lock nothing else writes here
-            gone = remove_temporaries(self.layout.checkpoints, only_dead=False)
-            gone += remove_temporaries(self.layout.root) + remove_temporaries(self.layout.logs)
-            if gone:
-                log.info("removed %d unfinished temporary file(s) of a killed save: %s", len(gone),
-                         ", ".join(p.name for p in gone[:3]))  # fmt: skip
 
         self.use_amp = bool(settings.amp) and self.device.type == "cuda"
         self.ctx = EngineContext(
@@ -231,24 +185,13 @@ class Trainer:
         self._resume_state: Optional[Dict[str, Any]] = None  # optimizer of the resumed phase
         self._position: Optional[Dict[str, Any]] = None  # where the resumed run stopped
         self.signals = StopSignals(announce=self.dist.main)
-        self._pending_config: Optional[str] = None
         if resume:
             self._load_resume(last, resume_changes or {})
         else:
             self.global_step = 0
 
-        if self.dist.main:
-            self.layout.checkpoints.mkdir(parents=True, exist_ok=True)
-            self.layout.logs.mkdir(parents=True, exist_ok=True)
-            if config_text is not None and resume and resume_changes and self.layout.config.is_file():
-                # changed on resume: config.yaml keeps describing the last checkpoint until the
-                # first save of this run (a resume that diverges at once leaves it as it was)
-                self._pending_config = config_text
-            elif config_text is not None:
-                write_text_atomic(self.layout.config, config_text)
-            if task.classes is not None:
-                write_text_atomic(self.layout.classes, "\n".join(task.classes) + "\n")
-        self.writer = self._tensorboard(purge_step=self.global_step + 1 if resume else None)
+        self.folder.write_files(config_text, task.classes, defer_config=resume and bool(resume_changes))
+        self.writer = self.folder.tensorboard(purge_step=self.global_step + 1 if resume else None)
 
     # ----------------------------------------------------------------- resume
     def _load_resume(self, last: Path, changes: Mapping[str, Tuple[Any, Any]]) -> None:
@@ -289,23 +232,7 @@ class Trainer:
         where = (
             f"epoch {self.start_epoch + 1}, batch {batch}/{steps}" if batch else f"the end of epoch {self.start_epoch}"
         )
-        if self.dist.main:
-            log.info("resuming %s from %s (step %d)", self.run_dir, where, self.global_step)
-            for key, (old, new) in changes.items():
-                log.info("--resume: %s %s -> %s", key, old, new)
-            record = {
-                "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "checkpoint": str(last),
-                "epoch": self.start_epoch,
-                "batch": batch,
-                "step": self.global_step,
-                "changed": {k: {"from": old, "to": new} for k, (old, new) in changes.items()},
-            }
-            self.layout.logs.mkdir(parents=True, exist_ok=True)
-            with open(self.layout.resumes, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record, default=str) + "\n")
+        self.folder.record_resume(last, self.start_epoch, batch, self.global_step, changes, where)
 
     def _position_mismatch(self, position: Mapping[str, Any], steps: int) -> Optional[str]:
         """What differs between a mid-epoch position and this run (None: nothing)."""
@@ -338,17 +265,6 @@ class Trainer:
             ) from None
 
     # ----------------------------------------------------------------- setup helpers
-    def _tensorboard(self, purge_step: Optional[int] = None):
-        if not self.dist.main:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except Exception:  # tensorboard not installed: metrics.jsonl still has everything
-            log.info("tensorboard is not installed; logging to metrics.jsonl only")
-            return None
-        # purge_step: the steps a killed run logged after its checkpoint are logged again
-        return SummaryWriter(log_dir=str(self.layout.logs), purge_step=purge_step)
-
     def _steps_per_epoch(self) -> int:
         return batches_per_epoch(len(self.task.train_set), int(self.settings.batch_size), self.dist.world)
 
@@ -449,7 +365,7 @@ class Trainer:
             with self.signals:
                 history = self._epochs()
         except OSError as exc:  # full disk, read-only run folder: one line naming the folder
-            raise self._disk_error(exc) from None
+            raise self.folder.disk_error(exc) from None
         finally:  # also on a divergence stop: TensorBoard flushed, process group left, lock freed
             if self.writer is not None:
                 self.writer.close()
@@ -466,8 +382,7 @@ class Trainer:
         """Release the run folder (done by :meth:`fit`; call it for a Trainer never fitted)."""
         if self.settings.deterministic:
             torch.use_deterministic_algorithms(self._deterministic_before, warn_only=True)
-        if self._finalizer is not None:
-            self._finalizer()
+        self.folder.release()
 
     def _epochs(self) -> List[Dict[str, Any]]:
         from tqdm import tqdm
@@ -632,11 +547,6 @@ class Trainer:
             state["scaler"] = self.scaler.state_dict()
         return state
 
-    def _write_pending_config(self) -> None:
-        if self._pending_config is not None:
-            write_text_atomic(self.layout.config, self._pending_config)
-            self._pending_config = None
-
     def _position_record(self, epoch: int, batch: int, steps: int) -> Dict[str, Any]:
         return {"epoch": epoch, "batch": batch, "step": self.global_step, "steps": steps,
                 "batch_size": int(self.settings.batch_size), "world": self.dist.world,
@@ -659,7 +569,7 @@ class Trainer:
             state.update({f"val_{self.metric}": None, "metrics": None,
                           "progress": {"sums": dict(sums), "n": int(n), "seconds": float(seconds)}})  # fmt: skip
             save_checkpoint(last, state, check_finite=False)  # checked in _state
-            self._write_pending_config()
+            self.folder.checkpoint_saved()
         self.guard.last_good = last
         self._saved_step = self.global_step
         barrier(self.dist)
@@ -680,7 +590,7 @@ class Trainer:
             return
         state.update({f"best_{self.metric}": self.best, f"val_{self.metric}": value, "metrics": row})
         save_checkpoint(last, state, check_finite=False)  # checked in _state
-        self._write_pending_config()
+        self.folder.checkpoint_saved()
         if improved or not self.task.has_validation:
             for key in ("optimizer", "rng", "scaler", "progress"):
                 state.pop(key, None)
