@@ -46,7 +46,6 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 import numpy as np
 import torch
 import torch.distributed
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from vitpcm.engine.checkpoint import non_finite_tensors, read_checkpoint, save_checkpoint
@@ -55,7 +54,8 @@ from vitpcm.engine.guards import DivergenceGuard
 from vitpcm.engine.run_folder import RunFolder
 from vitpcm.engine.sampling import batches_per_epoch, epoch_loader, preserved_rng, rng_state, set_rng_state
 from vitpcm.engine.signals import StopSignals, TrainingStopped
-from vitpcm.engine.task import EngineContext, Phase, Task, count_parameters
+from vitpcm.engine.step import Stepper
+from vitpcm.engine.task import EngineContext, Task
 from vitpcm.errors import VitpcmError
 from vitpcm.runs import RunLayout
 
@@ -166,20 +166,12 @@ class Trainer:
         )
         task.setup(self.ctx)  # datasets and model: the task's random draws happen here, after seeding
         self.model = task.model
-        self.scaler = torch.amp.GradScaler("cuda", enabled=not torch.cuda.is_bf16_supported()) if self.use_amp else None
-        self.phases: List[Phase] = sorted(task.phases(), key=lambda p: p.start_epoch)
-        if not self.phases:
-            raise ValueError("the task gives no training phase")
-        self.accumulate = max(1, int(task.accumulate_steps()))
 
         self.metric = task.metric
         self.start_epoch = 0
         self.best = -math.inf
-        self.phase: Optional[Phase] = None
-        self.lr = float("nan")
-        self.optimizer: Optional[torch.optim.Optimizer] = None
-        self.ddp: Optional[torch.nn.Module] = None
         self.guard = DivergenceGuard(task, self.ctx, settings.max_loss)  # names the last good checkpoint
+        self.stepper = Stepper(task, self.ctx, self.guard)  # phases, optimizer, lr, the step
         self.global_step = 0
         self._saved_step = 0
         self._resume_state: Optional[Dict[str, Any]] = None  # optimizer of the resumed phase
@@ -225,8 +217,8 @@ class Trainer:
         self._resume_state = state
         self._position = {**position, "batch": batch, "steps": steps, "rng": state.get("rng"),
                           "progress": state.get("progress")}  # fmt: skip
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+        if self.stepper.scaler is not None and state.get("scaler"):
+            self.stepper.scaler.load_state_dict(state["scaler"])
         self.task.load_state_dict(state.get("task_state") or {})
         self.guard.last_good = last
         where = (
@@ -237,7 +229,7 @@ class Trainer:
     def _position_mismatch(self, position: Mapping[str, Any], steps: int) -> Optional[str]:
         """What differs between a mid-epoch position and this run (None: nothing)."""
         now = {"batch_size": int(self.settings.batch_size), "world": self.dist.world, "samples": len(self.task.train_set),
-               "steps": steps, "accumulate": self.accumulate}  # fmt: skip
+               "steps": steps, "accumulate": self.stepper.accumulate}  # fmt: skip
         names = {"batch_size": "batch size", "world": "processes", "samples": "training items", "steps": "batches per epoch",
                  "accumulate": "accumulation steps"}  # fmt: skip
         for key, value in now.items():
@@ -276,48 +268,6 @@ class Trainer:
                             num_workers=int(s.num_workers), collate_fn=self.task.collate_fn,
                             pin_memory=self.device.type == "cuda")  # fmt: skip
 
-    def _phase_at(self, epoch: int) -> Phase:
-        current = self.phases[0]
-        for phase in self.phases:
-            if phase.start_epoch <= epoch:
-                current = phase
-        return current
-
-    def _enter_phase(self, epoch: int) -> None:
-        """Set the trainable parameters and make a fresh optimizer when the phase changes."""
-        phase = self._phase_at(epoch)
-        if self.phase is not None and phase.name == self.phase.name:
-            return
-        self.phase = phase
-        self.lr = float(phase.lr)
-        groups = self.task.param_groups(phase, self.model)
-        for group in groups:
-            group["lr"] = self.lr * float(group.get("lr_scale", 1.0))
-        self.optimizer = self.task.make_optimizer(phase, groups)
-        state = self._resume_state
-        if state is not None and state.get("phase") == phase.name and "optimizer" in state:
-            self.optimizer.load_state_dict(self.task.migrate_optimizer_state(state["optimizer"]))
-            for group in self.optimizer.param_groups:  # the lr of this run (it may be a changed one)
-                group["lr"] = self.lr * float(group.get("lr_scale", 1.0))
-        self._resume_state = None
-        if self.dist.enabled:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(self.model, device_ids=ids)
-        else:
-            self.ddp = self.model
-        if self.dist.main:
-            log.info("epoch %d: phase %s, lr %.2e, %d trainable parameters", epoch + 1, phase.name, self.lr,
-                     count_parameters(groups))  # fmt: skip
-
-    def _set_lr(self, progress: float) -> None:
-        """Ask the task for the base lr at ``progress`` (epochs) and apply it to every group."""
-        lr = self.task.lr_at(self.phase, progress)
-        if lr is None:
-            return
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * float(group.get("lr_scale", 1.0))
-        self.lr = float(lr)
-
     # ----------------------------------------------------------------- signals
     def _agree(self, flag: bool) -> bool:
         return any_rank(flag, self.dist, self.device)
@@ -326,35 +276,6 @@ class Trainer:
         return self.signals.stopped(self.run_dir, epoch, batch, steps, self.guard.last_good, saved)
 
     # ----------------------------------------------------------------- one batch
-    def _window_end(self, it: int, steps: int) -> bool:
-        return (it + 1) % self.accumulate == 0 or it + 1 == steps
-
-    def _backward_step(self, batch: Any, epoch: int, it: int, steps: int, global_step: int) -> Dict[str, float]:
-        """Forward (through the task), the divergence check, backward, and the optimizer step
-        at the end of each accumulation window. Returns the batch's float terms."""
-        window_end = self._window_end(it, steps)
-        if it % self.accumulate == 0:
-            self.optimizer.zero_grad(set_to_none=True)
-        # between accumulated batches DDP need not all-reduce gradients
-        sync = contextlib.nullcontext() if window_end or not self.dist.enabled else self.ddp.no_sync()
-        with sync:
-            loss, terms = self.task.train_step(self.ddp, batch, self.ctx)
-            self.guard.check_loss(loss, epoch, f", batch {it + 1}/{steps} (step {global_step})")
-            scaled = loss / self.accumulate if self.accumulate > 1 else loss
-            if self.scaler is not None and self.scaler.is_enabled():
-                self.scaler.scale(scaled).backward()
-            else:
-                scaled.backward()
-        if window_end:
-            if self.scaler is not None and self.scaler.is_enabled():
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-        record = {k: float(v) for k, v in terms.items()}
-        record["loss"] = float(loss.detach())
-        return record
-
     # ----------------------------------------------------------------- loop
     def fit(self) -> Dict[str, Any]:
         """Train from where the run stands to ``settings.epochs``. Returns ``{"run",
@@ -378,6 +299,11 @@ class Trainer:
             "history": history,
         }
 
+    @property
+    def optimizer(self) -> Optional[torch.optim.Optimizer]:
+        """The optimizer of the current phase."""
+        return self.stepper.optimizer
+
     def close(self) -> None:
         """Release the run folder (done by :meth:`fit`; call it for a Trainer never fitted)."""
         if self.settings.deterministic:
@@ -394,7 +320,8 @@ class Trainer:
             self.layout.truncate_metrics(self.start_epoch)
         history: List[Dict[str, Any]] = []
         for epoch in range(self.start_epoch, epochs):
-            self._enter_phase(epoch)
+            self.stepper.enter_phase(epoch, self._resume_state)
+            self._resume_state = None
             self.task.train_mode(self.model)
             position, self._position = self._position, None
             skip = int(position["batch"]) if position else 0
@@ -410,14 +337,14 @@ class Trainer:
                 progress = position["progress"]
                 sums, n, seconds = dict(progress["sums"]), int(progress["n"]), float(progress["seconds"])
             t0 = time.time()
-            bar = tqdm(total=steps, initial=skip, desc=f"epoch {epoch + 1}/{epochs} ({self.phase.name})",
+            bar = tqdm(total=steps, initial=skip, desc=f"epoch {epoch + 1}/{epochs} ({self.stepper.phase.name})",
                        unit="batch", disable=not (self.progress and self.dist.main), leave=False)  # fmt: skip
             batch = None
             for it in range(skip, steps):
                 batch = self._next_batch(batches, epoch, it, steps, sums, n, seconds + time.time() - t0, batch)
-                self._set_lr(epoch + it / max(steps, 1))
+                self.stepper.set_lr(epoch + it / max(steps, 1))
                 self.global_step += 1
-                record = self._backward_step(batch, epoch, it, steps, self.global_step)
+                record = self.stepper.training_step(batch, epoch, it, steps, self.global_step)
                 n += 1
                 for k, v in record.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -426,7 +353,7 @@ class Trainer:
                 if self.writer is not None and self.global_step % max(1, int(s.log_every)) == 0:
                     for k, v in record.items():
                         self.writer.add_scalar(f"train/{k}", v, self.global_step)
-                if it + 1 < steps and self._window_end(it, steps):
+                if it + 1 < steps and self.stepper.window_end(it, steps):
                     stop = self._agree(self.signals.received is not None)
                     due = s.checkpoint_every > 0 and self.global_step - self._saved_step >= int(s.checkpoint_every)
                     if stop or due:
@@ -452,7 +379,7 @@ class Trainer:
                     scores = self.task.validate(self.ctx)
                 self.task.train_mode(self.model)
             value = None if scores is None else scores.get(self.metric)
-            row: Dict[str, Any] = {"epoch": epoch + 1, "phase": self.phase.name, "lr": self.lr}
+            row: Dict[str, Any] = {"epoch": epoch + 1, "phase": self.stepper.phase.name, "lr": self.stepper.lr}
             row.update({k: v / max(n, 1) for k, v in sums.items()})
             row[key] = value
             row.update({f"val_{k}": v for k, v in (scores or {}).items() if k != self.metric})
@@ -492,7 +419,7 @@ class Trainer:
             if self.signals.received is None:
                 raise
             saved = False
-            if it > 0 and it % self.accumulate == 0 and self.global_step > self._saved_step:
+            if it > 0 and it % self.stepper.accumulate == 0 and self.global_step > self._saved_step:
                 self._save_position(epoch, it, steps, sums, n, seconds, previous)
                 saved = True
             raise self._stopped(epoch, it, steps, saved=saved) from None
@@ -522,7 +449,7 @@ class Trainer:
         """The common part of a checkpoint (``{}`` off rank 0), checked for non-finite tensors
         on every rank first: a diverged state is never saved."""
         model_state = self.model.state_dict()
-        optimizer_state = self.optimizer.state_dict()
+        optimizer_state = self.stepper.optimizer.state_dict()
         where = f", batch {position['batch']}/{position['steps']}" if position.get("batch") else ""
         self.guard.check_state({"model": model_state, "optimizer": optimizer_state},
                                position["epoch"] if position.get("batch") else epoch_done - 1, f"{where} (not saved)")  # fmt: skip
@@ -533,7 +460,7 @@ class Trainer:
             **self.task.checkpoint_extras(),
             "model": model_state,
             "optimizer": optimizer_state,
-            "phase": self.phase.name,
+            "phase": self.stepper.phase.name,
             "epoch": epoch_done,
             f"best_{self.metric}": self.best,
             "position": position,
@@ -543,14 +470,14 @@ class Trainer:
         task_state = self.task.state_dict()
         if task_state:
             state["task_state"] = task_state
-        if self.scaler is not None:
-            state["scaler"] = self.scaler.state_dict()
+        if self.stepper.scaler is not None:
+            state["scaler"] = self.stepper.scaler.state_dict()
         return state
 
     def _position_record(self, epoch: int, batch: int, steps: int) -> Dict[str, Any]:
         return {"epoch": epoch, "batch": batch, "step": self.global_step, "steps": steps,
                 "batch_size": int(self.settings.batch_size), "world": self.dist.world,
-                "samples": len(self.task.train_set), "accumulate": self.accumulate}  # fmt: skip
+                "samples": len(self.task.train_set), "accumulate": self.stepper.accumulate}  # fmt: skip
 
     def _save_position(
         self, epoch: int, batch: int, steps: int, sums: Dict[str, float], n: int, seconds: float, last_batch: Any
