@@ -1,34 +1,28 @@
-"""The generic training loop: one :class:`Trainer` runs any :class:`~vitpcm.engine.task.Task`.
+"""The generic training loop: :meth:`Trainer.fit` -> an epoch -> a step, for any :class:`~vitpcm.engine.task.Task`.
 
-What it does for every task:
+What it does for every task, and where the details live:
 
-* processes and devices: DDP under ``torchrun`` (``engine/distributed.py``), one process
-  otherwise; AMP on CUDA (bf16 where supported, fp16 with a grad scaler elsewhere);
-* data: a shuffled loader per epoch (the order of ``RandomSampler`` seeded ``seed + epoch``,
-  ``DistributedSampler``'s under torchrun; :class:`~vitpcm.engine.sampling.EpochSampler`),
-  ``drop_last`` only when a rank has at least two full batches;
-* phases: at each phase start the task sets the trainable parameters and a *fresh*
-  optimizer is built (as the authors recompile the Keras model); the task's schedule sets
-  the learning rate before every batch; optional gradient accumulation;
-* divergence: the loss is checked *before* ``backward`` on every step (on every rank at
-  once under DDP): a non-finite loss, or one above ``max_loss``, stops the run with one
-  line naming the epoch, the step and the last good checkpoint; a state with non-finite
+* processes and devices: DDP under ``torchrun``, one process otherwise (``distributed.py``);
+  AMP on CUDA (bf16 where supported, fp16 with a grad scaler elsewhere);
+* data: a shuffled loader per epoch, resumable at any batch (``sampling.py``);
+* the step (``step.py``): phases with a *fresh* optimizer each (as the authors recompile the
+  Keras model), the task's learning rate before every batch, gradient accumulation;
+* divergence (``guards.py``): the loss is checked *before* ``backward`` on every step (every
+  rank at once under DDP); a non-finite loss, or one above ``max_loss``, stops the run with
+  one line naming the epoch, the step and the last good checkpoint; a state with non-finite
   tensors is never saved;
-* the run folder (through :class:`vitpcm.runs.RunLayout`): one writer at a time
-  (``RUN/.lock``, PID and host; a lock left by a dead process is taken over with a note),
-  ``config.yaml``, ``classes.txt``, ``checkpoints/last.pt`` every epoch and every
-  ``checkpoint_every`` steps (atomic; model, optimizer, phase, position in the epoch,
-  random generators), ``checkpoints/best.pt`` when the task's metric improves, one
-  ``logs/metrics.jsonl`` row per epoch (epoch means all-reduced over ranks), TensorBoard
-  when installed, tqdm bars on rank 0;
-* pre-emption: SIGTERM or SIGINT saves ``last.pt`` after the current step and stops with
-  :class:`TrainingStopped` (a second signal acts at once);
-* ``resume``: continues from ``last.pt`` exactly where it stopped, mid-epoch too: weights,
-  optimizer (same phase), epoch, position in the epoch, step, best score, the epoch's
-  running sums and the random generators; metrics rows of epochs that run again are
-  dropped. With ``deterministic`` (CPU) a run killed at any moment and resumed ends with
-  the weights of an uninterrupted run (docs/reliability.md). An existing run without
-  ``resume`` is refused.
+* the run folder (``run_folder.py``): one writer at a time (``RUN/.lock``), ``config.yaml``,
+  ``classes.txt``, ``checkpoints/last.pt`` every epoch and every ``checkpoint_every`` steps
+  (``state.py``, written atomically by ``checkpoint.py``), ``checkpoints/best.pt`` when the
+  task's metric improves, one ``logs/metrics.jsonl`` row per epoch (means over every rank),
+  TensorBoard when installed, tqdm bars on rank 0;
+* pre-emption (``signals.py``): SIGTERM or SIGINT saves ``last.pt`` after the current step
+  and stops with :class:`TrainingStopped` (a second signal acts at once);
+* ``resume`` (``state.py``): continues from ``last.pt`` exactly where it stopped, mid-epoch
+  too (weights, optimizer, position, step, best score, the epoch's running sums, random
+  generators); metrics rows of epochs that run again are dropped. With ``deterministic``
+  (CPU) a run killed at any moment and resumed ends with the weights of an uninterrupted
+  run (docs/reliability.md). An existing run without ``resume`` is refused.
 """
 
 from __future__ import annotations
@@ -38,28 +32,29 @@ import logging
 import math
 import os
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.distributed
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
-from vitpcm.engine.checkpoint import non_finite_tensors, read_checkpoint, save_checkpoint
-from vitpcm.engine.distributed import all_reduce_sum, any_rank, barrier, cleanup, init_distributed
+from vitpcm.engine.checkpoint import save_checkpoint
+from vitpcm.engine.distributed import any_rank, barrier, cleanup, init_distributed
 from vitpcm.engine.guards import DivergenceGuard
 from vitpcm.engine.run_folder import RunFolder
-from vitpcm.engine.sampling import batches_per_epoch, epoch_loader, preserved_rng, rng_state, set_rng_state
+from vitpcm.engine.sampling import batches_per_epoch, epoch_loader, preserved_rng
 from vitpcm.engine.signals import StopSignals, TrainingStopped
+from vitpcm.engine.state import EpochTally, Resumed, gather_rng, read_resume, restore_rng
 from vitpcm.engine.step import Stepper
 from vitpcm.engine.task import EngineContext, Task
-from vitpcm.errors import VitpcmError
 from vitpcm.runs import RunLayout
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Trainer", "TrainSettings", "TrainingStopped", "seed_everything"]
 
 
 @dataclass
@@ -145,10 +140,9 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         seed_everything(int(settings.seed) + self.dist.rank)
-
         self.folder = RunFolder(self.layout, self.dist, self.device)  # before anything is read or written there
         try:
-            self._init(task, settings, resume, config_text, resume_changes)
+            self._setup(resume, config_text, resume_changes or {})
         except OSError as exc:
             self.close()
             raise self.folder.disk_error(exc) from None
@@ -156,135 +150,48 @@ class Trainer:
             self.close()
             raise
 
-    def _init(self, task, settings, resume, config_text, resume_changes) -> None:
+    def _setup(self, resume: bool, config_text: Optional[str], changes: Mapping[str, Tuple[Any, Any]]) -> None:
         resume = self.folder.start(resume)
-        last = self.layout.checkpoint("last")
-
-        self.use_amp = bool(settings.amp) and self.device.type == "cuda"
-        self.ctx = EngineContext(
-            device=self.device, dist=self.dist, run=self.layout, progress=self.progress, amp=self.use_amp
-        )
-        task.setup(self.ctx)  # datasets and model: the task's random draws happen here, after seeding
-        self.model = task.model
-
-        self.metric = task.metric
-        self.start_epoch = 0
-        self.best = -math.inf
-        self.guard = DivergenceGuard(task, self.ctx, settings.max_loss)  # names the last good checkpoint
-        self.stepper = Stepper(task, self.ctx, self.guard)  # phases, optimizer, lr, the step
-        self.global_step = 0
-        self._saved_step = 0
-        self._resume_state: Optional[Dict[str, Any]] = None  # optimizer of the resumed phase
-        self._position: Optional[Dict[str, Any]] = None  # where the resumed run stopped
+        amp = bool(self.settings.amp) and self.device.type == "cuda"
+        self.ctx = EngineContext(device=self.device, dist=self.dist, run=self.layout, progress=self.progress, amp=amp)
+        self.task.setup(self.ctx)  # datasets and model: the task's random draws happen here, after seeding
+        self.model = self.task.model
+        self.metric = self.task.metric
+        self.guard = DivergenceGuard(self.task, self.ctx, self.settings.max_loss)
+        self.stepper = Stepper(self.task, self.ctx, self.guard)
         self.signals = StopSignals(announce=self.dist.main)
+        self.steps_per_epoch = batches_per_epoch(
+            len(self.task.train_set), int(self.settings.batch_size), self.dist.world
+        )
+        self.start_epoch, self.global_step, self.best = 0, 0, -math.inf
+        self._saved_step = 0  # global_step of the last save
+        self._resumed: Optional[Resumed] = None  # until the first epoch has taken it up
         if resume:
-            self._load_resume(last, resume_changes or {})
-        else:
-            self.global_step = 0
-
-        self.folder.write_files(config_text, task.classes, defer_config=resume and bool(resume_changes))
+            self._resume(changes)
+        self.folder.write_files(config_text, self.task.classes, defer_config=resume and bool(changes))
         self.writer = self.folder.tensorboard(purge_step=self.global_step + 1 if resume else None)
 
-    # ----------------------------------------------------------------- resume
-    def _load_resume(self, last: Path, changes: Mapping[str, Tuple[Any, Any]]) -> None:
-        """Read ``last.pt``: weights, best score, position; optimizer, generators and the
-        epoch's sums are applied when the loop reaches them."""
-        state = read_checkpoint(last)
-        bad = non_finite_tensors(state["model"])
-        if bad:  # written before vitpcm checked what it saves
-            raise VitpcmError(
-                f"--resume: {last} holds non-finite weights ({bad[0]}{' and more' if len(bad) > 1 else ''}): the run"
-                " had diverged when it was saved; start a new run (lower learning rate) or resume from a copy of an"
-                " earlier checkpoint"
-            )
-        self._load_weights(state["model"], last)
-        self.best = float(state.get(f"best_{self.metric}", -math.inf))
-        position = dict(state.get("position") or {})
-        if not position:  # checkpoints written before positions were stored: an epoch end
-            position = {"epoch": int(state["epoch"]), "batch": 0}
-        self.start_epoch = int(position["epoch"])
-        batch = int(position.get("batch", 0))
-        steps = self._steps_per_epoch()
-        if batch:
-            mismatch = self._position_mismatch(position, steps)
-            if mismatch:
-                raise VitpcmError(
-                    f"--resume: {last} was saved in the middle of epoch {self.start_epoch + 1} with {mismatch}: the"
-                    " position in the epoch would not mean the same; resume with the run's own settings"
-                )
-        self.global_step = int(position.get("step", self.start_epoch * steps + batch))
-        self._saved_step = self.global_step
-        self._resume_state = state
-        self._position = {**position, "batch": batch, "steps": steps, "rng": state.get("rng"),
-                          "progress": state.get("progress")}  # fmt: skip
-        if self.stepper.scaler is not None and state.get("scaler"):
-            self.stepper.scaler.load_state_dict(state["scaler"])
-        self.task.load_state_dict(state.get("task_state") or {})
-        self.guard.last_good = last
-        where = (
-            f"epoch {self.start_epoch + 1}, batch {batch}/{steps}" if batch else f"the end of epoch {self.start_epoch}"
-        )
-        self.folder.record_resume(last, self.start_epoch, batch, self.global_step, changes, where)
+    @property
+    def optimizer(self) -> Optional[torch.optim.Optimizer]:
+        """The optimizer of the current phase."""
+        return self.stepper.optimizer
 
-    def _position_mismatch(self, position: Mapping[str, Any], steps: int) -> Optional[str]:
-        """What differs between a mid-epoch position and this run (None: nothing)."""
-        now = {"batch_size": int(self.settings.batch_size), "world": self.dist.world, "samples": len(self.task.train_set),
-               "steps": steps, "accumulate": self.stepper.accumulate}  # fmt: skip
-        names = {"batch_size": "batch size", "world": "processes", "samples": "training items", "steps": "batches per epoch",
-                 "accumulate": "accumulation steps"}  # fmt: skip
-        for key, value in now.items():
-            if key in position and int(position[key]) != value:
-                return f"{names[key]} {position[key]} (now {value})"
-        return None
-
-    def _load_weights(self, weights: Mapping[str, torch.Tensor], path: Path) -> None:
-        """``load_state_dict`` with one line instead of a size-mismatch line per tensor."""
-        try:
-            self.model.load_state_dict(weights)
-        except RuntimeError:
-            own = self.model.state_dict()
-            shapes = [k for k, v in weights.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
-            missing = [k for k in own if k not in weights]
-            unexpected = [k for k in weights if k not in own]
-            example = ""
-            if shapes:
-                k = shapes[0]
-                example = f", e.g. {k}: {list(weights[k].shape)} in the checkpoint, {list(own[k].shape)} here"
-            raise VitpcmError(
-                f"--resume: {path} does not fit the model this config builds ({len(shapes)} tensor(s) of another"
-                f" shape{example}; {len(missing)} missing, {len(unexpected)} unexpected): the model settings changed;"
-                " resume with the run's own config, or train a new run with another --out"
-            ) from None
-
-    # ----------------------------------------------------------------- setup helpers
-    def _steps_per_epoch(self) -> int:
-        return batches_per_epoch(len(self.task.train_set), int(self.settings.batch_size), self.dist.world)
-
-    def _loader(self, epoch: int, skip: int = 0) -> DataLoader:
-        """The epoch's loader from batch ``skip`` on."""
-        s = self.settings
-        return epoch_loader(self.task.train_set, int(s.batch_size), int(s.seed), epoch, rank=self.dist.rank,
-                            world=self.dist.world, skip=skip, deterministic=bool(s.deterministic),
-                            num_workers=int(s.num_workers), collate_fn=self.task.collate_fn,
-                            pin_memory=self.device.type == "cuda")  # fmt: skip
-
-    # ----------------------------------------------------------------- signals
-    def _agree(self, flag: bool) -> bool:
-        return any_rank(flag, self.dist, self.device)
-
-    def _stopped(self, epoch: int, batch: int, steps: int, saved: bool = True) -> TrainingStopped:
-        return self.signals.stopped(self.run_dir, epoch, batch, steps, self.guard.last_good, saved)
-
-    # ----------------------------------------------------------------- one batch
-    # ----------------------------------------------------------------- loop
+    # ----------------------------------------------------------------- the loop
     def fit(self) -> Dict[str, Any]:
         """Train from where the run stands to ``settings.epochs``. Returns ``{"run",
         "best_<metric>", "epochs", "history"}`` (history: the metrics.jsonl rows of the
         epochs run here). SIGTERM / SIGINT save ``last.pt`` after the current step and raise
         :class:`TrainingStopped`."""
+        epochs = int(self.settings.epochs)
+        history: List[Dict[str, Any]] = []
         try:
             with self.signals:
-                history = self._epochs()
+                if self.dist.main:
+                    self.layout.truncate_metrics(self.start_epoch)
+                for epoch in range(self.start_epoch, epochs):
+                    history.append(self._run_epoch(epoch))
+                    if epoch + 1 < epochs and self._agree(self.signals.received is not None):
+                        raise self._stopped(epoch + 1, 0)
         except OSError as exc:  # full disk, read-only run folder: one line naming the folder
             raise self.folder.disk_error(exc) from None
         finally:  # also on a divergence stop: TensorBoard flushed, process group left, lock freed
@@ -295,14 +202,9 @@ class Trainer:
         return {
             "run": str(self.run_dir),
             f"best_{self.metric}": None if self.best == -math.inf else self.best,
-            "epochs": int(self.settings.epochs),
+            "epochs": epochs,
             "history": history,
         }
-
-    @property
-    def optimizer(self) -> Optional[torch.optim.Optimizer]:
-        """The optimizer of the current phase."""
-        return self.stepper.optimizer
 
     def close(self) -> None:
         """Release the run folder (done by :meth:`fit`; call it for a Trainer never fitted)."""
@@ -310,107 +212,96 @@ class Trainer:
             torch.use_deterministic_algorithms(self._deterministic_before, warn_only=True)
         self.folder.release()
 
-    def _epochs(self) -> List[Dict[str, Any]]:
-        from tqdm import tqdm
-
-        s = self.settings
-        epochs = int(s.epochs)
-        key = f"val_{self.metric}"
+    def _run_epoch(self, epoch: int) -> Dict[str, Any]:
+        """Epoch ``epoch`` (0-based): train, validate, save, log. Returns its metrics row."""
+        tally, last_batch = self._train_epoch(epoch)
+        train_time = tally.elapsed()
+        tally.all_reduce(self.dist, self.device)  # epoch means over every rank's batches
+        scores = self._validate(epoch)
+        value = None if scores is None else scores.get(self.metric)
+        row: Dict[str, Any] = {"epoch": epoch + 1, "phase": self.stepper.phase.name, "lr": self.stepper.lr}
+        row.update(tally.means())
+        row[f"val_{self.metric}"] = value
+        row.update({f"val_{k}": v for k, v in (scores or {}).items() if k != self.metric})
+        row["seconds"] = round(train_time, 2)
+        self._save_epoch_end(epoch, row, value, last_batch)
         if self.dist.main:
-            self.layout.truncate_metrics(self.start_epoch)
-        history: List[Dict[str, Any]] = []
-        for epoch in range(self.start_epoch, epochs):
-            self.stepper.enter_phase(epoch, self._resume_state)
-            self._resume_state = None
-            self.task.train_mode(self.model)
-            position, self._position = self._position, None
-            skip = int(position["batch"]) if position else 0
-            if position and not skip:
-                self._restore_rng(position)  # an epoch end: before the new epoch draws anything
-            steps = self._steps_per_epoch()
-            batches = iter(self._loader(epoch, skip))
-            if position and skip:
-                self._restore_rng(position)  # mid-epoch: after the loader drew its seed, as it had then
-            sums: Dict[str, float] = {}
-            n, seconds = 0, 0.0
-            if position and skip and position.get("progress"):
-                progress = position["progress"]
-                sums, n, seconds = dict(progress["sums"]), int(progress["n"]), float(progress["seconds"])
-            t0 = time.time()
-            bar = tqdm(total=steps, initial=skip, desc=f"epoch {epoch + 1}/{epochs} ({self.stepper.phase.name})",
-                       unit="batch", disable=not (self.progress and self.dist.main), leave=False)  # fmt: skip
-            batch = None
+            self.layout.append_metrics(row)
+            if self.writer is not None:
+                if value is not None:
+                    self.writer.add_scalar(f"val/{self.metric}", value, epoch + 1)
+                self.writer.add_scalar("train/epoch_loss", row["loss"], epoch + 1)
+                self.writer.flush()
+            shown = f", val {self.task.metric_label} {100 * value:.2f}" if value is not None else ""
+            log.info(
+                "epoch %d/%d: loss %.4f%s (%.1fs)", epoch + 1, int(self.settings.epochs), row["loss"], shown, train_time
+            )
+        barrier(self.dist)
+        return row
+
+    def _train_epoch(self, epoch: int) -> Tuple[EpochTally, Any]:
+        """The batches of epoch ``epoch`` from where it stands (a resumed run: from its position).
+        Returns the epoch's tally and its last batch. Saves mid-epoch (``checkpoint_every``, a
+        stop signal) at the ends of accumulation windows."""
+        s, steps = self.settings, self.steps_per_epoch
+        resumed, self._resumed = self._resumed, None
+        self.stepper.enter_phase(epoch, resumed.state if resumed else None)
+        self.task.train_mode(self.model)
+        skip = resumed.batch if resumed else 0
+        if resumed and not skip:
+            restore_rng(resumed.rng, self.dist)  # an epoch end: before the new epoch draws anything
+        batches = iter(self._loader(epoch, skip))
+        if resumed and skip:
+            restore_rng(resumed.rng, self.dist)  # mid-epoch: after the loader drew its seed, as it had then
+        tally = EpochTally.resumed(resumed.progress if resumed else None)
+        batch = None
+        with tqdm(total=steps, initial=skip, desc=f"epoch {epoch + 1}/{s.epochs} ({self.stepper.phase.name})",
+                  unit="batch", disable=not (self.progress and self.dist.main), leave=False) as bar:  # fmt: skip
             for it in range(skip, steps):
-                batch = self._next_batch(batches, epoch, it, steps, sums, n, seconds + time.time() - t0, batch)
-                self.stepper.set_lr(epoch + it / max(steps, 1))
-                self.global_step += 1
-                record = self.stepper.training_step(batch, epoch, it, steps, self.global_step)
-                n += 1
-                for k, v in record.items():
-                    sums[k] = sums.get(k, 0.0) + v
+                batch = self._next_batch(batches, epoch, it, tally, batch)
+                tally.add(self._step(batch, epoch, it))
                 bar.update(1)
-                bar.set_postfix(loss=f"{sums['loss'] / n:.4f}")
-                if self.writer is not None and self.global_step % max(1, int(s.log_every)) == 0:
-                    for k, v in record.items():
-                        self.writer.add_scalar(f"train/{k}", v, self.global_step)
+                bar.set_postfix(loss=f"{tally.sums['loss'] / tally.n:.4f}")
                 if it + 1 < steps and self.stepper.window_end(it, steps):
                     stop = self._agree(self.signals.received is not None)
                     due = s.checkpoint_every > 0 and self.global_step - self._saved_step >= int(s.checkpoint_every)
                     if stop or due:
-                        self._save_position(epoch, it + 1, steps, sums, n, seconds + time.time() - t0, batch)
+                        self._save_position(epoch, it + 1, tally, batch)
                     if stop:
-                        bar.close()
-                        raise self._stopped(epoch, it + 1, steps)
-            bar.close()
-            train_time = seconds + (time.time() - t0)
-            del batches
-            if self.dist.enabled:  # epoch means over every rank's batches
-                keys = sorted(sums)
-                packed = all_reduce_sum(
-                    torch.tensor([sums[k] for k in keys] + [n], dtype=torch.float64, device=self.device), self.dist
-                )
-                sums = dict(zip(keys, packed[:-1].tolist()))
-                n = int(packed[-1].item())
-            scores: Optional[Dict[str, float]] = None
-            if s.val_every > 0 and ((epoch + 1) % s.val_every == 0 or epoch + 1 == epochs):
-                # deterministic: validation draws nothing from the training generators
-                guard = preserved_rng(self.device.type == "cuda") if s.deterministic else contextlib.nullcontext()
-                with guard:
-                    scores = self.task.validate(self.ctx)
-                self.task.train_mode(self.model)
-            value = None if scores is None else scores.get(self.metric)
-            row: Dict[str, Any] = {"epoch": epoch + 1, "phase": self.stepper.phase.name, "lr": self.stepper.lr}
-            row.update({k: v / max(n, 1) for k, v in sums.items()})
-            row[key] = value
-            row.update({f"val_{k}": v for k, v in (scores or {}).items() if k != self.metric})
-            row["seconds"] = round(train_time, 2)
-            history.append(row)
-            self._checkpoint(epoch, row, value, steps, batch)
-            if self.dist.main:
-                self.layout.append_metrics(row)
-                if self.writer is not None:
-                    if value is not None:
-                        self.writer.add_scalar(f"val/{self.metric}", value, epoch + 1)
-                    self.writer.add_scalar("train/epoch_loss", row["loss"], epoch + 1)
-                    self.writer.flush()
-                shown = f", val {self.task.metric_label} {100 * value:.2f}" if value is not None else ""
-                log.info("epoch %d/%d: loss %.4f%s (%.1fs)", epoch + 1, epochs, row["loss"], shown, train_time)
-            barrier(self.dist)
-            if epoch + 1 < epochs and self._agree(self.signals.received is not None):
-                raise self._stopped(epoch + 1, 0, steps)
-        return history
+                        raise self._stopped(epoch, it + 1)
+        tally.stop_clock()
+        return tally, batch
 
-    def _next_batch(
-        self,
-        batches: Iterator[Any],
-        epoch: int,
-        it: int,
-        steps: int,
-        sums: Dict[str, float],
-        n: int,
-        seconds: float,
-        previous: Any,
-    ) -> Any:
+    def _step(self, batch: Any, epoch: int, it: int) -> Dict[str, float]:
+        """Batch ``it`` of epoch ``epoch``: the learning rate, one training step, TensorBoard."""
+        self.stepper.set_lr(epoch + it / max(self.steps_per_epoch, 1))
+        self.global_step += 1
+        record = self.stepper.training_step(batch, epoch, it, self.steps_per_epoch, self.global_step)
+        if self.writer is not None and self.global_step % max(1, int(self.settings.log_every)) == 0:
+            for k, v in record.items():
+                self.writer.add_scalar(f"train/{k}", v, self.global_step)
+        return record
+
+    def _validate(self, epoch: int) -> Optional[Dict[str, float]]:
+        """The task's scores when epoch ``epoch`` validates (``val_every``, the last epoch), else None."""
+        s = self.settings
+        if not (s.val_every > 0 and ((epoch + 1) % s.val_every == 0 or epoch + 1 == int(s.epochs))):
+            return None
+        # deterministic: validation draws nothing from the training generators
+        with preserved_rng(self.device.type == "cuda") if s.deterministic else contextlib.nullcontext():
+            scores = self.task.validate(self.ctx)
+        self.task.train_mode(self.model)
+        return scores
+
+    def _loader(self, epoch: int, skip: int = 0) -> DataLoader:
+        """The epoch's loader from batch ``skip`` on."""
+        s = self.settings
+        return epoch_loader(self.task.train_set, int(s.batch_size), int(s.seed), epoch, rank=self.dist.rank,
+                            world=self.dist.world, skip=skip, deterministic=bool(s.deterministic),
+                            num_workers=int(s.num_workers), collate_fn=self.task.collate_fn,
+                            pin_memory=self.device.type == "cuda")  # fmt: skip
+
+    def _next_batch(self, batches: Iterator[Any], epoch: int, it: int, tally: EpochTally, previous: Any) -> Any:
         """The next batch; when a stop signal also ended the loader's workers, save the
         position reached (at a window boundary) and stop."""
         try:
@@ -418,55 +309,52 @@ class Trainer:
         except Exception:
             if self.signals.received is None:
                 raise
-            saved = False
-            if it > 0 and it % self.stepper.accumulate == 0 and self.global_step > self._saved_step:
-                self._save_position(epoch, it, steps, sums, n, seconds, previous)
-                saved = True
-            raise self._stopped(epoch, it, steps, saved=saved) from None
+            saved = it > 0 and it % self.stepper.accumulate == 0 and self.global_step > self._saved_step
+            if saved:
+                self._save_position(epoch, it, tally, previous)
+            raise self._stopped(epoch, it, saved=saved) from None
 
-    def _restore_rng(self, position: Mapping[str, Any]) -> None:
-        states = position.get("rng")
-        if not states:
-            return
-        if len(states) != self.dist.world:
-            if self.dist.main:
-                log.warning("--resume: the checkpoint holds the random generators of %d process(es), this run has %d:"
-                            " the rest of the run draws other random numbers", len(states), self.dist.world)  # fmt: skip
-            return
-        set_rng_state(states[self.dist.rank])
+    # ----------------------------------------------------------------- resume, stop, save
+    def _shape(self) -> Dict[str, int]:
+        """What a position in an epoch depends on."""
+        return {"steps": self.steps_per_epoch, "batch_size": int(self.settings.batch_size), "world": self.dist.world,
+                "samples": len(self.task.train_set), "accumulate": self.stepper.accumulate}  # fmt: skip
 
-    # ----------------------------------------------------------------- checkpoints
-    def _gather_rng(self) -> Optional[List[Dict[str, Any]]]:
-        """Every rank's generator states, on rank 0 (None elsewhere)."""
-        mine = rng_state()
-        if not self.dist.enabled:
-            return [mine]
-        out: Optional[List[Any]] = [None] * self.dist.world if self.dist.main else None
-        torch.distributed.gather_object(mine, out, dst=0)
-        return out
+    def _resume(self, changes: Mapping[str, Tuple[Any, Any]]) -> None:
+        """Weights, best score and position from ``last.pt`` (optimizer, generators and the
+        epoch's sums are applied when the first epoch reaches them)."""
+        r = read_resume(self.layout.checkpoint("last"), self.model, self.metric, self._shape())
+        self.start_epoch, self.global_step, self.best, self._saved_step = r.epoch, r.step, r.best, r.step
+        self._resumed = r
+        if self.stepper.scaler is not None and r.state.get("scaler"):
+            self.stepper.scaler.load_state_dict(r.state["scaler"])
+        self.task.load_state_dict(r.state.get("task_state") or {})
+        self.guard.last_good = r.path
+        where = (
+            f"epoch {r.epoch + 1}, batch {r.batch}/{self.steps_per_epoch}" if r.batch else f"the end of epoch {r.epoch}"
+        )
+        self.folder.record_resume(r.path, r.epoch, r.batch, r.step, changes, where)
 
-    def _state(self, epoch_done: int, position: Dict[str, Any]) -> Dict[str, Any]:
-        """The common part of a checkpoint (``{}`` off rank 0), checked for non-finite tensors
-        on every rank first: a diverged state is never saved."""
-        model_state = self.model.state_dict()
-        optimizer_state = self.stepper.optimizer.state_dict()
-        where = f", batch {position['batch']}/{position['steps']}" if position.get("batch") else ""
-        self.guard.check_state({"model": model_state, "optimizer": optimizer_state},
-                               position["epoch"] if position.get("batch") else epoch_done - 1, f"{where} (not saved)")  # fmt: skip
-        rng = self._gather_rng()
+    def _agree(self, flag: bool) -> bool:
+        return any_rank(flag, self.dist, self.device)
+
+    def _stopped(self, epoch: int, batch: int, saved: bool = True) -> TrainingStopped:
+        return self.signals.stopped(self.run_dir, epoch, batch, self.steps_per_epoch, self.guard.last_good, saved)
+
+    def _state(self, epoch: int, batch: int, where: str) -> Dict[str, Any]:
+        """What ``last.pt`` holds at batch ``batch`` of epoch ``epoch`` (0-based; ``{}`` off rank 0),
+        checked for non-finite tensors on every rank first: a diverged state is never saved."""
+        model_state, optimizer_state = self.model.state_dict(), self.stepper.optimizer.state_dict()
+        self.guard.check_state(
+            {"model": model_state, "optimizer": optimizer_state}, epoch if batch else epoch - 1, where
+        )
+        rng = gather_rng(self.dist)
         if not self.dist.main:
             return {}
-        state = {
-            **self.task.checkpoint_extras(),
-            "model": model_state,
-            "optimizer": optimizer_state,
-            "phase": self.stepper.phase.name,
-            "epoch": epoch_done,
-            f"best_{self.metric}": self.best,
-            "position": position,
-            "rng": rng,
-            "deterministic": bool(self.settings.deterministic),
-        }
+        position = {"epoch": epoch, "batch": batch, "step": self.global_step, **self._shape()}
+        state = {**self.task.checkpoint_extras(), "model": model_state, "optimizer": optimizer_state,
+                 "phase": self.stepper.phase.name, "epoch": epoch, f"best_{self.metric}": self.best,
+                 "position": position, "rng": rng, "deterministic": bool(self.settings.deterministic)}  # fmt: skip
         task_state = self.task.state_dict()
         if task_state:
             state["task_state"] = task_state
@@ -474,45 +362,32 @@ class Trainer:
             state["scaler"] = self.stepper.scaler.state_dict()
         return state
 
-    def _position_record(self, epoch: int, batch: int, steps: int) -> Dict[str, Any]:
-        return {"epoch": epoch, "batch": batch, "step": self.global_step, "steps": steps,
-                "batch_size": int(self.settings.batch_size), "world": self.dist.world,
-                "samples": len(self.task.train_set), "accumulate": self.stepper.accumulate}  # fmt: skip
-
-    def _save_position(
-        self, epoch: int, batch: int, steps: int, sums: Dict[str, float], n: int, seconds: float, last_batch: Any
-    ) -> None:
+    def _save_position(self, epoch: int, batch: int, tally: EpochTally, last_batch: Any) -> None:
         """``last.pt`` in the middle of epoch ``epoch`` (0-based) after ``batch`` batches."""
+        steps, step = self.steps_per_epoch, self.global_step
         self.guard.check_weights(
-            self.model,
-            last_batch,
-            self.global_step,
-            epoch,
-            f", batch {batch}/{steps} (step {self.global_step}, not saved)",
+            self.model, last_batch, step, epoch, f", batch {batch}/{steps} (step {step}, not saved)"
         )
-        state = self._state(epoch, self._position_record(epoch, batch, steps))
+        state = self._state(epoch, batch, f", batch {batch}/{steps} (not saved)")
         last = self.layout.checkpoint("last")
         if self.dist.main:
-            state.update({f"val_{self.metric}": None, "metrics": None,
-                          "progress": {"sums": dict(sums), "n": int(n), "seconds": float(seconds)}})  # fmt: skip
+            state.update({f"val_{self.metric}": None, "metrics": None, "progress": tally.progress()})
             save_checkpoint(last, state, check_finite=False)  # checked in _state
             self.folder.checkpoint_saved()
-        self.guard.last_good = last
-        self._saved_step = self.global_step
+        self.guard.last_good, self._saved_step = last, step
         barrier(self.dist)
 
-    def _checkpoint(self, epoch: int, row: Dict[str, Any], value: Optional[float], steps: int, last_batch: Any) -> None:
+    def _save_epoch_end(self, epoch: int, row: Dict[str, Any], value: Optional[float], last_batch: Any) -> None:
         """``last.pt`` at the end of epoch ``epoch``; ``best.pt`` (without the optimizer) when the
         metric improves or the task cannot validate. A state with non-finite tensors, or weights
         whose loss explodes, stop the run instead (checked on every rank, so all of them stop)."""
         self.guard.check_weights(self.model, last_batch, self.global_step, epoch, " (not saved)")
-        state = self._state(epoch + 1, self._position_record(epoch + 1, 0, steps))
+        state = self._state(epoch + 1, 0, " (not saved)")
         improved = value is not None and value > self.best
         if improved:
             self.best = float(value)
         last = self.layout.checkpoint("last")
-        self.guard.last_good = last  # rank 0 writes it; every rank names it in errors
-        self._saved_step = self.global_step
+        self.guard.last_good, self._saved_step = last, self.global_step  # rank 0 writes it; every rank names it
         if not self.dist.main:
             return
         state.update({f"best_{self.metric}": self.best, f"val_{self.metric}": value, "metrics": row})
