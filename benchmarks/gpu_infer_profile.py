@@ -27,7 +27,9 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="config key=value for every variant (e.g. a tiny model)")
     args = ap.parse_args()
 
-    from vitpcm.stages.bench import _bench_config, _make_data, _write_run
+    from vitpcm.stages.bench.fixtures import bench_config as _bench_config
+    from vitpcm.stages.bench.fixtures import make_bench_data as _make_data
+    from vitpcm.stages.bench.fixtures import write_random_run as _write_run
     from vitpcm.stages.infer import infer
 
     work = Path(tempfile.mkdtemp(prefix="vitpcm-iprof-"))
