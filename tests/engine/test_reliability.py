@@ -421,7 +421,7 @@ def test_a_kill_during_a_save_leaves_no_file_behind(tmp_path, where):
 
 def test_save_checkpoint_without_o_tmpfile_uses_a_named_temporary(monkeypatch, tmp_path):
     """A file system without O_TMPFILE (or another OS): the named temporary, renamed on success."""
-    import vitpcm.io as vio
+    import vitpcm.atomic as vio
 
     monkeypatch.setattr(vio, "_open_unnamed", lambda folder: None)
     save_checkpoint(tmp_path / "c" / "last.pt", {"arch": {}, "model": {"w": torch.ones(3)}})
