@@ -14,9 +14,10 @@ from typing import Any, Mapping, Optional, Tuple
 
 import torch
 
+from vitpcm.atomic import DiskError, disk_error, remove_temporaries, write_text_atomic
 from vitpcm.engine.distributed import Dist, any_rank
 from vitpcm.errors import VitpcmError
-from vitpcm.io import DiskError, FolderLock, disk_error, remove_temporaries, write_text_atomic
+from vitpcm.locks import FolderLock
 from vitpcm.runs import RunLayout
 
 log = logging.getLogger(__name__)
