@@ -36,7 +36,7 @@ def main() -> None:
     _make_data(work / "data", 4, args.images, ((500, 375), (375, 500)))
     cfg = _bench_config("voc12", work / "data", args.device, 8, args.overrides)
     from vitpcm.data import build_dataset
-    from vitpcm.models.backbone import resolve_config
+    from vitpcm.stages.config import resolve_config
 
     cfg = resolve_config(cfg)
     ds = build_dataset(cfg.data, "val", require_masks=False)

@@ -84,7 +84,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from vitpcm.config import load_config
     from vitpcm.stages.train import train
 
     config, overrides = _split_config(args.config, args.overrides)
@@ -93,8 +92,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if config is None and not args.resume:
         raise VitpcmError("give a config: a preset name (synthetic, voc12, coco14) or a YAML file")
     out = args.out or _default_run_folder(config)
-    cfg = load_config(config, overrides) if config is not None else None  # None: the run's own config
-    result = train(cfg, out, resume=args.resume, overrides=overrides if cfg is None else (), progress=not args.quiet,
+    # the config is loaded once, by the stage (config None: the run's own config)
+    result = train(config, out, resume=args.resume, overrides=overrides, progress=not args.quiet,
                    skip_bad=args.skip_bad)  # fmt: skip
     if not _speaks():
         return 0

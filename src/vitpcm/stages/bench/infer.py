@@ -19,10 +19,10 @@ import torch
 from vitpcm.data import EvalTransform, build_dataset
 from vitpcm.data.transforms import transforms_on_device
 from vitpcm.engine.distributed import resolve_device
-from vitpcm.models.backbone import resolve_config
 from vitpcm.stages.bench.fixtures import write_random_run
 from vitpcm.stages.bench.memory import PeakMemory
 from vitpcm.stages.bench.timing import median, rounded, sync
+from vitpcm.stages.config import resolve_config
 from vitpcm.stages.infer import infer, speed_settings
 
 

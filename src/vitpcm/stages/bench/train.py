@@ -37,9 +37,9 @@ from torch.utils.data import DataLoader
 from vitpcm.data.transforms import tile_views
 from vitpcm.engine.task import Phase, eval_mode
 from vitpcm.engine.trainer import Trainer
-from vitpcm.models.backbone import resolve_config
 from vitpcm.stages.bench.memory import PeakMemory
 from vitpcm.stages.bench.timing import median, rounded, sync
+from vitpcm.stages.config import resolve_config
 from vitpcm.tasks.pcm import PcmTask, train_settings
 
 
