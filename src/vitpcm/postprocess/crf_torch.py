@@ -3,8 +3,9 @@
 What it computes is what :func:`vitpcm.postprocess.crf.dense_crf` computes with pydensecrf2
 (Krähenbühl & Koltun's ``densecrf``, v2): ``Q <- softmax(-unary + w_g K_g Q + w_b K_b Q)``
 for ``iterations`` steps (an image stops sooner under ``crf.tolerance``) from
-``Q = softmax(-unary)``, ``unary = -log(max(p, clip))``, Potts messages, each kernel normalised symmetrically (``NORMALIZE_SYMMETRIC``, pydensecrf's
-default: ``n^-1/2 K (n^-1/2 Q)`` with ``n = K 1``), the self-term kept.
+``Q = softmax(-unary)``, ``unary = -log(max(p, clip))``, Potts messages, each kernel
+normalised symmetrically (``NORMALIZE_SYMMETRIC``, pydensecrf's default:
+``n^-1/2 K (n^-1/2 Q)`` with ``n = K 1``), the self-term kept.
 
 * The appearance (bilateral) kernel, on the 5-D features ``(x / sxy, y / sxy, r / srgb,
   g / srgb, b / srgb)``, is filtered on a permutohedral lattice (:class:`PermutohedralLattice`)
