@@ -46,15 +46,10 @@ sys.path.insert(0, str(ROOT / "src"))
 from vitpcm.images import load_rgb  # noqa: E402
 from vitpcm.io import save_mask_png  # noqa: E402
 from vitpcm.postprocess.crf import CRFParams, crf_labels, load_probs, run_crf  # noqa: E402
-from vitpcm.stages.bench import PeakMemory, machine_info  # noqa: E402
-from vitpcm.stages.bench_crf import (  # noqa: E402
-    COCO_CLASSES,
-    COCO_SIZES,
-    agreement,
-    authors_one,
-    make_crf_inputs,
-    run_authors,  # noqa: E402
-)
+from vitpcm.stages.bench.crf import COCO_CLASSES, COCO_SIZES, agreement, make_crf_inputs  # noqa: E402
+from vitpcm.stages.bench.crf_authors import authors_one, run_authors  # noqa: E402
+from vitpcm.stages.bench.machine import machine_info  # noqa: E402
+from vitpcm.stages.bench.memory import PeakMemory  # noqa: E402
 from vitpcm.utils.system import cpu_count  # noqa: E402
 
 COCO_VAL = 40_504

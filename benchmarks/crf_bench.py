@@ -56,8 +56,9 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from vitpcm.io import save_mask_png  # noqa: E402
 from vitpcm.postprocess.crf import CRFParams, run_crf  # noqa: E402
-from vitpcm.stages.bench_crf import VOC_CLASSES, agreement, run_authors  # noqa: E402
-from vitpcm.stages.bench_crf import make_crf_inputs as make_dataset  # noqa: E402
+from vitpcm.stages.bench.crf import VOC_CLASSES, agreement  # noqa: E402
+from vitpcm.stages.bench.crf import make_crf_inputs as make_dataset  # noqa: E402
+from vitpcm.stages.bench.crf_authors import run_authors  # noqa: E402
 from vitpcm.utils.system import cpu_count  # noqa: E402
 
 

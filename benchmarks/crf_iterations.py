@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from vitpcm.crf_params import CRFParams  # noqa: E402
 from vitpcm.images import load_rgb  # noqa: E402
 from vitpcm.postprocess.crf import dense_crf, load_probs  # noqa: E402
-from vitpcm.stages.bench_crf import make_crf_inputs  # noqa: E402
+from vitpcm.stages.bench.crf import make_crf_inputs  # noqa: E402
 
 
 def main() -> int:

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from vitpcm.crf_params import CRFParams  # noqa: E402
 from vitpcm.images import load_rgb  # noqa: E402
 from vitpcm.postprocess.crf import dense_crf, load_probs  # noqa: E402
-from vitpcm.stages.bench_crf import COCO_CLASSES, COCO_SIZES, VOC_CLASSES, VOC_SIZES, make_crf_inputs  # noqa: E402
+from vitpcm.stages.bench.crf import COCO_CLASSES, COCO_SIZES, VOC_CLASSES, VOC_SIZES, make_crf_inputs  # noqa: E402
 
 
 def compare(folder: Path, names: list, gaussian: str) -> dict:
@@ -73,7 +73,7 @@ def main() -> int:
 
     import torch
 
-    from vitpcm.stages.bench import machine_info
+    from vitpcm.stages.bench.machine import machine_info
 
     torch.set_num_threads(args.threads)
     result: dict = {"machine": machine_info(), "torch_threads": args.threads, "load_before": os.getloadavg()}

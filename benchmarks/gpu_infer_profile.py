@@ -27,14 +27,16 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="config key=value for every variant (e.g. a tiny model)")
     args = ap.parse_args()
 
-    from vitpcm.stages.bench import _bench_config, _make_data, _write_run
+    from vitpcm.stages.bench.fixtures import bench_config as _bench_config
+    from vitpcm.stages.bench.fixtures import make_bench_data as _make_data
+    from vitpcm.stages.bench.fixtures import write_random_run as _write_run
     from vitpcm.stages.infer import infer
 
     work = Path(tempfile.mkdtemp(prefix="vitpcm-iprof-"))
     _make_data(work / "data", 4, args.images, ((500, 375), (375, 500)))
     cfg = _bench_config("voc12", work / "data", args.device, 8, args.overrides)
     from vitpcm.data import build_dataset
-    from vitpcm.models.backbone import resolve_config
+    from vitpcm.stages.config import resolve_config
 
     cfg = resolve_config(cfg)
     ds = build_dataset(cfg.data, "val", require_masks=False)

@@ -52,8 +52,10 @@ def main() -> None:
 
     from vitpcm.data import build_dataset
     from vitpcm.data.transforms import EvalTransform, TagRule, TrainTransform, collate
-    from vitpcm.models.backbone import resolve_config
-    from vitpcm.stages.bench import _bench_config, _make_data, machine_info
+    from vitpcm.stages.bench.fixtures import bench_config as _bench_config
+    from vitpcm.stages.bench.fixtures import make_bench_data as _make_data
+    from vitpcm.stages.bench.machine import machine_info
+    from vitpcm.stages.config import resolve_config
 
     torch.set_num_threads(1)
     load_before = os.getloadavg()[0]

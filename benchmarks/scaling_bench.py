@@ -42,7 +42,7 @@ _CHILD = r"""
 import json, statistics, sys, time
 import torch
 from vitpcm.models.backbone import BackboneAdapter, create_backbone
-from vitpcm.stages.bench import PeakMemory
+from vitpcm.stages.bench.memory import PeakMemory
 name, side, runs, train_blocks, mode, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
 if threads > 0:
     torch.set_num_threads(threads)
@@ -103,7 +103,7 @@ def main() -> None:
     )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling_bench.json"))
     args = parser.parse_args()
-    from vitpcm.stages.bench import machine_info
+    from vitpcm.stages.bench.machine import machine_info
 
     rows: List[Dict[str, Any]] = []
     load0 = os.getloadavg()[0]

@@ -50,7 +50,7 @@ import sys, time
 t0 = time.perf_counter()
 from vitpcm.config import load_config
 from vitpcm.engine.trainer import Trainer
-from vitpcm.models.backbone import resolve_config
+from vitpcm.stages.config import resolve_config
 from vitpcm.tasks.pcm import PcmTask, train_settings
 t1 = time.perf_counter()
 cfg = resolve_config(load_config("synthetic", ["data.root=" + sys.argv[1], "data.val_split=", "train.epochs=1"]))

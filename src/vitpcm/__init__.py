@@ -37,6 +37,7 @@ _EXPORTS: Dict[str, str] = {
     "et_targets": "vitpcm.tasks.pcm",
     # config, runs, errors
     "load_config": "vitpcm.config",
+    "prepare_config": "vitpcm.stages.config",  # load + resolve against the backbone + check, once
     "RunLayout": "vitpcm.runs",
     "load_run": "vitpcm.stages.load",
     "VitpcmError": "vitpcm.errors",

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vitpcm.io import save_mask_png, save_npz_atomic
+from vitpcm.atomic import save_npz_atomic
+from vitpcm.io import save_mask_png
 
 HEAVY = ("torch", "timm", "torchvision")
 

@@ -8,7 +8,8 @@ import sys
 
 import numpy as np
 
-from vitpcm.io import save_mask_png, save_npz_atomic
+from vitpcm.atomic import save_npz_atomic
+from vitpcm.io import save_mask_png
 
 HEAVY = ("torch", "timm", "matplotlib")
 

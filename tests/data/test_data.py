@@ -110,3 +110,12 @@ def test_mask_value_outside_class_list(tmp_path):
     (tmp_path / "classes.txt").write_text("background\nthing\n")
     with pytest.raises(VitpcmError, match="outside the 2 classes"):
         VOCDataset(tmp_path, "train")[0]
+
+
+def test_the_tagged_dataset_keeps_its_older_names():
+    """SegmentationDataset was renamed TaggedImageDataset ("segment" is the DeepLab stage)."""
+    from vitpcm.data import SegmentationDataset, TaggedImageDataset
+    from vitpcm.data.pseudo import check_pseudo_masks, screen_pseudo_masks
+
+    assert SegmentationDataset is TaggedImageDataset
+    assert screen_pseudo_masks is check_pseudo_masks

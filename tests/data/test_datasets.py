@@ -21,13 +21,14 @@ from tests.datafix import (
     write_lines,  # fmt: skip
 )
 
+from vitpcm.classes import class_list
 from vitpcm.config import load_config
 from vitpcm.data import build_dataset
 from vitpcm.data.coco import COCODataset, prepare_coco, rasterize
 from vitpcm.data.folder import FolderDataset
 from vitpcm.data.voc import VOCDataset
 from vitpcm.errors import VitpcmError
-from vitpcm.io import class_list, labels_from_mask, read_mask_png
+from vitpcm.io import labels_from_mask, read_mask_png
 
 
 def _assert_sample(s, num_classes):

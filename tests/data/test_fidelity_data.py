@@ -12,6 +12,7 @@ import torch
 from tests.datafix import make_coco
 
 import vitpcm.data.coco as coco_module
+from vitpcm.classes import class_list
 from vitpcm.data.coco import COCODataset, prepare_coco, rasterize
 from vitpcm.data.jitter import _tf_hsv_to_rgb, _tf_rgb_to_hsv, color_jitter, jitter_authors_with
 from vitpcm.data.transforms import (
@@ -24,7 +25,7 @@ from vitpcm.data.transforms import (
     sampled_by_resize,
 )
 from vitpcm.errors import VitpcmError
-from vitpcm.io import class_list, read_mask_png
+from vitpcm.io import read_mask_png
 
 CLS = class_list("coco14")
 PERSON, CAT, DOG, CHAIR = (CLS.index(n) for n in ("person", "cat", "dog", "chair"))

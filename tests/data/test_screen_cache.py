@@ -12,7 +12,7 @@ import pytest
 
 import vitpcm.data.base as base
 import vitpcm.data.voc as voc
-from vitpcm.data.check import ScreenCache, check_dataset, screen_cache_dir, screen_for_training
+from vitpcm.data.check import CheckCache, check_before_training, check_cache_dir, check_dataset
 from vitpcm.data.synthetic import generate
 from vitpcm.data.voc import VOCDataset
 from vitpcm.errors import VitpcmError
@@ -62,7 +62,7 @@ def cache_dir(tmp_path, monkeypatch):
 
 def _screen(root, run, **kw):
     ds = VOCDataset(root, "train", strict=False)
-    screen_for_training([ds], run, skip_bad=kw.pop("skip_bad", False), progress=False, workers=1, **kw)
+    check_before_training([ds], run, skip_bad=kw.pop("skip_bad", False), progress=False, workers=1, **kw)
     return ds
 
 
@@ -85,10 +85,10 @@ def test_second_screening_reads_nothing(data, tmp_path, reads, cache_dir):
 def test_cached_report_equals_a_fresh_read(data, reads, cache_dir):
     ds = VOCDataset(data, "train", strict=False)
     fresh = check_dataset(ds, "train", workers=1, progress=False)
-    sc = ScreenCache(ds, cache_dir)
+    sc = CheckCache(ds, cache_dir)
     check_dataset(ds, "train", workers=1, progress=False, cache=sc)
     sc.save()
-    again = ScreenCache(VOCDataset(data, "train", strict=False), cache_dir)
+    again = CheckCache(VOCDataset(data, "train", strict=False), cache_dir)
     cached = check_dataset(again.ds, "train", workers=2, progress=False, cache=again)
     assert cached.from_cache == 6 and again.reads == 0
     assert cached.to_dict() == fresh.to_dict()
@@ -162,13 +162,13 @@ def test_read_only_dataset_and_unwritable_cache(data, tmp_path, reads, monkeypat
 
 def test_cache_off_and_default_location(data, tmp_path, reads, monkeypatch):
     monkeypatch.setenv("VITPCM_CACHE_DIR", "off")
-    assert screen_cache_dir() is None
+    assert check_cache_dir() is None
     _screen(data, tmp_path / "run")
     _screen(data, tmp_path / "run")
     assert reads["image"] == 12
     monkeypatch.delenv("VITPCM_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert screen_cache_dir() == tmp_path / "xdg" / "vitpcm" / "screen"
+    assert check_cache_dir() == tmp_path / "xdg" / "vitpcm" / "screen"
 
 
 def test_corrupt_cache_file_is_ignored(data, tmp_path, reads, cache_dir):
@@ -189,3 +189,13 @@ def test_cache_of_a_removed_dataset_is_pruned(data, tmp_path, reads, cache_dir):
     shutil.rmtree(gone)
     _screen(data, tmp_path / "run")  # writing another entry prunes the one whose dataset is gone
     assert not stale.exists() and len(list(cache_dir.glob("*.json"))) == 1
+
+
+def test_the_older_screen_names_are_the_check():
+    """check and screen were two verbs for one read: the screen_* names stay as aliases."""
+    import vitpcm.data.check as check
+
+    assert check.screen_items is check.check_items
+    assert check.screen_for_training is check.check_before_training
+    assert check.ScreenCache is check.CheckCache
+    assert check.screen_cache_dir is check.check_cache_dir

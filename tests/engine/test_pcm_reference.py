@@ -31,9 +31,9 @@ from vitpcm.engine.checkpoint import read_checkpoint
 from vitpcm.engine.distributed import init_distributed
 from vitpcm.engine.task import EngineContext
 from vitpcm.evaluation.confusion import ConfusionMatrix
-from vitpcm.models.backbone import resolve_config
 from vitpcm.models.predict import predict_grid, upsample
 from vitpcm.runs import RunLayout
+from vitpcm.stages.config import resolve_config
 from vitpcm.stages.train import train
 from vitpcm.tasks.pcm import PcmTask
 

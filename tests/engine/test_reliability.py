@@ -34,6 +34,7 @@ from vitpcm.engine.trainer import Trainer, TrainingStopped, TrainSettings
 from vitpcm.errors import VitpcmError
 from vitpcm.io import DiskError, FolderLock
 from vitpcm.runs import RunLayout
+from vitpcm.stages.config import resolve_config
 from vitpcm.stages.train import train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -120,7 +121,7 @@ def test_a_nan_model_output_stops_in_one_line_not_in_binary_cross_entropy(synth_
     overflows the weights at the first update: the next loss is infinite, one line too."""
     from vitpcm.tasks.pcm import PcmTask, train_settings
 
-    cfg = tiny_cfg(synth_root)
+    cfg = resolve_config(tiny_cfg(synth_root))
     trainer = Trainer(PcmTask(cfg), tmp_path / "nan", train_settings(cfg), progress=False)
     with torch.no_grad():
         trainer.model.classifier.linear.weight[0, 0] = float("nan")
@@ -313,7 +314,7 @@ def test_without_config_yaml_the_checkpoints_copy_is_used(copy_of):
 def test_a_changed_model_is_one_line_not_a_line_per_tensor(copy_of, synth_root):
     from vitpcm.tasks.pcm import PcmTask, train_settings
 
-    cfg = tiny_cfg(synth_root, "model.lstm_hidden=16", "train.epochs=2")
+    cfg = resolve_config(tiny_cfg(synth_root, "model.lstm_hidden=16", "train.epochs=2"))
     with pytest.raises(VitpcmError) as info:
         Trainer(PcmTask(cfg), copy_of(), train_settings(cfg), resume=True, progress=False)
     message = str(info.value)
@@ -421,7 +422,7 @@ def test_a_kill_during_a_save_leaves_no_file_behind(tmp_path, where):
 
 def test_save_checkpoint_without_o_tmpfile_uses_a_named_temporary(monkeypatch, tmp_path):
     """A file system without O_TMPFILE (or another OS): the named temporary, renamed on success."""
-    import vitpcm.io as vio
+    import vitpcm.atomic as vio
 
     monkeypatch.setattr(vio, "_open_unnamed", lambda folder: None)
     save_checkpoint(tmp_path / "c" / "last.pt", {"arch": {}, "model": {"w": torch.ones(3)}})

@@ -19,8 +19,9 @@ from vitpcm.config import check_sizes, load_config
 from vitpcm.data.transforms import TrainTransform, collate, tile_views
 from vitpcm.errors import VitpcmError
 from vitpcm.losses import mce_loss
-from vitpcm.models.backbone import BackboneAdapter, create_backbone, describe_backbone, resolve_config
+from vitpcm.models.backbone import BackboneAdapter, create_backbone, describe_backbone
 from vitpcm.models.vitpcm import ViTPCM
+from vitpcm.stages.config import resolve_config
 
 HALF = (0.5, 0.5, 0.5)
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

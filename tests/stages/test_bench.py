@@ -91,7 +91,7 @@ def test_bench_help_and_authors_path_import_no_torch(tmp_path):
     code = (
         "import sys\n"
         "from vitpcm.cli import main\n"
-        "import vitpcm.stages.bench, vitpcm.stages.bench_crf\n"
+        "import vitpcm.stages.bench, vitpcm.stages.bench.crf_authors\n"
         "try:\n    main(['bench', '--help'])\nexcept SystemExit:\n    pass\n"
         "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))"
     )
@@ -132,3 +132,20 @@ def test_train_step_with_train_compile(tmp_path):
                    threads=1, train_steps=1)  # fmt: skip
     t = result["train"]
     assert t["compile"] is True and t["steps"] == 1 and t["step_seconds"] > 0
+
+
+def test_train_section_times_the_engines_own_step(monkeypatch):
+    # the measured step is the Trainer's own step (what `vitpcm train` runs per batch), not a copy
+    from vitpcm.engine.trainer import Trainer
+
+    engine_step = Trainer._backward_step
+    calls = []
+
+    def counted(self, *args, **kwargs):
+        calls.append(self)
+        return engine_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_backward_step", counted)
+    result = bench("synthetic", quick=True, sections=["train"], progress=False, threads=1, train_steps=1)
+    assert len(calls) == 2 and isinstance(calls[0], Trainer)  # the warm-up step and the measured one
+    assert result["train"]["steps"] == 1 and result["train"]["step_seconds"] > 0

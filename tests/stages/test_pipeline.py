@@ -12,6 +12,7 @@ from vitpcm.config import load_config
 from vitpcm.engine.checkpoint import read_checkpoint
 from vitpcm.errors import VitpcmError
 from vitpcm.io import read_mask_png
+from vitpcm.stages.config import resolve_config
 from vitpcm.stages.infer import run_inference
 from vitpcm.stages.train import train
 
@@ -62,7 +63,9 @@ def test_validation_records_the_tag_quality(trained_run, synth_root):
 
 
 def test_warmup_leaves_backbone_untouched(tmp_path, tiny_overrides):
-    cfg = load_config("synthetic", [*tiny_overrides, "train.epochs=1", "train.warmup_epochs=1", "loss.et=false"])
+    cfg = resolve_config(
+        load_config("synthetic", [*tiny_overrides, "train.epochs=1", "train.warmup_epochs=1", "loss.et=false"])
+    )
     torch.manual_seed(0)
     from vitpcm.engine.trainer import Trainer
     from vitpcm.tasks.pcm import PcmTask, train_settings

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from vitpcm.data.base import SegmentationDataset
+from vitpcm.data.base import SegmentationDataset, TaggedImageDataset
 from vitpcm.data.coco import COCODataset  # pycocotools is imported only when a mask is drawn
 from vitpcm.data.folder import FolderDataset
 from vitpcm.data.transforms import EvalTransform, TrainTransform, collate
@@ -19,6 +19,7 @@ __all__ = [
     "VOCDataset",
     "COCODataset",
     "FolderDataset",
+    "TaggedImageDataset",
     "SegmentationDataset",
     "TrainTransform",
     "EvalTransform",
@@ -38,7 +39,7 @@ def build_dataset(
     transform: Optional[Callable] = None,
     require_masks: bool = True,
     strict: bool = True,
-) -> SegmentationDataset:
+) -> TaggedImageDataset:
     """The dataset selected by the ``data`` config section for one split.
 
     ``require_masks``: the split must carry tags (training); for VOC they come from the

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from vitpcm.classes import IGNORE_INDEX
 from vitpcm.errors import VitpcmError
 from vitpcm.images import ImageReadError, decode_image
-from vitpcm.io import IGNORE_INDEX, format_names, labels_from_mask
+from vitpcm.io import format_names, labels_from_mask
 
 Sample = Dict[str, Any]
 
@@ -81,8 +82,9 @@ def tag_vector(indices: Iterable[int], num_classes: int) -> np.ndarray:
     return tags
 
 
-class SegmentationDataset(Dataset):
-    """Base of every format. Subclasses fill ``names``, ``classes``, ``has_masks`` and
+class TaggedImageDataset(Dataset):
+    """Images with their class tags (and masks where the split has them): the dataset ViT-PCM
+    trains on, and the base of every format. Subclasses fill ``names``, ``classes``, ``has_masks`` and
     ``listing_problems`` in ``__init__`` and implement :meth:`image_path`, and
     :meth:`read_mask` / :meth:`mask_path` when they have masks, :meth:`file_tags` when
     tags come from somewhere other than the mask.
@@ -259,3 +261,7 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, index: int) -> Sample:
         sample = self.raw(index)
         return self.transform(sample) if self.transform is not None else sample
+
+
+#: The older name (from before "segment" came to mean the DeepLab stage); kept as an alias.
+SegmentationDataset = TaggedImageDataset

@@ -44,9 +44,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from vitpcm.data.base import DUPLICATE_NAME, MISSING_IMAGE, Sample, SegmentationDataset, tag_vector
+from vitpcm.atomic import write_text_atomic
+from vitpcm.classes import IGNORE_INDEX, class_list
+from vitpcm.data.base import DUPLICATE_NAME, MISSING_IMAGE, Sample, TaggedImageDataset, tag_vector
 from vitpcm.errors import VitpcmError
-from vitpcm.io import IGNORE_INDEX, class_list, read_mask_png, save_mask_png, write_text_atomic
+from vitpcm.io import read_mask_png, save_mask_png
 from vitpcm.utils.pools import process_pool
 from vitpcm.utils.system import resolve_workers
 
@@ -117,7 +119,7 @@ def rasterize(anns: Sequence[Tuple[int, int, int, Any]], h: int, w: int, gt: str
     return mask
 
 
-class COCODataset(SegmentationDataset):
+class COCODataset(TaggedImageDataset):
     """One split of COCO (module docstring).
 
     Args:

@@ -29,13 +29,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from vitpcm.data.base import DUPLICATE_NAME, MISSING_IMAGE, Sample, SegmentationDataset
+from vitpcm.classes import IGNORE_INDEX, class_list
+from vitpcm.data.base import DUPLICATE_NAME, MISSING_IMAGE, Sample, TaggedImageDataset
 from vitpcm.data.tags import BACKGROUND, TagTable, read_tag_file
 from vitpcm.errors import VitpcmError
-from vitpcm.io import IGNORE_INDEX, IMAGE_EXTENSIONS, class_list, read_mask_png, read_names
+from vitpcm.io import IMAGE_EXTENSIONS, read_mask_png, read_names
 
 
-class FolderDataset(SegmentationDataset):
+class FolderDataset(TaggedImageDataset):
     """A split of an own tagged folder (module docstring).
 
     Args:

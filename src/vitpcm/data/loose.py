@@ -25,7 +25,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from vitpcm.data.base import Sample, SegmentationDataset
+from vitpcm.data.base import Sample, TaggedImageDataset
 from vitpcm.data.tags import BACKGROUND, read_tag_file
 from vitpcm.errors import VitpcmError
 from vitpcm.io import IMAGE_EXTENSIONS, item_name
@@ -149,7 +149,7 @@ def tags_from_file(path: str | os.PathLike, classes: Sequence[str], names: Mappi
     return out
 
 
-class LooseImages(SegmentationDataset):
+class LooseImages(TaggedImageDataset):
     """Image files as a dataset without masks (what :func:`collect_images` found).
 
     Every sample carries ``labels`` (multi-hot ``[C]``: the given tags, or all zeros when

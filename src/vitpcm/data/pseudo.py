@@ -6,7 +6,7 @@ through the usual dataset (:func:`vitpcm.data.build_dataset`) and each image's m
 writes to ``masks/`` and ``vitpcm crf`` to ``crf/``). The image list is the split's names
 that have a mask; the others are counted and left out.
 
-Before anything is written, :func:`screen_pseudo_masks` reads every mask once and stops at
+Before anything is written, :func:`check_pseudo_masks` reads every mask once and stops at
 the first bad one, with one line naming the file and the fix: a mask whose size differs
 from its image (as displayed), or values beyond the class list (other than 255).
 :func:`list_pseudo_masks` refuses an empty folder and a folder of probabilities (``.npz``).
@@ -28,11 +28,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
+from vitpcm.classes import IGNORE_INDEX
 from vitpcm.data.transforms import to_model_input
 from vitpcm.errors import VitpcmError
 from vitpcm.images import ImageReadError, decode_image
-from vitpcm.io import IGNORE_INDEX, format_names, names_in, read_mask_png
+from vitpcm.io import format_names, names_in, read_mask_png
 from vitpcm.utils.system import resolve_workers
 
 Sample = Dict[str, Any]
@@ -132,7 +134,7 @@ def check_pseudo_mask(mask_path: Path, image_path: Path, num_classes: int) -> Op
     return None
 
 
-def screen_pseudo_masks(
+def check_pseudo_masks(
     listing: PseudoListing, image_path: Any, num_classes: int, workers: int = 0, progress: bool = False
 ) -> None:
     """Read every mask of ``listing`` once; raise one :class:`VitpcmError` for the first bad
@@ -140,7 +142,6 @@ def screen_pseudo_masks(
 
     ``image_path``: ``name -> Path`` of the image (the dataset's :meth:`image_path`).
     """
-    from tqdm import tqdm
 
     def one(name: str) -> Optional[str]:
         return check_pseudo_mask(listing.mask_path(name), Path(image_path(name)), num_classes)
@@ -155,8 +156,12 @@ def screen_pseudo_masks(
         raise VitpcmError(bad[0] + more)
 
 
+#: The older name of :func:`check_pseudo_masks`; kept as an alias.
+screen_pseudo_masks = check_pseudo_masks
+
+
 class PseudoMaskDataset(Dataset):
-    """The images of ``base`` (any :class:`~vitpcm.data.base.SegmentationDataset`) listed in
+    """The images of ``base`` (any :class:`~vitpcm.data.base.TaggedImageDataset`) listed in
     ``listing``, each with its pseudo-mask.
 
     Item (before ``transform``): ``{"image": uint8 [3, H, W], "mask": int64 [H, W]

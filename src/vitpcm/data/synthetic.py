@@ -26,8 +26,10 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from vitpcm.atomic import atomic_path, write_text_atomic
+from vitpcm.classes import IGNORE_INDEX
 from vitpcm.errors import VitpcmError
-from vitpcm.io import IGNORE_INDEX, atomic_path, save_mask_png, write_text_atomic
+from vitpcm.io import save_mask_png
 from vitpcm.utils.pools import process_pool
 from vitpcm.utils.system import resolve_workers
 

@@ -32,16 +32,17 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from vitpcm.data.base import MISSING_IMAGE, MISSING_MASK, Sample, SegmentationDataset
+from vitpcm.classes import VOC_CLASSES, class_list, read_classes
+from vitpcm.data.base import MISSING_IMAGE, MISSING_MASK, Sample, TaggedImageDataset
 from vitpcm.data.sbd import AugSource, find_aug_source, read_sbd_mat
 from vitpcm.data.tags import read_tag_file
 from vitpcm.errors import VitpcmError
-from vitpcm.io import VOC_CLASSES, class_list, read_classes, read_mask_png, read_names
+from vitpcm.io import read_mask_png, read_names
 
 AUG_SPLITS = ("trainaug", "train_aug")
 
 
-class VOCDataset(SegmentationDataset):
+class VOCDataset(TaggedImageDataset):
     """A split of a VOC-layout folder.
 
     Args:

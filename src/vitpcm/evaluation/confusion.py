@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from vitpcm.io import IGNORE_INDEX
+from vitpcm.classes import IGNORE_INDEX
 
 
 class ConfusionMatrix:

@@ -13,9 +13,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from vitpcm.classes import IGNORE_INDEX
 from vitpcm.errors import VitpcmError
 from vitpcm.evaluation.confusion import ConfusionMatrix
-from vitpcm.io import IGNORE_INDEX, format_names, names_in, read_mask_png, read_names
+from vitpcm.io import format_names, names_in, read_mask_png, read_names
 
 GroundTruth = Union[str, Path, Callable[[str, Tuple[int, int]], np.ndarray]]
 

@@ -133,7 +133,7 @@ def load_table(table: str) -> List[Dict[str, Any]]:
 
 def builtin_list_name(class_names: Sequence[str]) -> Optional[str]:
     """``voc12`` / ``coco14`` when ``class_names`` is that built-in list, else None."""
-    from vitpcm.io import BUILTIN_CLASS_LISTS, class_list
+    from vitpcm.classes import BUILTIN_CLASS_LISTS, class_list
 
     for name in BUILTIN_CLASS_LISTS:
         if list(class_names) == class_list(name):

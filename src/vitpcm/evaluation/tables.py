@@ -21,9 +21,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from vitpcm.atomic import atomic_path, write_json_atomic, write_text_atomic
 from vitpcm.evaluation.confusion import ConfusionMatrix
 from vitpcm.evaluation.published import VOC_SHORT, builtin_list_name
-from vitpcm.io import atomic_path, write_json_atomic, write_text_atomic
 
 Table = Tuple[List[str], List[List[str]]]  # header, rows of cell texts
 

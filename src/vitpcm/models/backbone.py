@@ -26,7 +26,6 @@ Anything else (CNNs, hybrids, Swin, BEiT, ...) is refused with one line naming w
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -303,7 +302,9 @@ def describe_backbone(
     return BackboneAdapter(module, name)
 
 
-def _describe_cfg(cfg: Any) -> BackboneAdapter:
+def describe_configured_backbone(cfg: Any) -> BackboneAdapter:
+    """:func:`describe_backbone` of the config's ``model.backbone`` (with its
+    ``model.backbone_kwargs``) at ``input.train_size``."""
     from omegaconf import OmegaConf
 
     kwargs = OmegaConf.to_container(cfg.model.backbone_kwargs, resolve=True) if cfg.model.backbone_kwargs else {}
@@ -318,25 +319,7 @@ def resolve_normalisation(cfg: Any, adapter: Optional[BackboneAdapter] = None) -
 
     mean, std = normalisation_values(cfg, "mean"), normalisation_values(cfg, "std")
     if mean is None or std is None:
-        adapter = adapter or _describe_cfg(cfg)
+        adapter = adapter or describe_configured_backbone(cfg)
         mean = mean if mean is not None else list(adapter.mean)
         std = std if std is not None else list(adapter.std)
     return tuple(mean), tuple(std)  # type: ignore[return-value]
-
-
-def resolve_config(cfg: Any, check: bool = True) -> Any:
-    """A copy of ``cfg`` with what depends on the backbone resolved (for ``vitpcm config``,
-    and before training / inference): ``input.mean`` / ``input.std`` ``auto`` -> the timm
-    model's pretrained values; with ``check``, every size checked against the patch size
-    (:func:`vitpcm.config.check_sizes`, one :class:`VitpcmError` naming the wrong keys).
-    """
-    from vitpcm.config import check_sizes
-
-    adapter = _describe_cfg(cfg)
-    mean, std = resolve_normalisation(cfg, adapter)
-    out = copy.deepcopy(cfg)  # keeps the typed schema: later overrides are still checked
-    out.input.mean = [float(v) for v in mean]
-    out.input.std = [float(v) for v in std]
-    if check:
-        check_sizes(out, adapter.patch_size, str(cfg.model.backbone))
-    return out

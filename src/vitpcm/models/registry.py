@@ -84,18 +84,17 @@ def _build_vitpcm_from_arch(arch: Dict[str, Any]) -> nn.Module:
 def build_model(cfg: Any, num_classes: int) -> nn.Module:
     """The ViT-PCM model the config describes (``model.*``, ``input.train_size``).
 
-    Also checks that the sizes used in training and inference (``input.train_size``,
-    ``input.et_crop``, ``input.et_scale``, ``infer.scale``) follow the backbone's patch size
-    (:func:`vitpcm.config.check_sizes`). ``model.init_from`` (weights of another checkpoint) is the caller's job:
-    reading checkpoints belongs to the engine, which models never import.
+    ``cfg`` is a prepared config: its sizes were checked against the backbone's patch size
+    once, by :func:`vitpcm.stages.config.prepare_config`. ``model.init_from`` (weights of
+    another checkpoint) is the caller's job: reading checkpoints belongs to the engine, which
+    models never import.
     """
     from omegaconf import OmegaConf
 
-    from vitpcm.config import check_sizes
     from vitpcm.models.vitpcm import ViTPCM
 
     m = cfg.model
-    model = ViTPCM(
+    return ViTPCM(
         backbone=m.backbone,
         num_classes=num_classes,
         pretrained=m.pretrained,
@@ -109,5 +108,3 @@ def build_model(cfg: Any, num_classes: int) -> nn.Module:
         lstm_dropout=float(m.get("lstm_dropout", 0.0)),
         pos_embed_resize=str(m.get("pos_embed_resize", "timm")),
     )
-    check_sizes(cfg, model.patch_size, str(m.backbone))
-    return model

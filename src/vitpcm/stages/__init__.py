@@ -6,7 +6,7 @@ dict. The CLI makes one stage call per command and prints what came back.
 stage          function                                                    torch?
 =============  ==========================================================  =========
 data           ``stages.data.synth / check_data / prepare``                 yes / no
-config         ``stages.config.resolved_config(preset, overrides)``           timm
+config         ``stages.config.prepare_config(source, overrides)``            timm
 train          ``stages.train.train(cfg, run)``                             yes
 infer          ``stages.infer.infer(run, split)`` (pseudo-masks, ``--crf``)  yes
 refine (CRF)   ``stages.refine.refine_folders(...)``, ``refine_pseudo(...)``  no

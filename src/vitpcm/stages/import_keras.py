@@ -87,6 +87,7 @@ def import_keras(
     from vitpcm.io import write_text_atomic
     from vitpcm.models.keras_import import file_sha256, keras_spec, load_keras_weights, published_bpm, read_keras_h5
     from vitpcm.models.registry import build_model, model_arch
+    from vitpcm.stages.config import prepare_config
 
     if out is None:
         raise VitpcmError("import-keras needs --out RUN: the run folder to write")
@@ -99,7 +100,8 @@ def import_keras(
     spec = keras_spec(weights)
 
     base = load_config(config, [*IMPORT_OVERRIDES, *overrides])
-    cfg = load_config(config, [*IMPORT_OVERRIDES, *_tf_resize_overrides(base), *overrides])
+    # the one config path: mean / std resolved for the backbone, sizes checked against its patch
+    cfg = prepare_config(config, [*IMPORT_OVERRIDES, *_tf_resize_overrides(base), *overrides]).cfg
     classes = _classes(cfg)
     hint = f"--config {config}" + (f" with {' '.join(overrides)}" if overrides else "")
     if len(classes) != spec.num_classes:

@@ -27,7 +27,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from vitpcm.config import batch_plan
+from vitpcm.config import batch_plan, resolved_normalisation
 from vitpcm.data import EvalTransform, TrainTransform, build_dataset, collate
 from vitpcm.data.check import screen_for_training
 from vitpcm.data.transforms import TagRule, map_to_et_grid, tile_views, transforms_on_device, untile_grid
@@ -40,10 +40,10 @@ from vitpcm.errors import VitpcmError
 from vitpcm.evaluation.confusion import ConfusionMatrix
 from vitpcm.evaluation.tags import tag_quality
 from vitpcm.losses import et_loss, mce_loss, reg_loss
-from vitpcm.models.backbone import resolve_normalisation
 from vitpcm.models.predict import upsample
 from vitpcm.models.registry import build_model, model_arch
 from vitpcm.models.vitpcm import merge_class_labels
+from vitpcm.tasks.settings import engine_settings
 
 log = logging.getLogger(__name__)
 
@@ -105,24 +105,12 @@ def train_batch_plan(cfg: DictConfig) -> Tuple[int, int]:
 def train_settings(cfg: DictConfig) -> TrainSettings:
     """The engine's settings from ``train.*`` (and ``data.num_workers``)."""
     t = cfg.train
-    return TrainSettings(
-        epochs=int(t.epochs),
-        batch_size=train_batch_plan(cfg)[0],
-        seed=int(t.seed),
-        device=str(t.device),
-        threads=int(t.threads),
-        amp=bool(t.amp),
-        val_every=int(t.val_every),
-        log_every=int(t.log_every),
-        num_workers=int(cfg.data.num_workers),
-        deterministic=bool(t.deterministic),
-        checkpoint_every=int(t.checkpoint_every),
-        max_loss=float(t.max_loss),
-    )
+    return engine_settings(cfg, epochs=int(t.epochs), batch_size=train_batch_plan(cfg)[0], val_every=int(t.val_every))
 
 
 class PcmTask(Task):
-    """ViT-PCM as an engine task (module docstring). ``cfg``: a loaded config.
+    """ViT-PCM as an engine task (module docstring). ``cfg``: a prepared config
+    (:func:`vitpcm.stages.config.prepare_config`: normalisation resolved, sizes checked).
 
     ``skip_bad``: broken data items are left out (listed in ``RUN/skipped.txt``) instead of
     stopping the run; every item is read once before training (``data/check.py``).
@@ -157,7 +145,7 @@ class PcmTask(Task):
 
             compile_blocks(self.model)
         d = self.model.patch_size
-        mean, std = resolve_normalisation(cfg, self.model.adapter)
+        mean, std = resolved_normalisation(cfg)  # numbers: the config was prepared (stages/config.py)
         self.train_set = probe
         ac, tags = bool(cfg.input.align_corners), TagRule.from_config(cfg)  # fidelity switches (docs/reproduce.md)
         # on a GPU the loader workers only decode and draw; the pixels are made in train_step

@@ -44,6 +44,7 @@ from vitpcm.evaluation.confusion import ConfusionMatrix
 from vitpcm.io import IGNORE_INDEX
 from vitpcm.models.deeplab import DeepLab
 from vitpcm.models.registry import model_arch
+from vitpcm.tasks.settings import engine_settings
 
 log = logging.getLogger(__name__)
 
@@ -68,24 +69,10 @@ def iterations_to_epochs(iterations: int, images: int, batch_size: int, world: i
 
 
 def segment_settings(cfg: DictConfig, epochs: int) -> TrainSettings:
-    """The engine's settings: ``segment.batch_size`` and the epochs, the rest from ``train.*``."""
-    t, s = cfg.train, cfg.segment
-    return TrainSettings(
-        epochs=int(epochs),
-        batch_size=int(s.batch_size),
-        seed=int(t.seed),
-        device=str(t.device),
-        threads=int(t.threads),
-        amp=bool(t.amp),
-        val_every=int(s.val_every),
-        log_every=int(t.log_every),
-        num_workers=int(cfg.data.num_workers),
-        # the reliability knobs are the ViT-PCM stage's (train.*): exact resume, mid-epoch
-        # checkpoints, the divergence bound
-        deterministic=bool(t.deterministic),
-        checkpoint_every=int(t.checkpoint_every),
-        max_loss=float(t.max_loss),
-    )
+    """The engine's settings: ``segment.batch_size``, ``segment.val_every`` and the epochs; the
+    rest from ``train.*`` as for ViT-PCM (:func:`vitpcm.tasks.settings.engine_settings`)."""
+    s = cfg.segment
+    return engine_settings(cfg, epochs=int(epochs), batch_size=int(s.batch_size), val_every=int(s.val_every))
 
 
 def build_deeplab(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> DeepLab:

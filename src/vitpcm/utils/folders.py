@@ -13,7 +13,7 @@ import contextlib
 from pathlib import Path
 from typing import Iterator, List, Sequence, Union
 
-from vitpcm.io import disk_error
+from vitpcm.atomic import disk_error
 
 PathLike = Union[str, Path]
 
@@ -21,7 +21,7 @@ PathLike = Union[str, Path]
 def make_folders(folders: Sequence[PathLike]) -> List[Path]:
     """``mkdir -p`` each folder; returns the folders this call created (parents included),
     deepest first. A full disk or a read-only / forbidden place raises one line
-    (:func:`vitpcm.io.disk_error`)."""
+    (:func:`vitpcm.atomic.disk_error`)."""
     created: List[Path] = []
     for folder in folders:
         folder = Path(folder)

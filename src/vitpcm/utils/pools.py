@@ -35,8 +35,8 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
+from vitpcm.atomic import remove_open_temporaries
 from vitpcm.errors import VitpcmError
-from vitpcm.io import remove_open_temporaries
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, TypeVar
 
+from vitpcm.atomic import write_json_atomic
 from vitpcm.errors import VitpcmError
-from vitpcm.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 

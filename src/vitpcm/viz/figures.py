@@ -25,8 +25,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from vitpcm.atomic import atomic_path
+from vitpcm.classes import IGNORE_INDEX, pascal_palette
 from vitpcm.evaluation import ConfusionMatrix, confusion_stem
-from vitpcm.io import IGNORE_INDEX, atomic_path, pascal_palette
 from vitpcm.runs import read_metrics_file
 
 DPI = 80  # small files: the report inlines them

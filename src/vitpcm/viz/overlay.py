@@ -11,7 +11,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from vitpcm.io import atomic_path, pascal_palette
+from vitpcm.atomic import atomic_path
+from vitpcm.classes import pascal_palette
 
 ALPHA = 0.5  # the mask's weight over the image (background pixels are left as they are)
 
