@@ -7,7 +7,7 @@ Usage::
     PYTHONPATH=src python benchmarks/crf_speed.py time      [--n 50] [--work DIR] [--repeats 3] [--jobs 2]
     # -> benchmarks/results/crf_speed_{profile,agreement,time}.json
 
-Inputs: the CRF bench's VOC-sized images (:func:`vitpcm.stages.bench_crf.make_crf_inputs`,
+Inputs: the CRF bench's VOC-sized images (:func:`vitpcm.stages.bench.crf.make_crf_inputs`,
 seed 0, 500 x 375 / 375 x 500, 21 classes), made once in ``--work`` (default
 ``/tmp/crfspeed/voc``); the authors' masks (their path, :func:`run_authors`: all 21
 channels, ``crf.gaussian=lattice``, 10 iterations) made once in ``WORK/../authors``.
@@ -19,7 +19,7 @@ channels, ``crf.gaussian=lattice``, 10 iterations) made once in ``WORK/../author
   ``crf.gaussian``) through :func:`vitpcm.postprocess.crf.crf_labels` in this process:
   pixels equal to the authors' masks (all images, worst image), CPU seconds per image.
 * ``time``: fresh processes side by side, in alternating order per repeat: the authors'
-  stage (``python -m vitpcm.stages.bench_crf authors P I O 21 JOBS``: joblib over JOBS
+  stage (``python -m vitpcm.stages.bench.crf_authors authors P I O 21 JOBS``: joblib over JOBS
   processes, process start included) and ``vitpcm crf`` (JOBS workers) with each
   candidate's overrides; median wall seconds, the ratio of the medians, agreement of the
   masks written, ``uptime``'s load average before and after each command.
@@ -48,7 +48,8 @@ sys.path.insert(0, str(ROOT / "src"))
 from vitpcm.crf_params import CRFParams  # noqa: E402
 from vitpcm.images import load_rgb  # noqa: E402
 from vitpcm.io import names_in, read_mask_png, save_mask_png  # noqa: E402
-from vitpcm.stages.bench_crf import VOC_CLASSES, agreement, authors_one, make_crf_inputs, run_authors  # noqa: E402
+from vitpcm.stages.bench.crf import VOC_CLASSES, agreement, make_crf_inputs  # noqa: E402
+from vitpcm.stages.bench.crf_authors import authors_one, run_authors  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -56,9 +57,13 @@ RESULTS = ROOT / "benchmarks" / "results"
 CANDIDATES = {
     "lattice_10": ["crf.gaussian=lattice"],
     "exact_10": [],
+    "exact_7": ["crf.iterations=7"],
+    "exact_6": ["crf.iterations=6"],
     "exact_5": ["crf.iterations=5"],
     "exact_4": ["crf.iterations=4"],
     "exact_3": ["crf.iterations=3"],
+    "exact_tol_1e-4": ["crf.tolerance=0.0001"],
+    "exact_tol_3e-4": ["crf.tolerance=0.0003"],
     "exact_tol_1e-3": ["crf.tolerance=0.001"],
     "exact_tol_3e-3": ["crf.tolerance=0.003"],
     "exact_tol_1e-2": ["crf.tolerance=0.01"],
@@ -70,14 +75,14 @@ def loadavg() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def inputs(work: Path, n: int, authors_masks: bool = True) -> List[str]:
+def inputs(work: Path, n: int, authors_masks: bool = True, num_classes: int = VOC_CLASSES) -> List[str]:
     """The bench's inputs in ``work`` and the authors' masks in ``work/../authors`` (made once)."""
     if not (work / "probs").is_dir() or len(names_in(work / "probs", ".npz")) < n:
         make_crf_inputs(work, n, seed=0)
     names = names_in(work / "probs", ".npz")[:n]
     authors = work.parent / "authors"
     if authors_masks and any(not (authors / f"{m}.png").is_file() for m in names):
-        run_authors(work / "probs", work / "images", authors, names, VOC_CLASSES)
+        run_authors(work / "probs", work / "images", authors, names, num_classes)
     return names
 
 
@@ -203,7 +208,7 @@ def study_time(
     The summary so far is rewritten to ``partial`` after every command (a long run cut short
     keeps its finished repeats)."""
     probs, images, py = work / "probs", work / "images", sys.executable
-    commands = {"authors_joblib": [py, "-m", "vitpcm.stages.bench_crf", "authors", str(probs), str(images),
+    commands = {"authors_joblib": [py, "-m", "vitpcm.stages.bench.crf_authors", "authors", str(probs), str(images),
                                    str(work.parent / "t_authors"), str(VOC_CLASSES), str(jobs)]}  # fmt: skip
     for key in which:
         commands[key] = [py, "-m", "vitpcm", "crf", "--probs", str(probs), "--images", str(images), "--out",
@@ -254,14 +259,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=("profile", "agreement", "time"))
     parser.add_argument("--n", type=int, default=50)
-    parser.add_argument("--work", default="/tmp/crfspeed/voc")
+    parser.add_argument(
+        "--work",
+        default="/tmp/crfspeed/voc",
+        help="images/NAME.jpg + probs/NAME.npz (made when absent); the authors' masks go to WORK/../authors",
+    )
+    parser.add_argument("--classes", type=int, default=VOC_CLASSES, help="the authors' channel count (agreement)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=2, help="the authors' joblib processes = vitpcm's workers")
     parser.add_argument("--candidates", nargs="*", default=list(CANDIDATES), choices=list(CANDIDATES))
     parser.add_argument("--out", help="default benchmarks/results/crf_speed_WHAT.json")
     args = parser.parse_args()
     work = Path(args.work)
-    names = inputs(work, args.n, authors_masks=args.what == "agreement")
+    names = inputs(work, args.n, authors_masks=args.what == "agreement", num_classes=args.classes)
     result: Dict[str, Any] = {"command": "python benchmarks/crf_speed.py " + " ".join(sys.argv[1:]),
                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                               "cpus": len(os.sched_getaffinity(0)), "loadavg_start": loadavg(),
