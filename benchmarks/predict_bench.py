@@ -31,9 +31,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from vitpcm.classes import read_classes  # noqa: E402
 from vitpcm.evaluation import evaluate_folders  # noqa: E402
 from vitpcm.evaluation.tags import tag_quality  # noqa: E402
-from vitpcm.io import labels_from_mask, read_classes, read_mask_png, read_names  # noqa: E402
+from vitpcm.io import labels_from_mask, read_mask_png, read_names  # noqa: E402
 from vitpcm.stages.bench.machine import machine_info  # noqa: E402
 from vitpcm.stages.predict import predict_images  # noqa: E402
 

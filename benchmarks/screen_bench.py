@@ -40,9 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import vitpcm.data.base as base  # noqa: E402
+from vitpcm.atomic import write_text_atomic  # noqa: E402
 from vitpcm.data.check import screen_for_training  # noqa: E402
 from vitpcm.data.voc import VOCDataset  # noqa: E402
-from vitpcm.io import read_names, write_text_atomic  # noqa: E402
+from vitpcm.io import read_names  # noqa: E402
 from vitpcm.utils.system import cpu_count  # noqa: E402
 
 _START = """

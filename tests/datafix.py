@@ -141,7 +141,7 @@ def make_coco(root: Path) -> Dict[str, np.ndarray]:
     of the coco14 list: person 1, cat 16, dog 17, chair 57)."""
     from pycocotools import mask as mask_utils
 
-    from vitpcm.io import class_list
+    from vitpcm.classes import class_list
 
     coco14 = class_list("coco14")
     idx = {name: coco14.index(name) for _, name in COCO_CATS}

@@ -176,7 +176,7 @@ def photo_files(photos: Dict[str, tuple], dirs: Dict[str, Path], size: int, jpeg
 
 def write_folder(folder: Path, files: Dict[str, Dict[str, bytes]], split: str = "val") -> Path:
     """The VOC layout: JPEGImages/, SegmentationClass/, ImageSets/Segmentation/SPLIT.txt, classes.txt."""
-    from vitpcm.io import VOC_CLASSES
+    from vitpcm.classes import VOC_CLASSES
 
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (folder / sub).mkdir(parents=True, exist_ok=True)

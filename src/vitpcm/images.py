@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import List, Tuple
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageOps
 
 from vitpcm.errors import VitpcmError
@@ -99,8 +100,6 @@ def decode_jpeg_like_tf(data: bytes) -> np.ndarray:
     """JPEG bytes -> ``[H, W, 3]`` uint8 as ``tf.image.decode_jpeg(data, channels=3)`` with its
     default ``dct_method`` (libjpeg-turbo's fast integer IDCT, fancy upsampling). Raises
     ValueError on damaged data (simplejpeg's strict mode: a truncated file too)."""
-    import simplejpeg  # only for data.jpeg_decoder=tf
-
     return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=False, strict=True)
 
 

@@ -165,7 +165,7 @@ class RunLayout:
 
     def truncate_metrics(self, keep_epochs: int, key: str = "epoch") -> None:
         """On resume: keep the rows whose ``key`` is at most ``keep_epochs``."""
-        from vitpcm.atomic import write_text_atomic
+        from vitpcm.atomic import write_text_atomic  # lazy: atomic imports numpy, this module must not
 
         if not self.metrics.is_file():
             return

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vitpcm.classes import class_list
 from vitpcm.cli import main
 from vitpcm.errors import VitpcmError
 from vitpcm.evaluation import ConfusionMatrix, evaluate_folders, format_comparison, load_published, published_row
-from vitpcm.io import class_list, save_mask_png
+from vitpcm.io import save_mask_png
 from vitpcm.stages.evaluate import folder_labels
 
 NAMES = ["bg", "a", "b", "c"]  # b: only predicted (false positive), c: nowhere

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vitpcm.classes import class_list
 from vitpcm.cli import main
 from vitpcm.errors import VitpcmError
 from vitpcm.evaluation import (
@@ -19,7 +20,8 @@ from vitpcm.evaluation import (
     published_table,
 )
 from vitpcm.evaluation.published import TABLE_FILES, TABLES_DIR
-from vitpcm.io import class_list, save_mask_png
+from vitpcm.io import save_mask_png
+from vitpcm.stages.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -154,8 +156,6 @@ def _classes_file(root: Path) -> Path:
 
 
 def test_evaluate_compare_all_on_coco_is_long(tmp_path):
-    from vitpcm.stages.evaluate import evaluate
-
     save_mask_png(tmp_path / "gt" / "a.png", np.array([[0, 1], [1, 0]], dtype=np.uint8))
     save_mask_png(tmp_path / "pred" / "a.png", np.array([[0, 1], [1, 1]], dtype=np.uint8))
     r = evaluate({"bpm": tmp_path / "pred"}, tmp_path / "gt", "coco14", compare="all", progress=False,

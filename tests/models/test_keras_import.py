@@ -16,9 +16,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import timm
 import torch
 
+import vitpcm
+from vitpcm.cli import main
+from vitpcm.engine.checkpoint import read_checkpoint
 from vitpcm.errors import VitpcmError
+from vitpcm.models.keras_import import KerasSpec, keras_to_state_dict, read_keras_h5, suggest_overrides
 from vitpcm.models.tf_resize import (
     resample_pos_embed_tf,
     tf_bicubic_resize,
@@ -26,6 +31,8 @@ from vitpcm.models.tf_resize import (
     use_tf_pos_embed_resize,
     uses_tf_pos_embed_resize,
 )
+from vitpcm.runs import RunLayout
+from vitpcm.stages.import_keras import import_keras
 
 # tests/fixtures/, found from here upwards (the test may move into a subfolder of tests/)
 FIXTURES = next(
@@ -47,8 +54,6 @@ def overrides(expected):
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory, overrides):
-    from vitpcm.stages.import_keras import import_keras
-
     run = tmp_path_factory.mktemp("keras") / "run"
     summary = import_keras(H5, "voc12", overrides, run)
     return run, summary
@@ -137,8 +142,6 @@ def test_resample_pos_embed_tf_keeps_cls_and_resizes_grid():
 
 
 def test_use_tf_pos_embed_resize_changes_only_off_grid():
-    import timm
-
     vit = timm.create_model("vit_small_patch16_384", pretrained=False, num_classes=0, dynamic_img_size=True,
                             embed_dim=32, depth=1, num_heads=2).eval()  # fmt: skip
     with torch.no_grad():
@@ -170,10 +173,6 @@ def _probs(model, images: np.ndarray) -> tuple:
 
 
 def test_imported_run_matches_keras(imported, expected):
-    import vitpcm
-    from vitpcm.engine.checkpoint import read_checkpoint
-    from vitpcm.runs import RunLayout
-
     run, summary = imported
     layout = RunLayout(run)
     assert layout.config.is_file() and layout.classes.is_file() and layout.checkpoint("last").is_file()
@@ -211,8 +210,6 @@ def _names(group):
 
 
 def test_lstm_cell_suffix_does_not_matter(tmp_path, overrides, expected):
-    from vitpcm.models.keras_import import keras_to_state_dict, read_keras_h5
-
     def rename(f):
         group = f["patch_conditioning"]
         new = []
@@ -228,8 +225,6 @@ def test_lstm_cell_suffix_does_not_matter(tmp_path, overrides, expected):
 
 
 def test_nested_backbone_model_reads_the_same(tmp_path):
-    from vitpcm.models.keras_import import keras_to_state_dict, read_keras_h5
-
     def nest(f):  # the backbone saved as one layer "patch_encoder" (a nested Keras model)
         layers = [n.decode() if isinstance(n, bytes) else str(n) for n in f.attrs["layer_names"]]
         inner = [n for n in layers if n.startswith(("embedding", "class_token", "Transformer/"))]
@@ -249,8 +244,6 @@ def test_nested_backbone_model_reads_the_same(tmp_path):
 
 
 def test_leftover_and_missing_tensors_are_listed(tmp_path):
-    from vitpcm.models.keras_import import keras_to_state_dict, read_keras_h5
-
     def add_head(f):
         layers = [n.decode() if isinstance(n, bytes) else str(n) for n in f.attrs["layer_names"]]
         f.attrs["layer_names"] = np.array([n.encode() for n in layers + ["head"]])
@@ -276,8 +269,6 @@ def test_leftover_and_missing_tensors_are_listed(tmp_path):
 
 
 def test_sizes_or_classes_that_do_not_fit_are_one_line(tmp_path, overrides):
-    from vitpcm.stages.import_keras import import_keras
-
     wider = [o for o in overrides if "embed_dim" not in o] + ["model.backbone_kwargs.embed_dim=48"]
     with pytest.raises(VitpcmError) as err:
         import_keras(H5, "voc12", wider, tmp_path / "wide")
@@ -291,8 +282,6 @@ def test_sizes_or_classes_that_do_not_fit_are_one_line(tmp_path, overrides):
 
 
 def test_suggested_backbone_for_released_widths():
-    from vitpcm.models.keras_import import KerasSpec, suggest_overrides
-
     spec_s = KerasSpec(width=384, depth=12, mlp_dim=1536, patch=16, grid=(24, 24), lstm_hidden=192, num_classes=21)
     assert suggest_overrides(spec_s) == ["model.backbone=vit_small_patch16_384", "model.hv_lstm=true"]
     spec_b = KerasSpec(width=768, depth=12, mlp_dim=3072, patch=16, grid=(24, 24), lstm_hidden=192, num_classes=21)
@@ -300,9 +289,6 @@ def test_suggested_backbone_for_released_widths():
 
 
 def test_foreign_files_and_existing_runs_are_refused(tmp_path, imported, overrides):
-    from vitpcm.models.keras_import import read_keras_h5
-    from vitpcm.stages.import_keras import import_keras
-
     junk = tmp_path / "junk.h5"
     junk.write_bytes(b"not hdf5")
     with pytest.raises(VitpcmError, match="not an HDF5 file"):
@@ -319,8 +305,6 @@ def test_foreign_files_and_existing_runs_are_refused(tmp_path, imported, overrid
 
 
 def test_cli_import_keras_then_load(tmp_path, overrides, capsys):
-    from vitpcm.cli import main
-
     run = tmp_path / "run"
     assert main(["import-keras", str(H5), *overrides, "--out", str(run), "-q"]) == 0
     assert "21 classes, 51 Keras tensors" in capsys.readouterr().out

@@ -24,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
+from vitpcm.stages.import_keras import import_keras
 
 FIXTURES = next(
     p / "fixtures" for p in Path(__file__).resolve().parents if (p / "fixtures" / "keras_infer_tiny.npz").is_file()
@@ -58,8 +61,6 @@ def names(fixture):
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, harness, fixture, names):
-    from vitpcm.stages.import_keras import import_keras
-
     tmp = tmp_path_factory.mktemp("keras_infer")
     import_keras(H5, "voc12", [str(s) for s in fixture["overrides"]], tmp / "run")
     files = {n: {"jpg": fixture[f"jpg_{n}"].tobytes(), "png": fixture[f"png_{n}"].tobytes()} for n in names}
@@ -68,8 +69,6 @@ def prepared(tmp_path_factory, harness, fixture, names):
 
 
 def _compare(harness, fixture, names, prepared, extra=(), tag="plain", against=None):
-    from PIL import Image
-
     tmp, data = prepared
     summary = harness.run_vitpcm(tmp / "run", data, tmp / f"pseudo_{tag}", extra)
     assert summary["scale"] == 960 and summary["images"] == len(names)

@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -10,10 +11,15 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 import pytest
 from PIL import Image
+from tests.conftest import TINY, TINY_SEGMENT
+from tests.datafix import make_coco, make_folder, write_lines
 
 from vitpcm.cli import main
 from vitpcm.errors import VitpcmError
 from vitpcm.evaluation import ConfusionMatrix, confused_pairs
+from vitpcm.stages.demo import demo as run_demo
+from vitpcm.stages.predict import predict
+from vitpcm.stages.report import report as write_report
 from vitpcm.viz.figures import figure_heatmaps, figure_masks, plot_confusion, plot_iou_bars, plot_training_curves
 
 
@@ -121,11 +127,6 @@ def test_report_of_a_run(tiny_run, capsys):
 
 def test_report_shows_predict_overlays(tiny_run, synth_root, tmp_path):
     """`vitpcm predict --overlay` into RUN/predict: the report shows a gallery of them."""
-    import shutil
-
-    from vitpcm.stages.predict import predict
-    from vitpcm.stages.report import report as write_report
-
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("figures", "report.html"))
     records = predict(run, [synth_root / "JPEGImages"], overlay=True, threshold=0.18, progress=False)
@@ -155,8 +156,6 @@ def test_confused_pairs_ranks_by_share_of_the_true_class():
 
 
 def test_report_needs_a_run_and_known_names(tiny_run, tmp_path):
-    from vitpcm.stages.report import report as write_report
-
     assert main(["report", str(tmp_path), "-q"]) == 2
     with pytest.raises(VitpcmError, match="not a run folder"):
         write_report(tmp_path)
@@ -165,10 +164,6 @@ def test_report_needs_a_run_and_known_names(tiny_run, tmp_path):
 
 
 def test_demo_runs_crf_and_writes_report(tmp_path, synth_root, monkeypatch):
-    from tests.conftest import TINY, TINY_SEGMENT
-
-    from vitpcm.stages.demo import demo as run_demo
-
     summary = run_demo(tmp_path / "demo", n_train=8, n_val=4,
                        overrides=[*TINY, *TINY_SEGMENT, "train.epochs=1", "crf.workers=2"], progress=False)  # fmt: skip
     assert 0 <= summary["bpm_miou"] <= 1 and 0 <= summary["crf_miou"] <= 1
@@ -187,9 +182,6 @@ def test_demo_runs_crf_and_writes_report(tmp_path, synth_root, monkeypatch):
 def test_crf_and_report_on_other_formats(fmt, tmp_path, capsys):
     """COCO (masks drawn from the annotations) and the own-folder format (a nested name,
     an image without mask): infer --crf and the report go through the dataset's files."""
-    from tests.conftest import TINY
-    from tests.datafix import make_coco, make_folder, write_lines
-
     root = tmp_path / fmt
     if fmt == "coco":
         make_coco(root)

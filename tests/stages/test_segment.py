@@ -12,10 +12,11 @@ import pytest
 import torch
 from tests.conftest import TINY_SEGMENT
 
+from vitpcm.atomic import save_npz_atomic
 from vitpcm.cli import main
 from vitpcm.config import load_config
 from vitpcm.errors import VitpcmError
-from vitpcm.io import read_mask_png, save_mask_png, save_npz_atomic
+from vitpcm.io import read_mask_png, save_mask_png
 from vitpcm.stages.segment import segment_infer, segment_train
 
 

@@ -14,12 +14,15 @@ import numpy as np
 import pytest
 from tests.stages.test_report import _png_ok, check_self_contained
 
+from vitpcm.atomic import write_text_atomic
+from vitpcm.classes import class_list
 from vitpcm.cli import main
 from vitpcm.config import load_config, to_yaml
 from vitpcm.errors import VitpcmError
 from vitpcm.evaluation import confused_pairs
-from vitpcm.io import class_list, names_in, read_mask_png, read_names, save_mask_png, write_text_atomic
+from vitpcm.io import names_in, read_mask_png, read_names, save_mask_png
 from vitpcm.runs import PseudoLayout, RunLayout
+from vitpcm.stages.report import _best_images, report
 
 
 def _fake_run(synth_root: Path, tmp_path: Path) -> Path:
@@ -103,8 +106,6 @@ def test_report_with_a_deeplab_run(synth_root, tmp_path, capsys):
 
 
 def test_best_images_and_missing_pieces(synth_root, tmp_path):
-    from vitpcm.stages.report import _best_images, report
-
     run = _fake_run(synth_root, tmp_path)
     names = sorted(names_in(run / "pseudo/val/masks", ".png"))
     seg = tmp_path / "seg"
@@ -132,8 +133,6 @@ def test_best_images_and_missing_pieces(synth_root, tmp_path):
 
 
 def test_segment_errors(synth_root, tmp_path, capsys):
-    from vitpcm.stages.report import report
-
     run = _fake_run(synth_root, tmp_path)
     assert main(["report", str(run), "--segment", str(tmp_path / "nope"), "-q"]) == 2
     assert "folder not found" in capsys.readouterr().err

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
+from io import BytesIO
 
-from vitpcm.io import pascal_palette
+import numpy as np
+from PIL import Image
+
+from vitpcm.classes import pascal_palette
 from vitpcm.viz.overlay import ALPHA, blend, overlay_with_legend, save_overlay, thumbnail_jpeg
 
 NAMES = ["background", "cat", "dog"]
@@ -40,9 +43,6 @@ def test_legend_below_the_image_shows_each_class_colour_and_scales_with_the_imag
     big_image, big_mask = _case(400, 2000)
     save_overlay(tmp_path / "sub" / "o.jpg", big_image, big_mask, NAMES)
     thumb = thumbnail_jpeg(tmp_path / "sub" / "o.jpg", max_side=200)
-    from io import BytesIO
-
-    from PIL import Image
 
     with Image.open(BytesIO(thumb)) as im:
         assert im.format == "JPEG" and max(im.size) == 200

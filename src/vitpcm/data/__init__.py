@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 from vitpcm.data.base import SegmentationDataset, TaggedImageDataset
-from vitpcm.data.coco import COCODataset  # pycocotools is imported only when a mask is drawn
+from vitpcm.data.coco import COCODataset
 from vitpcm.data.folder import FolderDataset
 from vitpcm.data.transforms import EvalTransform, TrainTransform, collate
 from vitpcm.data.voc import VOCDataset

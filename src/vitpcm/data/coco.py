@@ -43,6 +43,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from pycocotools import mask as mask_utils
+from tqdm import tqdm
 
 from vitpcm.atomic import write_text_atomic
 from vitpcm.classes import IGNORE_INDEX, class_list
@@ -74,8 +76,6 @@ class _Image:
 
 def _to_rle(segm: Any, h: int, w: int) -> Optional[dict]:
     """One annotation's segmentation (polygons, RLE) -> one compressed RLE; None if empty."""
-    from pycocotools import mask as mask_utils
-
     if isinstance(segm, list):
         polys = [p for p in segm if len(p) >= 6]  # fewer than 3 points enclose nothing
         if not polys:
@@ -95,8 +95,6 @@ def rasterize(anns: Sequence[Tuple[int, int, int, Any]], h: int, w: int, gt: str
     (their ``_gen_seg_mask``): each annotation, crowds included, painted with its class where
     the mask is still 0, so the first one in the file wins (module docstring).
     """
-    from pycocotools import mask as mask_utils
-
     if gt not in GT_KINDS:
         raise ValueError(f"gt must be one of {GT_KINDS}, got {gt!r}")
     mask = np.zeros((h, w), dtype=np.uint8)
@@ -387,8 +385,6 @@ def prepare_coco(
     Resumable: masks already there are kept (delete ``OUT`` after changing the annotations).
     Each PNG is written atomically. Returns ``{split: {"written", "kept", "failed"}}``.
     """
-    from tqdm import tqdm
-
     out_root = Path(out) if out else Path(root) / "masks"
     result: Dict[str, Dict[str, int]] = {}
     n_workers = resolve_workers(workers)

@@ -32,7 +32,7 @@ AUG_LIST_NAMES = ("train_aug.txt", "trainaug.txt")
 
 def read_sbd_mat(path: Path) -> np.ndarray:
     """``GTcls.Segmentation`` of an SBD ``cls/*.mat`` file as ``[H, W]`` uint8."""
-    import scipy.io
+    import scipy.io  # lazy: ~0.2 s to import, and only trainaug's SBD masks need it
 
     try:
         mat = scipy.io.loadmat(str(path), squeeze_me=True, struct_as_record=False)

@@ -25,6 +25,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+from tqdm import tqdm
 
 from vitpcm.atomic import atomic_path, write_text_atomic
 from vitpcm.classes import IGNORE_INDEX
@@ -237,8 +238,6 @@ def generate(
     render in parallel (0 = one per CPU). An existing non-empty folder is refused unless
     ``overwrite`` is set.
     """
-    from tqdm import tqdm
-
     root = Path(out)
     if n_train < 1 or n_val < 0:
         raise VitpcmError(f"need --train >= 1 and --val >= 0, got {n_train} and {n_val}")

@@ -58,7 +58,7 @@ def evaluate_folders(
 
     Returns ``{label: ConfusionMatrix}`` (``[C, C]``, C = ``len(class_names)``).
     """
-    from tqdm import tqdm
+    from tqdm import tqdm  # lazy (~50 ms): `vitpcm crf` imports this package, and only evaluating needs tqdm
 
     if not preds:
         raise VitpcmError("no prediction folder given")

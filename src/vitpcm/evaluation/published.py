@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from vitpcm.classes import BUILTIN_CLASS_LISTS, class_list
 from vitpcm.errors import VitpcmError
 
 VOC_SHORT = {
@@ -133,8 +134,6 @@ def load_table(table: str) -> List[Dict[str, Any]]:
 
 def builtin_list_name(class_names: Sequence[str]) -> Optional[str]:
     """``voc12`` / ``coco14`` when ``class_names`` is that built-in list, else None."""
-    from vitpcm.classes import BUILTIN_CLASS_LISTS, class_list
-
     for name in BUILTIN_CLASS_LISTS:
         if list(class_names) == class_list(name):
             return name

@@ -33,10 +33,12 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import timm
 import torch
 import torch.nn as nn
+from omegaconf import OmegaConf
 from timm.models import is_model_in_modules
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 
+from vitpcm.config import normalisation_values
 from vitpcm.errors import VitpcmError
 
 log = logging.getLogger(__name__)
@@ -305,8 +307,6 @@ def describe_backbone(
 def describe_configured_backbone(cfg: Any) -> BackboneAdapter:
     """:func:`describe_backbone` of the config's ``model.backbone`` (with its
     ``model.backbone_kwargs``) at ``input.train_size``."""
-    from omegaconf import OmegaConf
-
     kwargs = OmegaConf.to_container(cfg.model.backbone_kwargs, resolve=True) if cfg.model.backbone_kwargs else {}
     return describe_backbone(str(cfg.model.backbone), kwargs, int(cfg.input.train_size))
 
@@ -315,8 +315,6 @@ def resolve_normalisation(cfg: Any, adapter: Optional[BackboneAdapter] = None) -
     """``(mean, std)`` for the transforms: ``input.mean`` / ``input.std``, where ``auto`` is
     the backbone's pretrained config (from ``adapter`` when given, e.g. ``model.adapter``;
     else the backbone is described on the meta device)."""
-    from vitpcm.config import normalisation_values
-
     mean, std = normalisation_values(cfg, "mean"), normalisation_values(cfg, "std")
     if mean is None or std is None:
         adapter = adapter or describe_configured_backbone(cfg)

@@ -41,6 +41,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.models as tvm
+from torchvision.models.segmentation.deeplabv3 import ASPP
 
 from vitpcm.errors import VitpcmError
 
@@ -90,8 +92,6 @@ def refuse_pixel_label_weights(spec: WeightsSpec) -> None:
 
 def _torchvision_weights(backbone: str, spec: WeightsSpec):
     """The torchvision weights enum member for ``true`` (IMAGENET1K_V1) or a member name."""
-    import torchvision.models as tvm
-
     enum_name = {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights", "resnet50": "ResNet50_Weights",
                  "resnet101": "ResNet101_Weights", "resnet152": "ResNet152_Weights"}[backbone]  # fmt: skip
     enum = getattr(tvm, enum_name)
@@ -164,7 +164,6 @@ class ResNetTrunk(nn.Module):
 
     def __init__(self, name: str = "resnet101", output_stride: int = 8, zero_init_residual: bool = False) -> None:
         super().__init__()
-        import torchvision.models as tvm
 
         if name not in BACKBONES:
             raise VitpcmError(f"segment.backbone={name!r}: choose one of {', '.join(BACKBONES)} (torchvision ResNets)")
@@ -255,7 +254,6 @@ class V3PlusHead(nn.Module):
 
     def __init__(self, high_channels: int, low_channels: int, num_classes: int, rates: Sequence[int]) -> None:
         super().__init__()
-        from torchvision.models.segmentation.deeplabv3 import ASPP
 
         self.rates = tuple(int(r) for r in rates)
         self.aspp = ASPP(high_channels, list(self.rates), 256)

@@ -16,6 +16,7 @@ import importlib
 from typing import Any, Callable, Dict, Mapping, Union
 
 import torch.nn as nn
+from omegaconf import OmegaConf
 
 from vitpcm.errors import VitpcmError
 
@@ -76,7 +77,7 @@ def model_arch(model: nn.Module, name: str = DEFAULT_NAME) -> Dict[str, Any]:
 
 
 def _build_vitpcm_from_arch(arch: Dict[str, Any]) -> nn.Module:
-    from vitpcm.models.vitpcm import ViTPCM
+    from vitpcm.models.vitpcm import ViTPCM  # lazy: importing the registry pulls in no model (nor timm)
 
     return ViTPCM.from_arch(arch)
 
@@ -89,9 +90,7 @@ def build_model(cfg: Any, num_classes: int) -> nn.Module:
     another checkpoint) is the caller's job: reading checkpoints belongs to the engine, which
     models never import.
     """
-    from omegaconf import OmegaConf
-
-    from vitpcm.models.vitpcm import ViTPCM
+    from vitpcm.models.vitpcm import ViTPCM  # lazy: importing the registry pulls in no model (nor timm)
 
     m = cfg.model
     return ViTPCM(

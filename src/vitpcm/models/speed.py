@@ -19,13 +19,12 @@ from __future__ import annotations
 from typing import Any, Dict
 
 import torch.nn as nn
+from timm.layers import use_fused_attn
 
 
 def attention_report(model: nn.Module) -> Dict[str, Any]:
     """``{"timm_use_fused_attn": bool, "blocks": n, "fused_blocks": k}`` for a ViT-PCM model
     (or a bare timm backbone): how many attention modules take the SDPA path."""
-    from timm.layers import use_fused_attn
-
     backbone = getattr(model, "backbone", model)
     blocks = list(getattr(backbone, "blocks", []))
     fused = sum(bool(getattr(getattr(b, "attn", None), "fused_attn", False)) for b in blocks)

@@ -37,6 +37,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
 
 from vitpcm.errors import VitpcmError
 
@@ -218,8 +219,6 @@ def use_tf_pos_embed_resize(vit: nn.Module, enable: bool = True) -> nn.Module:
     other instances are untouched. At the stored grid size nothing changes at all. Returns
     ``vit``.
     """
-    from timm.models.vision_transformer import VisionTransformer
-
     if not isinstance(vit, VisionTransformer):
         raise VitpcmError(f"the TF position-embedding resize needs a timm VisionTransformer, got {type(vit).__name__}")
     if enable:

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from vitpcm.models.backbone import BackboneAdapter, create_backbone
+from vitpcm.models.tf_resize import use_tf_pos_embed_resize
 
 
 class HVBiLSTM(nn.Module):
@@ -204,8 +205,6 @@ class ViTPCM(nn.Module):
             timm_kwargs["proj_drop_rate"] = float(backbone_dropout)
         self.backbone = create_backbone(backbone, pretrained, img_size=img_size, **timm_kwargs)
         if pos_embed_resize == "tf":  # TF's bicubic for the position embeddings (imported Keras runs)
-            from vitpcm.models.tf_resize import use_tf_pos_embed_resize
-
             use_tf_pos_embed_resize(self.backbone)
         elif pos_embed_resize != "timm":
             raise ValueError(f"pos_embed_resize must be timm or tf, got {pos_embed_resize!r}")

@@ -11,6 +11,12 @@ from typing import Any, Dict, Optional, Sequence
 
 from omegaconf import DictConfig
 
+from vitpcm.atomic import write_json_atomic
+from vitpcm.data.check import check_config
+from vitpcm.data.coco import prepare_coco
+from vitpcm.data.synthetic import generate
+from vitpcm.errors import VitpcmError
+
 
 def synth(
     out: str | Path,
@@ -25,8 +31,6 @@ def synth(
     """Write the built-in synthetic dataset (VOC layout) to ``out``.
 
     Returns ``root``, ``classes`` (the class-list file), ``train`` and ``val`` (counts)."""
-    from vitpcm.data.synthetic import generate
-
     root = generate(
         out, n_train=n_train, n_val=n_val, seed=seed, workers=workers, overwrite=overwrite, progress=progress
     )
@@ -45,9 +49,6 @@ def check_data(
 
     Returns ``ok`` (no broken item), ``text`` (the report for a person), ``report`` (the
     JSON-ready dict, also written to ``json_path`` when given)."""
-    from vitpcm.data.check import check_config
-    from vitpcm.io import write_json_atomic
-
     report = check_config(cfg, splits=splits, workers=workers, progress=progress)
     result = {"ok": report.ok, "text": report.format(), "report": report.to_dict()}
     if json_path:
@@ -71,9 +72,6 @@ def prepare(
     ``gt``: ``vitpcm`` or ``authors`` ground truth, as ``data.coco_gt``).
 
     Returns ``{split: {written, kept, failed, problems}}`` (+ ``dropped`` with ``authors``)."""
-    from vitpcm.data.coco import prepare_coco
-    from vitpcm.errors import VitpcmError
-
     if fmt != "coco":
         raise VitpcmError(f"vitpcm prepare knows the coco format only, got {fmt!r}")
     return prepare_coco(root, out=out, splits=splits, classes=classes, workers=workers, progress=progress, gt=gt)

@@ -28,10 +28,17 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Sequence
 
+from vitpcm.atomic import write_json_atomic, write_text_atomic
+from vitpcm.classes import read_classes
 from vitpcm.config import load_config
+from vitpcm.data.synthetic import generate
 from vitpcm.errors import VitpcmError
-from vitpcm.io import read_classes, write_json_atomic, write_text_atomic
+from vitpcm.evaluation import format_comparison
 from vitpcm.runs import PseudoLayout, RunLayout
+from vitpcm.stages.infer import infer
+from vitpcm.stages.report import report as write_report
+from vitpcm.stages.segment import DEMO_PRESET, segment_infer, segment_train
+from vitpcm.stages.train import train
 
 log = logging.getLogger(__name__)
 MARKER = ".vitpcm-demo"
@@ -62,13 +69,6 @@ def demo(
     ``segment_miou_no_crf``), per-class IoU, timings and paths; ``table`` (not in the file)
     is BPM vs CRF vs DeepLab per class as text, for the CLI to print.
     """
-    from vitpcm.data.synthetic import generate
-    from vitpcm.evaluation import format_comparison
-    from vitpcm.stages.infer import infer
-    from vitpcm.stages.report import report as write_report
-    from vitpcm.stages.segment import DEMO_PRESET, segment_infer, segment_train
-    from vitpcm.stages.train import train
-
     out = Path(out)
     _prepare_folder(out)
     timings: Dict[str, float] = {}

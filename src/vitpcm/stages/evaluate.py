@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from vitpcm.atomic import write_json_atomic
+from vitpcm.classes import class_list
 from vitpcm.errors import VitpcmError
 from vitpcm.evaluation import (
     ConfusionMatrix,
@@ -23,7 +25,7 @@ from vitpcm.evaluation import (
     published_table,
     write_evaluation,
 )
-from vitpcm.io import class_list, write_json_atomic
+from vitpcm.viz.figures import write_evaluation_figures
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -62,8 +64,6 @@ def write_evaluation_files(
     """Everything an evaluation folder holds: the figures (confusion heat maps, IoU bars;
     matplotlib) and the tables (:func:`vitpcm.evaluation.write_evaluation`). Returns what
     ``metrics.json`` holds. ``vitpcm evaluate --out`` and ``vitpcm report`` both write this."""
-    from vitpcm.viz.figures import write_evaluation_figures  # matplotlib: only when figures are asked for
-
     figures = write_evaluation_figures(cms, class_names, out_dir, published=published)
     return write_evaluation(cms, class_names, out_dir, published=published, figures=figures)
 

@@ -21,8 +21,18 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+import torch
+from omegaconf import OmegaConf
+
+from vitpcm.atomic import write_text_atomic
+from vitpcm.classes import VOC_CLASSES, class_list
+from vitpcm.config import load_config, to_yaml
+from vitpcm.engine.checkpoint import save_checkpoint
 from vitpcm.errors import VitpcmError
+from vitpcm.models.keras_import import file_sha256, keras_spec, load_keras_weights, published_bpm, read_keras_h5
+from vitpcm.models.registry import build_model, model_arch
 from vitpcm.runs import RunLayout
+from vitpcm.stages.config import prepare_config
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +45,6 @@ IMPORT_OVERRIDES = ["model.pretrained=false", "input.mean=[0.5,0.5,0.5]", "input
 
 def _classes(cfg: Any) -> List[str]:
     """The run's class list: ``data.classes`` (a file or voc12 / coco14); VOC's 21 by default."""
-    from vitpcm.io import VOC_CLASSES, class_list
-
     spec = cfg.data.classes
     if spec:
         return class_list(spec)
@@ -79,16 +87,6 @@ def import_keras(
     do not fit the config (one line with the fix), tensors missing or left over (listed),
     or an existing run without ``overwrite``.
     """
-    import torch
-    from omegaconf import OmegaConf
-
-    from vitpcm.config import load_config, to_yaml
-    from vitpcm.engine.checkpoint import save_checkpoint
-    from vitpcm.io import write_text_atomic
-    from vitpcm.models.keras_import import file_sha256, keras_spec, load_keras_weights, published_bpm, read_keras_h5
-    from vitpcm.models.registry import build_model, model_arch
-    from vitpcm.stages.config import prepare_config
-
     if out is None:
         raise VitpcmError("import-keras needs --out RUN: the run folder to write")
     start = time.time()

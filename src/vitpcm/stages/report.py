@@ -27,21 +27,51 @@ DeepLab) and a Fig. S3 grid of the best images (highest per-image mIoU of the De
 
 The figures are drawn by :mod:`vitpcm.viz.figures`, the page by
 :mod:`vitpcm.viz.html`; the dataset (images, ground truth) is read through
-``vitpcm.data``, imported inside the call.
+``vitpcm.data``.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import random
 from html import escape as html_escape
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+
+from vitpcm import __version__
+from vitpcm.atomic import write_text_atomic
+from vitpcm.classes import read_classes
+from vitpcm.config import load_config
+from vitpcm.data import build_dataset
+from vitpcm.data.voc import resolve_classes
 from vitpcm.errors import VitpcmError
-from vitpcm.io import format_names, names_in, read_classes, read_mask_png, write_text_atomic
-from vitpcm.runs import PseudoLayout, RunLayout
+from vitpcm.evaluation import (
+    builtin_list_name,
+    confused_pairs,
+    evaluate_folders,
+    full_tables,
+    published_row,
+    published_table,
+)
+from vitpcm.images import load_rgb
+from vitpcm.io import format_names, names_in, read_mask_png
+from vitpcm.postprocess.crf import load_probs
+from vitpcm.runs import PredictLayout, PseudoLayout, RunLayout
+from vitpcm.stages.evaluate import write_evaluation_files
+from vitpcm.stages.tag_quality import read_tag_quality
+from vitpcm.viz import html as page
+from vitpcm.viz.figures import (
+    figure_best_grid,
+    figure_heatmaps,
+    figure_masks,
+    figure_triplet_grid,
+    plot_training_curves,
+)
+from vitpcm.viz.overlay import thumbnail_jpeg
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +88,6 @@ def _pick_samples(names: Sequence[str], k: int, chosen: Optional[Sequence[str]],
 def _dataset(cfg: Any, split: str, cache: Dict[str, Tuple[Any, Optional[str]]]) -> Tuple[Any, Optional[str]]:
     """The split's dataset (None when it cannot be built) and why not; built once per report
     (COCO reads its annotation file)."""
-    from vitpcm.data import build_dataset
-
     if split not in cache:
         try:
             cache[split] = (build_dataset(cfg.data, split, require_masks=False), None)
@@ -86,14 +114,6 @@ def _split_section(
 ) -> Dict[str, Any]:
     """Evaluate one split, draw its figures; returns {'html': str, 'evaluation': dict or None,
     'cms': {label: ConfusionMatrix} or None, 'names': the names scored}."""
-    from vitpcm.evaluation import evaluate_folders, published_row
-    from vitpcm.images import load_rgb
-    from vitpcm.postprocess.crf import load_probs
-    from vitpcm.stages.evaluate import write_evaluation_files
-    from vitpcm.stages.tag_quality import read_tag_quality
-    from vitpcm.viz import html as page
-    from vitpcm.viz.figures import figure_heatmaps, figure_masks
-
     pseudo = PseudoLayout(run.pseudo(split))
     mask_names = names_in(pseudo.masks, ".png")
     notes: List[str] = []
@@ -166,10 +186,6 @@ def _per_image_html(run: RunLayout, split: str, scores: Dict[str, Dict[str, Dict
     """Every image's own mIoU per mask folder (``csv_path``, default ``eval/SPLIT/per_image.csv``;
     worst first by the first folder's) and the ``worst`` images as image | ground truth |
     that folder's mask (``figures/SPLIT/worst.png``; 0: none)."""
-    from vitpcm.images import load_rgb
-    from vitpcm.viz import html as page
-    from vitpcm.viz.figures import figure_triplet_grid
-
     labels = [label for label in preds if label in scores]
     if not labels:
         return ""
@@ -204,13 +220,6 @@ def _confused_pairs_html(run: RunLayout, split: str, cm: Any, masks: Path, datas
                          names: Sequence[str], k: int = 5) -> str:  # fmt: skip
     """The ``k`` most confused class pairs of the BPM confusion matrix, each with the image
     that has the most pixels of that confusion (a second pass over the masks)."""
-    import numpy as np
-
-    from vitpcm.evaluation import confused_pairs
-    from vitpcm.images import load_rgb
-    from vitpcm.viz import html as page
-    from vitpcm.viz.figures import figure_masks
-
     pairs = confused_pairs(cm.matrix, k)
     if not pairs:
         return ""
@@ -243,12 +252,6 @@ def _predict_gallery(
     """``vitpcm predict``'s overlays in ``folder`` (default ``RUN/predict``; no ground truth):
     thumbnails of the first ``shown``, captioned with their predicted classes. None when
     there are none."""
-    import json
-
-    from vitpcm.runs import PredictLayout
-    from vitpcm.viz import html as page
-    from vitpcm.viz.overlay import thumbnail_jpeg
-
     target = PredictLayout(folder if folder is not None else layout.predict)
     overlays = names_in(target.overlays, ".jpg") if target.overlays.is_dir() else []
     if not overlays:
@@ -307,12 +310,6 @@ def _verification_section(
 
     ``evaluated``: the split section's result (its BPM / CRF confusion matrices are reused
     when it scored the same images)."""
-    from vitpcm.evaluation import builtin_list_name, evaluate_folders, full_tables, published_row, published_table
-    from vitpcm.images import load_rgb
-    from vitpcm.stages.evaluate import write_evaluation_files
-    from vitpcm.viz import html as page
-    from vitpcm.viz.figures import figure_best_grid, figure_masks
-
     seg_pseudo = PseudoLayout(seg.pseudo(split))
     dl_names = names_in(seg_pseudo.masks, ".png")
     notes: List[str] = []
@@ -455,18 +452,11 @@ def report(
     "verification": {split: what eval/<split>/verification/metrics.json holds}}``
     (``verification`` is empty without ``segment``).
     """
-    from vitpcm import __version__
-    from vitpcm.config import load_config
-    from vitpcm.viz import html as page
-    from vitpcm.viz.figures import plot_training_curves
-
     layout = RunLayout(run).require()
     cfg = load_config(layout.config, overrides)
     if layout.classes.is_file():
         classes = read_classes(layout.classes)
     else:
-        from vitpcm.data.voc import resolve_classes
-
         classes = resolve_classes(Path(cfg.data.root or "."), cfg.data.classes)
     found = layout.pseudo_splits()
     if splits:

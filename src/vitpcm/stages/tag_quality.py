@@ -16,8 +16,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from vitpcm.atomic import write_json_atomic
 from vitpcm.evaluation.tags import tag_quality
-from vitpcm.io import write_json_atomic
 from vitpcm.runs import RunLayout
 
 log = logging.getLogger(__name__)

@@ -42,6 +42,7 @@ from vitpcm.evaluation.tags import tag_quality
 from vitpcm.losses import et_loss, mce_loss, reg_loss
 from vitpcm.models.predict import upsample
 from vitpcm.models.registry import build_model, model_arch
+from vitpcm.models.speed import compile_blocks
 from vitpcm.models.vitpcm import merge_class_labels
 from vitpcm.tasks.settings import engine_settings
 
@@ -141,8 +142,6 @@ class PcmTask(Task):
             init_from(model, cfg.model.init_from)
         self.model = model.to(ctx.device)
         if bool(cfg.train.get("compile", False)):  # in place, per block: state-dict keys unchanged
-            from vitpcm.models.speed import compile_blocks
-
             compile_blocks(self.model)
         d = self.model.patch_size
         mean, std = resolved_normalisation(cfg)  # numbers: the config was prepared (stages/config.py)

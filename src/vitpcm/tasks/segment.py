@@ -36,12 +36,12 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from vitpcm.classes import IGNORE_INDEX
 from vitpcm.data.pseudo import PseudoMaskDataset, SegmentEvalTransform, SegmentTrainTransform, segment_collate
 from vitpcm.engine.distributed import all_reduce_sum
 from vitpcm.engine.task import EngineContext, Phase, Task, poly_lr
 from vitpcm.engine.trainer import TrainSettings
 from vitpcm.evaluation.confusion import ConfusionMatrix
-from vitpcm.io import IGNORE_INDEX
 from vitpcm.models.deeplab import DeepLab
 from vitpcm.models.registry import model_arch
 from vitpcm.tasks.settings import engine_settings

@@ -5,6 +5,7 @@ matplotlib: one overlay per image must cost little beside the model).
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Sequence
 
@@ -71,8 +72,6 @@ def overlay_with_legend(image: np.ndarray, mask: np.ndarray, class_names: Sequen
 def thumbnail_jpeg(path: str | Path, max_side: int = 320, quality: int = 80) -> bytes:
     """A JPEG file scaled down to at most ``max_side`` pixels a side, as bytes (the report
     inlines overlays this small, so a folder of camera photos does not bloat the page)."""
-    import io
-
     with Image.open(path) as img:
         img = img.convert("RGB")
         img.thumbnail((max_side, max_side))

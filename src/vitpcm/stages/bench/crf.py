@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from vitpcm.atomic import save_npz_atomic
 from vitpcm.data.synthetic import render_sample
-from vitpcm.io import names_in, read_mask_png, save_npz_atomic
+from vitpcm.io import names_in, read_mask_png
 from vitpcm.stages.bench.timing import median, rounded, timed_process, vitpcm_command
 from vitpcm.utils.system import cpu_count
 

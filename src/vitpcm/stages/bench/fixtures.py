@@ -12,10 +12,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from vitpcm.atomic import write_text_atomic
 from vitpcm.config import load_config, to_yaml
 from vitpcm.data.synthetic import generate
 from vitpcm.engine.checkpoint import save_checkpoint
-from vitpcm.io import read_names, write_text_atomic
+from vitpcm.io import read_names
 from vitpcm.models.registry import build_model, model_arch
 from vitpcm.runs import RunLayout
 

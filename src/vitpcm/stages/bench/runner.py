@@ -13,8 +13,8 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 from omegaconf import OmegaConf
 
+from vitpcm.atomic import write_json_atomic
 from vitpcm.errors import VitpcmError
-from vitpcm.io import write_json_atomic
 from vitpcm.stages.bench.cli import bench_cli
 from vitpcm.stages.bench.crf import bench_crf
 from vitpcm.stages.bench.fixtures import bench_config, make_bench_data, no_screen_cache
