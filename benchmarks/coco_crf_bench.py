@@ -5,7 +5,7 @@ Usage::
     nice -n 10 python benchmarks/coco_crf_bench.py [--n 20] [--out benchmarks/results/coco_crf.json]
 
 On N COCO-like inputs (640 x 480, 81 classes, background + 1-3 present: the synthetic shapes
-of :func:`vitpcm.stages.bench_crf.make_crf_inputs`, probabilities from a 60 x 60 patch grid)
+of :func:`vitpcm.stages.bench.crf.make_crf_inputs`, probabilities from a 60 x 60 patch grid)
 it times, image by image and in alternating order:
 
 * ``present``: what one ``vitpcm crf`` worker does per image: read the npz and the JPEG,
@@ -13,7 +13,7 @@ it times, image by image and in alternating order:
   (:func:`vitpcm.postprocess.crf.crf_labels`; the default ``crf.gaussian=exact``);
 * ``present_lattice``: the same with ``crf.gaussian=lattice`` (the paper presets: the
   smoothness kernel through pydensecrf's lattice, as the authors);
-* ``all_81``: the authors' path (:func:`vitpcm.stages.bench_crf.authors_one`): the same with
+* ``all_81``: the authors' path (:func:`vitpcm.stages.bench.crf_authors.authors_one`): the same with
   the probabilities scattered into all 81 channels (absent = 0, clipped to 1e-5).
 
 CPU seconds (``process_time``) and wall seconds per image, medians; peak resident memory of

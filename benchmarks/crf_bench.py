@@ -7,7 +7,7 @@ Usage::
 
 What it measures, on N synthetic VOC-sized images (500 x 375, half of them portrait):
 
-The inputs, the authors' path and the agreement live in ``vitpcm.stages.bench_crf`` (shared
+The inputs, the authors' path and the agreement live in ``vitpcm.stages.bench.crf`` and ``.crf_authors`` (shared
 with ``vitpcm bench``, which times both paths end to end with process start).
 
 * ``authors_joblib``: the authors' CRF stage as their ``main.py test --crf`` runs it

@@ -11,9 +11,9 @@ For each architecture (``tiny``: the CI fixture's; ``s``: ViT-PCM/S) this
    here) on 4 replicas of a ``MirroredStrategy``, ``--warmup-steps`` steps of their warm-up
    phase then ``--finetune-steps`` after their ``unfreeze()`` with a fresh Adam, dropout 0;
 3. imports its initial ``.h5`` with the import stage (``vitpcm import-keras``) and runs
-   vitpcm's step on the same batch with the trainer's own code: ``Trainer._enter_phase``
-   (``PcmTask.param_groups`` + ``PcmTask.make_optimizer``, a fresh one per phase) and
-   ``Trainer._backward_step`` (``PcmTask.train_step``, loss / accumulate, backward, the
+   vitpcm's step on the same batch with the trainer's own code, ``engine.step.Stepper``:
+   ``enter_phase`` (``PcmTask.param_groups`` + ``PcmTask.make_optimizer``, a fresh one per
+   phase) and ``training_step`` (``PcmTask.train_step``, loss / accumulate, backward, the
    optimizer step at the end of the window), ``train.global_batch`` = the authors' global
    batch on 1 process, ``train.batch_size`` = their per-replica batch, so each accumulated
    batch is one of their replicas;
@@ -75,7 +75,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -183,21 +182,13 @@ def authors_affine(records: Dict[str, np.ndarray], size: int, scale: int, crop: 
 
 
 # --------------------------------------------------------------------------- vitpcm's steps
-def _trainer_standin(task: Any, model: torch.nn.Module, cfg: Any, ctx: Any) -> SimpleNamespace:
-    """What ``Trainer._enter_phase`` / ``Trainer._backward_step`` read of the trainer, so the
-    trainer's own methods run unchanged on one process without a data loader or a run folder."""
-    from vitpcm.engine.trainer import Trainer
+def _stepper(task: Any, cfg: Any, ctx: Any) -> Any:
+    """The trainer's own step (``engine.step.Stepper``, its loss guard included) on
+    ``task.model``, without a data loader or a run folder."""
+    from vitpcm.engine.guards import DivergenceGuard
+    from vitpcm.engine.step import Stepper
 
-    t = SimpleNamespace(task=task, model=model, phases=task.phases(), phase=None, lr=None, _resume_state=None,
-                        dist=ctx.dist, device=ctx.device, accumulate=max(1, int(task.accumulate_steps())),
-                        optimizer=None, ddp=model, settings=SimpleNamespace(max_loss=float(cfg.train.max_loss)),
-                        ctx=ctx, scaler=None)  # fmt: skip
-    t._phase_at = lambda epoch: Trainer._phase_at(t, epoch)
-    t._window_end = lambda it, steps: Trainer._window_end(t, it, steps)
-    t._diverged = lambda *a: Trainer._diverged(t, *a)
-    t._enter_phase = lambda epoch: Trainer._enter_phase(t, epoch)
-    t._backward_step = lambda *a: Trainer._backward_step(t, *a)
-    return t
+    return Stepper(task, ctx, DivergenceGuard(task, ctx, float(cfg.train.max_loss)))
 
 
 def replay(
@@ -270,26 +261,26 @@ def replay(
         out["bias_hh_trainable"] = any(p.requires_grad for k, p in model.named_parameters() if ".bias_hh" in k)
         out["optimizer"] = None
 
-    trainer = _trainer_standin(task, model, cfg, ctx)
+    stepper = _stepper(task, cfg, ctx)
     plan = [(0, k) for k in range(warmup_steps)] + [(int(cfg.train.warmup_epochs), k) for k in range(finetune_steps)]
     global_step = 0
     epoch_now = None
     for epoch, k in plan:
         if epoch != epoch_now:
-            trainer._enter_phase(epoch)  # param groups + a fresh optimizer (make_optimizer)
+            stepper.enter_phase(epoch)  # param groups + a fresh optimizer (make_optimizer)
             task.train_mode(model)
             epoch_now = epoch
             steps_in_phase = (warmup_steps if epoch == 0 else finetune_steps) * accumulate
             if probe:
-                out["optimizer"] = type(trainer.optimizer).__name__
+                out["optimizer"] = type(stepper.optimizer).__name__
         terms = []
         for r in range(accumulate):
             global_step += 1
-            rec = trainer._backward_step(batches[r], epoch, k * accumulate + r, steps_in_phase, global_step)
+            rec = stepper.training_step(batches[r], epoch, k * accumulate + r, steps_in_phase, global_step)
             terms.append(rec)
         grads = {n_: p.grad.detach().clone() for n_, p in model.named_parameters() if p.grad is not None}
         state = {k_: v.detach().clone() for k_, v in model.state_dict().items() if keep is None or k_ in keep}
-        out["steps"].append({"terms": terms, "lr": float(trainer.lr), "phase": trainer.phase.name,
+        out["steps"].append({"terms": terms, "lr": float(stepper.lr), "phase": stepper.phase.name,
                              "grads": grads, "weights": state,
                              "trainable": sum(1 for p in model.parameters() if p.requires_grad)})  # fmt: skip
     return out

@@ -49,6 +49,11 @@ class CRFParams:
     # device, pydensecrf otherwise). They agree on >= 99.9 % of the pixels
     # (benchmarks/results/crf_torch_agreement.json)
     backend: str = "auto"
+    # When mean field stops: 0 (the authors') = after ``iterations`` steps, always; a fraction
+    # (e.g. 0.001) = also as soon as one step changes the label of at most that share of the
+    # image's pixels (labels compared with the previous step's; at most ``iterations`` steps).
+    # Fewer steps, a few pixels in 10^4 different (docs/benchmarks.md#dense-crf)
+    tolerance: float = 0.0
 
     @classmethod
     def names(cls) -> tuple:
@@ -89,6 +94,10 @@ class CRFParams:
         for key in ("gauss_compat", "bilateral_compat"):
             if getattr(self, key) < 0:
                 raise VitpcmError(f"crf.{key} must be >= 0, got {getattr(self, key)}")
+        if not 0 <= self.tolerance < 1:
+            raise VitpcmError(
+                f"crf.tolerance must lie in [0, 1) (0 = every iteration, the authors'), got {self.tolerance}"
+            )
         if not 0 < self.clip < 1:
             raise VitpcmError(f"crf.clip must lie in (0, 1), got {self.clip}")
         if self.gaussian not in ("exact", "lattice"):

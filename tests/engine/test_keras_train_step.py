@@ -11,8 +11,8 @@ consecutive steps: 2 of the warm-up phase (lr 1e-3, backbone frozen), then ``unf
 the weights after every step. Written by
 ``benchmarks/keras_reference/train_step_check.py --archs tiny --fixture``.
 
-The test replays vitpcm's steps with the trainer's own code (``Trainer._enter_phase`` /
-``_backward_step``, ``PcmTask.train_step`` and ``make_optimizer``; ``train.global_batch=16``
+The test replays vitpcm's steps with the trainer's own code (``Stepper.enter_phase`` /
+``training_step`` of ``engine/step.py``, ``PcmTask.train_step`` and ``make_optimizer``; ``train.global_batch=16``
 as 4 accumulated batches of 4, each one of the authors' replicas) and asserts, after every
 step, every weight within 0.05 lr of Keras's and every loss term within 1e-5 relative
 (measured: <= 0.003 lr, <= 2e-7), and that torch.optim.Adam's epsilon in place of Keras's

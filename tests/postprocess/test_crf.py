@@ -238,3 +238,35 @@ def test_refine_folders_takes_the_cli_overrides(tmp_path):
     assert (s["computed"], s["workers"], s["params"]["iterations"]) == (2, 1, 2)
     with pytest.raises(VitpcmError, match=r"crf.\* overrides only"):
         crf_folders(tmp_path / "probs", tmp_path / "images", tmp_path / "o", overrides=["train.epochs=3"])
+
+
+@pytest.mark.parametrize("backend", ["pydensecrf", "torch"])
+@pytest.mark.parametrize("gaussian", ["exact", "lattice"])
+def test_tolerance_stops_mean_field_once_the_labels_settle(gaussian, backend):
+    """crf.tolerance (0, the authors': every iteration) stops after the first step that changes
+    at most that share of the labels: the marginals of a fixed count of that many steps."""
+    import dataclasses
+
+    image, probs, _, _ = _scene(1, h=30, w=40)
+    base = CRFParams(gaussian=gaussian, backend=backend)
+
+    def marginals(**changes):
+        return dense_crf(image, probs, dataclasses.replace(base, **changes))
+
+    steps = [marginals(iterations=k) for k in range(11)]
+    changed = [np.count_nonzero(steps[k].argmax(0) != steps[k - 1].argmax(0)) for k in range(1, 11)]
+    for tolerance in (0.99, 0.01, 1e-9):
+        stop = next((k + 1 for k, n in enumerate(changed) if n <= tolerance * probs[0].size), 10)
+        np.testing.assert_allclose(marginals(tolerance=tolerance), steps[stop], rtol=0, atol=2e-6)
+    assert next(k + 1 for k, n in enumerate(changed) if n <= 0.01 * probs[0].size) > 1  # the case is not trivial
+    np.testing.assert_array_equal(marginals(tolerance=0.0), steps[10])
+    for bad in (-0.1, 1.0):
+        with pytest.raises(VitpcmError, match="crf.tolerance must lie in"):
+            CRFParams(tolerance=bad).validated()
+
+
+def test_the_settings_key_tells_early_stopped_masks_apart():
+    from vitpcm.postprocess.crf_runner import settings_key
+
+    assert settings_key(CRFParams(tolerance=0.001), 100) != settings_key(CRFParams(), 100)
+    assert CRFParams.from_config({"tolerance": "0.001"}).tolerance == 0.001

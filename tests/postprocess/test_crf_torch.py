@@ -197,3 +197,14 @@ def test_the_memory_budget_counts_the_torch_backend_heavier():
     shape = (3, 1000, 1000, 1000, 1000)
     pyd, tor = crf_memory(shape, 0), crf_memory(shape, 0, "torch")
     assert tor - pyd > 1000 * 1000 * 800  # ~1.7 kB / px measured, and torch's own pages per worker
+
+
+@pytest.mark.parametrize("gaussian", ["exact", "lattice"])
+def test_a_batch_equals_one_image_at_a_time_when_stopping_early(gaussian):
+    """crf.tolerance: an image that has settled keeps its marginals while the others go on."""
+    params = CRFParams(backend="torch", gaussian=gaussian, tolerance=0.002)
+    scenes = [_scene(0, h=20, w=30), _scene(1, h=33, w=17), _scene(3, h=25, w=25)]
+    images, probs = [s[0] for s in scenes], [s[1] for s in scenes]
+    batch = dense_crf_batch(images, probs, params)
+    for image, p, q in zip(images, probs, batch):
+        np.testing.assert_allclose(q.numpy(), dense_crf_batch([image], [p], params)[0].numpy(), rtol=0, atol=1e-6)

@@ -136,16 +136,16 @@ def test_train_step_with_train_compile(tmp_path):
 
 def test_train_section_times_the_engines_own_step(monkeypatch):
     # the measured step is the Trainer's own step (what `vitpcm train` runs per batch), not a copy
-    from vitpcm.engine.trainer import Trainer
+    from vitpcm.engine.step import Stepper
 
-    engine_step = Trainer._backward_step
+    engine_step = Stepper.training_step
     calls = []
 
     def counted(self, *args, **kwargs):
         calls.append(self)
         return engine_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(Trainer, "_backward_step", counted)
+    monkeypatch.setattr(Stepper, "training_step", counted)
     result = bench("synthetic", quick=True, sections=["train"], progress=False, threads=1, train_steps=1)
-    assert len(calls) == 2 and isinstance(calls[0], Trainer)  # the warm-up step and the measured one
+    assert len(calls) == 2 and isinstance(calls[0], Stepper)  # the warm-up step and the measured one
     assert result["train"]["steps"] == 1 and result["train"]["step_seconds"] > 0

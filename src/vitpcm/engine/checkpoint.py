@@ -14,8 +14,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from vitpcm.atomic import atomic_fd, disk_error
 from vitpcm.errors import VitpcmError
-from vitpcm.io import atomic_fd, disk_error
 from vitpcm.runs import RunLayout
 
 FORMAT_VERSION = 1
@@ -48,13 +48,13 @@ def non_finite_tensors(obj: Any) -> List[str]:
 
 def save_checkpoint(path: str | Path, state: Dict[str, Any], check_finite: bool = True) -> None:
     """``torch.save`` into an unnamed file renamed onto ``path`` once complete
-    (:func:`vitpcm.io.atomic_fd`): a kill never leaves a truncated checkpoint, nor a temporary.
+    (:func:`vitpcm.atomic.atomic_fd`): a kill never leaves a truncated checkpoint, nor a temporary.
 
     With ``check_finite`` (default) a state holding a NaN or infinite tensor is refused
     with :class:`NonFiniteState` before anything is written: a diverged run never replaces
     its last good checkpoint. The bytes reach the disk (fsync) before the rename. A full
     disk, a read-only folder or a file-size limit raise one-line
-    :class:`vitpcm.io.DiskError` naming the folder; the previous file stays as it was.
+    :class:`vitpcm.atomic.DiskError` naming the folder; the previous file stays as it was.
     """
     if check_finite:
         bad = non_finite_tensors({"model": state.get("model"), "optimizer": state.get("optimizer")})

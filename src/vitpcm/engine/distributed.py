@@ -95,6 +95,14 @@ def gather_objects(obj: Any, info: Dist) -> List[Any]:
     return out
 
 
+def any_rank(flag: bool, info: Dist, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any (``flag`` itself in one process)."""
+    if not info.enabled:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    return bool(all_reduce_sum(t, info).item() > 0)
+
+
 def barrier(info: Dist) -> None:
     if info.enabled:
         dist.barrier()

@@ -9,6 +9,8 @@ from any position, per-item random draws, and the random generators' states.
   generators seeded by ``(seed, e, i)``: its augmentation no longer depends on which
   process read it, in which order, or on what ran before (loader workers, a resume, a
   changed ``data.num_workers``).
+* :func:`epoch_loader`: the epoch's ``DataLoader`` from any batch on, over both;
+  :func:`batches_per_epoch` counts its batches.
 * :func:`rng_state` / :func:`set_rng_state`: Python's, numpy's and torch's (CPU and CUDA)
   global generators, stored in checkpoints so dropout and any task draw continue the same.
 """
@@ -18,11 +20,13 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from typing import Any, Dict, Iterator, List, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from vitpcm.engine.signals import ignore_sigint
 
 
 class EpochSampler(Sampler):
@@ -90,6 +94,54 @@ class SeededItems(Dataset):
             np.random.seed(seed % 2**32)
             torch.manual_seed(seed)
             return self.data[index]
+
+
+def drops_last(n: int, batch_size: int, world: int = 1) -> bool:
+    """Whether an epoch of ``n`` items drops its last incomplete batch: only when each of the
+    ``world`` processes has at least two full batches (a tiny set keeps every image)."""
+    return math.ceil(n / world) >= 2 * batch_size
+
+
+def batches_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
+    """The batches each process reads in an epoch of ``n`` items (:func:`epoch_loader`)."""
+    share = math.ceil(n / world)
+    return share // batch_size if drops_last(n, batch_size, world) else math.ceil(share / batch_size)
+
+
+def epoch_loader(
+    data: Any,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    skip: int = 0,
+    deterministic: bool = False,
+    num_workers: int = 0,
+    collate_fn: Optional[Callable[[List[Any]], Any]] = None,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """Epoch ``epoch``'s loader of this process (:class:`EpochSampler`) from batch ``skip`` on.
+    ``deterministic``: items read through :class:`SeededItems`, and the workers' seeds drawn
+    from the epoch instead of the global generator."""
+    sampler = EpochSampler(len(data), seed, epoch, rank, world, start=skip * batch_size, tagged=deterministic)
+    generator = None
+    if deterministic:
+        data = SeededItems(data, seed)
+        generator = torch.Generator()
+        generator.manual_seed(seed * 1009 + epoch)
+    return DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
+                      drop_last=drops_last(len(data), batch_size, world), pin_memory=pin_memory,
+                      persistent_workers=False, worker_init_fn=_seed_worker, generator=generator)  # fmt: skip
+
+
+def _seed_worker(worker_id: int) -> None:
+    """A loader worker: Python's and numpy's generators from torch's seed of the worker."""
+    seed = torch.initial_seed() % (2**32)
+    np.random.seed(seed)
+    random.seed(seed)
+    ignore_sigint()
 
 
 @contextlib.contextmanager

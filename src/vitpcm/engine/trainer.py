@@ -1,69 +1,60 @@
-"""The generic training loop: one :class:`Trainer` runs any :class:`~vitpcm.engine.task.Task`.
+"""The generic training loop: :meth:`Trainer.fit` -> an epoch -> a step, for any :class:`~vitpcm.engine.task.Task`.
 
-What it does for every task:
+What it does for every task, and where the details live:
 
-* processes and devices: DDP under ``torchrun`` (``engine/distributed.py``), one process
-  otherwise; AMP on CUDA (bf16 where supported, fp16 with a grad scaler elsewhere);
-* data: a shuffled loader per epoch (the order of ``RandomSampler`` seeded ``seed + epoch``,
-  ``DistributedSampler``'s under torchrun; :class:`~vitpcm.engine.sampling.EpochSampler`),
-  ``drop_last`` only when a rank has at least two full batches;
-* phases: at each phase start the task sets the trainable parameters and a *fresh*
-  optimizer is built (as the authors recompile the Keras model); the task's schedule sets
-  the learning rate before every batch; optional gradient accumulation;
-* divergence: the loss is checked *before* ``backward`` on every step (on every rank at
-  once under DDP): a non-finite loss, or one above ``max_loss``, stops the run with one
-  line naming the epoch, the step and the last good checkpoint; a state with non-finite
+* processes and devices: DDP under ``torchrun``, one process otherwise (``distributed.py``);
+  AMP on CUDA (bf16 where supported, fp16 with a grad scaler elsewhere);
+* data: a shuffled loader per epoch, resumable at any batch (``sampling.py``);
+* the step (``step.py``): phases with a *fresh* optimizer each (as the authors recompile the
+  Keras model), the task's learning rate before every batch, gradient accumulation;
+* divergence (``guards.py``): the loss is checked *before* ``backward`` on every step (every
+  rank at once under DDP); a non-finite loss, or one above ``max_loss``, stops the run with
+  one line naming the epoch, the step and the last good checkpoint; a state with non-finite
   tensors is never saved;
-* the run folder (through :class:`vitpcm.runs.RunLayout`): one writer at a time
-  (``RUN/.lock``, PID and host; a lock left by a dead process is taken over with a note),
-  ``config.yaml``, ``classes.txt``, ``checkpoints/last.pt`` every epoch and every
-  ``checkpoint_every`` steps (atomic; model, optimizer, phase, position in the epoch,
-  random generators), ``checkpoints/best.pt`` when the task's metric improves, one
-  ``logs/metrics.jsonl`` row per epoch (epoch means all-reduced over ranks), TensorBoard
-  when installed, tqdm bars on rank 0;
-* pre-emption: SIGTERM or SIGINT saves ``last.pt`` after the current step and stops with
-  :class:`TrainingStopped` (a second signal acts at once);
-* ``resume``: continues from ``last.pt`` exactly where it stopped, mid-epoch too: weights,
-  optimizer (same phase), epoch, position in the epoch, step, best score, the epoch's
-  running sums and the random generators; metrics rows of epochs that run again are
-  dropped. With ``deterministic`` (CPU) a run killed at any moment and resumed ends with
-  the weights of an uninterrupted run (docs/reliability.md). An existing run without
-  ``resume`` is refused.
+* the run folder (``run_folder.py``): one writer at a time (``RUN/.lock``), ``config.yaml``,
+  ``classes.txt``, ``checkpoints/last.pt`` every epoch and every ``checkpoint_every`` steps
+  (``state.py``, written atomically by ``checkpoint.py``), ``checkpoints/best.pt`` when the
+  task's metric improves, one ``logs/metrics.jsonl`` row per epoch (means over every rank),
+  TensorBoard when installed, tqdm bars on rank 0;
+* pre-emption (``signals.py``): SIGTERM or SIGINT saves ``last.pt`` after the current step
+  and stops with :class:`TrainingStopped` (a second signal acts at once);
+* ``resume`` (``state.py``): continues from ``last.pt`` exactly where it stopped, mid-epoch
+  too (weights, optimizer, position, step, best score, the epoch's running sums, random
+  generators); metrics rows of epochs that run again are dropped. With ``deterministic``
+  (CPU) a run killed at any moment and resumed ends with the weights of an uninterrupted
+  run (docs/reliability.md). An existing run without ``resume`` is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import json
 import logging
 import math
 import os
 import random
-import signal
-import socket
-import threading
-import time
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.distributed
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
-from vitpcm.engine.checkpoint import non_finite_tensors, read_checkpoint, save_checkpoint
-from vitpcm.engine.distributed import all_reduce_sum, barrier, cleanup, init_distributed
-from vitpcm.engine.sampling import EpochSampler, SeededItems, preserved_rng, rng_state, set_rng_state
-from vitpcm.engine.task import EngineContext, Phase, Task, count_parameters, eval_mode
-from vitpcm.errors import VitpcmError
-from vitpcm.io import DiskError, FolderLock, disk_error, remove_temporaries, write_text_atomic
+from vitpcm.engine.checkpoint import save_checkpoint
+from vitpcm.engine.distributed import any_rank, barrier, cleanup, init_distributed
+from vitpcm.engine.guards import DivergenceGuard
+from vitpcm.engine.run_folder import RunFolder
+from vitpcm.engine.sampling import batches_per_epoch, epoch_loader, preserved_rng
+from vitpcm.engine.signals import StopSignals, TrainingStopped
+from vitpcm.engine.state import EpochTally, Resumed, gather_rng, read_resume, restore_rng
+from vitpcm.engine.step import Stepper
+from vitpcm.engine.task import EngineContext, Task
 from vitpcm.runs import RunLayout
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Trainer", "TrainSettings", "TrainingStopped", "seed_everything"]
 
 
 @dataclass
@@ -102,32 +93,11 @@ class TrainSettings:
     max_loss: float = 0.0
 
 
-class TrainingStopped(VitpcmError):
-    """Training stopped on SIGTERM / SIGINT after saving ``last.pt``; the CLI exits with
-    ``exit_code`` (128 + the signal number) and says how to continue."""
-
-    label = "stopped"
-
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.signum = int(signum)
-        self.exit_code = 128 + int(signum)
-
-
 def seed_everything(seed: int) -> None:
     """Seed Python's, numpy's and torch's global generators."""
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-def _seed_worker(worker_id: int) -> None:
-    seed = torch.initial_seed() % (2**32)
-    np.random.seed(seed)
-    random.seed(seed)
-    # Ctrl-C reaches the whole process group: the main process saves a checkpoint after
-    # the current step and ends the workers itself
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class Trainer:
@@ -170,401 +140,61 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         seed_everything(int(settings.seed) + self.dist.rank)
-
-        # one writer per run folder, before anything is read or written there
-        self._lock = FolderLock(self.layout.lock, "vitpcm train") if self.dist.main else None
-        self._finalizer = None
-        failure: Optional[BaseException] = None
-        if self._lock is not None:
-            try:
-                stale = self._lock.acquire()
-                self._finalizer = weakref.finalize(self, self._lock.release)
-                if stale:
-                    log.warning("%s: took over the lock of PID %s on %s (started %s), which is no longer running",
-                                self.run_dir, stale.get("pid"), stale.get("host"), stale.get("started"))  # fmt: skip
-            except BaseException as exc:  # every rank must stop, not only rank 0
-                failure = exc
-        if self._agree(failure is not None):
-            raise failure if failure is not None else VitpcmError(f"{self.run_dir} is in use by another process")
+        self.folder = RunFolder(self.layout, self.dist, self.device)  # before anything is read or written there
         try:
-            self._init(task, settings, resume, config_text, resume_changes)
+            self._setup(resume, config_text, resume_changes or {})
         except OSError as exc:
             self.close()
-            raise self._disk_error(exc) from None
+            raise self.folder.disk_error(exc) from None
         except BaseException:
             self.close()
             raise
 
-    def _disk_error(self, exc: OSError) -> OSError:
-        """A write failure in the run folder as one line naming the folder (else ``exc``)."""
-        name = getattr(exc, "filename", None)
-        if isinstance(exc, DiskError):
-            return exc
-        inside = name is not None and Path(name).resolve().is_relative_to(self.run_dir.resolve())
-        write_only = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
-        if inside or (name is None and write_only):
-            return disk_error(exc, Path(name) if name else self.run_dir / "(a file)") or exc
-        return exc
-
-    def _init(self, task, settings, resume, config_text, resume_changes) -> None:
-        last = self.layout.checkpoint("last")
-        if last.is_file() and not resume:
-            raise VitpcmError(
-                f"{self.run_dir} already holds a training run: pass --resume to continue it, or choose another --out"
-            )
-        if resume and not last.is_file():
-            if not self.layout.config.is_file():
-                raise VitpcmError(f"--resume: {last} not found, nothing to resume")
-            if self.dist.main:
-                log.info("--resume: %s holds no checkpoint yet (stopped before its first save): starting from the"
-                         " beginning", self.run_dir)  # fmt: skip
-            resume = False
-        if self.dist.main:
-            # a kill during a save leaves its temporary file; under the lock nothing else writes here
-            gone = remove_temporaries(self.layout.checkpoints, only_dead=False)
-            gone += remove_temporaries(self.layout.root) + remove_temporaries(self.layout.logs)
-            if gone:
-                log.info("removed %d unfinished temporary file(s) of a killed save: %s", len(gone),
-                         ", ".join(p.name for p in gone[:3]))  # fmt: skip
-
-        self.use_amp = bool(settings.amp) and self.device.type == "cuda"
-        self.ctx = EngineContext(
-            device=self.device, dist=self.dist, run=self.layout, progress=self.progress, amp=self.use_amp
+    def _setup(self, resume: bool, config_text: Optional[str], changes: Mapping[str, Tuple[Any, Any]]) -> None:
+        resume = self.folder.start(resume)
+        amp = bool(self.settings.amp) and self.device.type == "cuda"
+        self.ctx = EngineContext(device=self.device, dist=self.dist, run=self.layout, progress=self.progress, amp=amp)
+        self.task.setup(self.ctx)  # datasets and model: the task's random draws happen here, after seeding
+        self.model = self.task.model
+        self.metric = self.task.metric
+        self.guard = DivergenceGuard(self.task, self.ctx, self.settings.max_loss)
+        self.stepper = Stepper(self.task, self.ctx, self.guard)
+        self.signals = StopSignals(announce=self.dist.main)
+        self.steps_per_epoch = batches_per_epoch(
+            len(self.task.train_set), int(self.settings.batch_size), self.dist.world
         )
-        task.setup(self.ctx)  # datasets and model: the task's random draws happen here, after seeding
-        self.model = task.model
-        self.scaler = torch.amp.GradScaler("cuda", enabled=not torch.cuda.is_bf16_supported()) if self.use_amp else None
-        self.phases: List[Phase] = sorted(task.phases(), key=lambda p: p.start_epoch)
-        if not self.phases:
-            raise ValueError("the task gives no training phase")
-        self.accumulate = max(1, int(task.accumulate_steps()))
-
-        self.metric = task.metric
-        self.start_epoch = 0
-        self.best = -math.inf
-        self.phase: Optional[Phase] = None
-        self.lr = float("nan")
-        self.optimizer: Optional[torch.optim.Optimizer] = None
-        self.ddp: Optional[torch.nn.Module] = None
-        self.saved: Optional[Path] = None  # the last good checkpoint (named in divergence errors)
-        self.global_step = 0
-        self._saved_step = 0
-        self._resume_state: Optional[Dict[str, Any]] = None  # optimizer of the resumed phase
-        self._position: Optional[Dict[str, Any]] = None  # where the resumed run stopped
-        self._stop_signal: Optional[int] = None
-        self._old_handlers: Dict[int, Any] = {}
-        self._pending_config: Optional[str] = None
+        self.start_epoch, self.global_step, self.best = 0, 0, -math.inf
+        self._saved_step = 0  # global_step of the last save
+        self._resumed: Optional[Resumed] = None  # until the first epoch has taken it up
         if resume:
-            self._load_resume(last, resume_changes or {})
-        else:
-            self.global_step = 0
+            self._resume(changes)
+        self.folder.write_files(config_text, self.task.classes, defer_config=resume and bool(changes))
+        self.writer = self.folder.tensorboard(purge_step=self.global_step + 1 if resume else None)
 
-        if self.dist.main:
-            self.layout.checkpoints.mkdir(parents=True, exist_ok=True)
-            self.layout.logs.mkdir(parents=True, exist_ok=True)
-            if config_text is not None and resume and resume_changes and self.layout.config.is_file():
-                # changed on resume: config.yaml keeps describing the last checkpoint until the
-                # first save of this run (a resume that diverges at once leaves it as it was)
-                self._pending_config = config_text
-            elif config_text is not None:
-                write_text_atomic(self.layout.config, config_text)
-            if task.classes is not None:
-                write_text_atomic(self.layout.classes, "\n".join(task.classes) + "\n")
-        self.writer = self._tensorboard(purge_step=self.global_step + 1 if resume else None)
+    @property
+    def optimizer(self) -> Optional[torch.optim.Optimizer]:
+        """The optimizer of the current phase."""
+        return self.stepper.optimizer
 
-    # ----------------------------------------------------------------- resume
-    def _load_resume(self, last: Path, changes: Mapping[str, Tuple[Any, Any]]) -> None:
-        """Read ``last.pt``: weights, best score, position; optimizer, generators and the
-        epoch's sums are applied when the loop reaches them."""
-        state = read_checkpoint(last)
-        bad = non_finite_tensors(state["model"])
-        if bad:  # written before vitpcm checked what it saves
-            raise VitpcmError(
-                f"--resume: {last} holds non-finite weights ({bad[0]}{' and more' if len(bad) > 1 else ''}): the run"
-                " had diverged when it was saved; start a new run (lower learning rate) or resume from a copy of an"
-                " earlier checkpoint"
-            )
-        self._load_weights(state["model"], last)
-        self.best = float(state.get(f"best_{self.metric}", -math.inf))
-        position = dict(state.get("position") or {})
-        if not position:  # checkpoints written before positions were stored: an epoch end
-            position = {"epoch": int(state["epoch"]), "batch": 0}
-        self.start_epoch = int(position["epoch"])
-        batch = int(position.get("batch", 0))
-        steps = self._steps_per_epoch()
-        if batch:
-            mismatch = self._position_mismatch(position, steps)
-            if mismatch:
-                raise VitpcmError(
-                    f"--resume: {last} was saved in the middle of epoch {self.start_epoch + 1} with {mismatch}: the"
-                    " position in the epoch would not mean the same; resume with the run's own settings"
-                )
-        self.global_step = int(position.get("step", self.start_epoch * steps + batch))
-        self._saved_step = self.global_step
-        self._resume_state = state
-        self._position = {**position, "batch": batch, "steps": steps, "rng": state.get("rng"),
-                          "progress": state.get("progress")}  # fmt: skip
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.task.load_state_dict(state.get("task_state") or {})
-        self.saved = last
-        where = (
-            f"epoch {self.start_epoch + 1}, batch {batch}/{steps}" if batch else f"the end of epoch {self.start_epoch}"
-        )
-        if self.dist.main:
-            log.info("resuming %s from %s (step %d)", self.run_dir, where, self.global_step)
-            for key, (old, new) in changes.items():
-                log.info("--resume: %s %s -> %s", key, old, new)
-            record = {
-                "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "checkpoint": str(last),
-                "epoch": self.start_epoch,
-                "batch": batch,
-                "step": self.global_step,
-                "changed": {k: {"from": old, "to": new} for k, (old, new) in changes.items()},
-            }
-            self.layout.logs.mkdir(parents=True, exist_ok=True)
-            with open(self.layout.resumes, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record, default=str) + "\n")
-
-    def _position_mismatch(self, position: Mapping[str, Any], steps: int) -> Optional[str]:
-        """What differs between a mid-epoch position and this run (None: nothing)."""
-        now = {"batch_size": int(self.settings.batch_size), "world": self.dist.world, "samples": len(self.task.train_set),
-               "steps": steps, "accumulate": self.accumulate}  # fmt: skip
-        names = {"batch_size": "batch size", "world": "processes", "samples": "training items", "steps": "batches per epoch",
-                 "accumulate": "accumulation steps"}  # fmt: skip
-        for key, value in now.items():
-            if key in position and int(position[key]) != value:
-                return f"{names[key]} {position[key]} (now {value})"
-        return None
-
-    def _load_weights(self, weights: Mapping[str, torch.Tensor], path: Path) -> None:
-        """``load_state_dict`` with one line instead of a size-mismatch line per tensor."""
-        try:
-            self.model.load_state_dict(weights)
-        except RuntimeError:
-            own = self.model.state_dict()
-            shapes = [k for k, v in weights.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
-            missing = [k for k in own if k not in weights]
-            unexpected = [k for k in weights if k not in own]
-            example = ""
-            if shapes:
-                k = shapes[0]
-                example = f", e.g. {k}: {list(weights[k].shape)} in the checkpoint, {list(own[k].shape)} here"
-            raise VitpcmError(
-                f"--resume: {path} does not fit the model this config builds ({len(shapes)} tensor(s) of another"
-                f" shape{example}; {len(missing)} missing, {len(unexpected)} unexpected): the model settings changed;"
-                " resume with the run's own config, or train a new run with another --out"
-            ) from None
-
-    # ----------------------------------------------------------------- setup helpers
-    def _tensorboard(self, purge_step: Optional[int] = None):
-        if not self.dist.main:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except Exception:  # tensorboard not installed: metrics.jsonl still has everything
-            log.info("tensorboard is not installed; logging to metrics.jsonl only")
-            return None
-        # purge_step: the steps a killed run logged after its checkpoint are logged again
-        return SummaryWriter(log_dir=str(self.layout.logs), purge_step=purge_step)
-
-    def _per_rank(self) -> int:
-        return math.ceil(len(self.task.train_set) / self.dist.world)
-
-    def _drop_last(self) -> bool:
-        return self._per_rank() >= 2 * int(self.settings.batch_size)  # keep every image of a tiny set
-
-    def _steps_per_epoch(self) -> int:
-        n, bs = self._per_rank(), int(self.settings.batch_size)
-        return n // bs if self._drop_last() else math.ceil(n / bs)
-
-    def _loader(self, epoch: int, skip: int = 0) -> DataLoader:
-        """The epoch's loader from batch ``skip`` on."""
-        s = self.settings
-        bs = int(s.batch_size)
-        data = self.task.train_set
-        deterministic = bool(s.deterministic)
-        sampler = EpochSampler(len(data), int(s.seed), epoch, self.dist.rank, self.dist.world, start=skip * bs,
-                               tagged=deterministic)  # fmt: skip
-        generator = None
-        if deterministic:  # worker seeds from the epoch, not from the global generator
-            data = SeededItems(data, int(s.seed))
-            generator = torch.Generator()
-            generator.manual_seed(int(s.seed) * 1009 + epoch)
-        return DataLoader(
-            data,
-            batch_size=bs,
-            sampler=sampler,
-            num_workers=int(s.num_workers),
-            collate_fn=self.task.collate_fn,
-            drop_last=self._drop_last(),
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
-            worker_init_fn=_seed_worker,
-            generator=generator,
-        )
-
-    def _phase_at(self, epoch: int) -> Phase:
-        current = self.phases[0]
-        for phase in self.phases:
-            if phase.start_epoch <= epoch:
-                current = phase
-        return current
-
-    def _enter_phase(self, epoch: int) -> None:
-        """Set the trainable parameters and make a fresh optimizer when the phase changes."""
-        phase = self._phase_at(epoch)
-        if self.phase is not None and phase.name == self.phase.name:
-            return
-        self.phase = phase
-        self.lr = float(phase.lr)
-        groups = self.task.param_groups(phase, self.model)
-        for group in groups:
-            group["lr"] = self.lr * float(group.get("lr_scale", 1.0))
-        self.optimizer = self.task.make_optimizer(phase, groups)
-        state = self._resume_state
-        if state is not None and state.get("phase") == phase.name and "optimizer" in state:
-            self.optimizer.load_state_dict(self.task.migrate_optimizer_state(state["optimizer"]))
-            for group in self.optimizer.param_groups:  # the lr of this run (it may be a changed one)
-                group["lr"] = self.lr * float(group.get("lr_scale", 1.0))
-        self._resume_state = None
-        if self.dist.enabled:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(self.model, device_ids=ids)
-        else:
-            self.ddp = self.model
-        if self.dist.main:
-            log.info("epoch %d: phase %s, lr %.2e, %d trainable parameters", epoch + 1, phase.name, self.lr,
-                     count_parameters(groups))  # fmt: skip
-
-    def _set_lr(self, progress: float) -> None:
-        """Ask the task for the base lr at ``progress`` (epochs) and apply it to every group."""
-        lr = self.task.lr_at(self.phase, progress)
-        if lr is None:
-            return
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * float(group.get("lr_scale", 1.0))
-        self.lr = float(lr)
-
-    # ----------------------------------------------------------------- signals
-    def _install_signal_handlers(self) -> None:
-        """SIGTERM / SIGINT: finish the step, save, stop (only possible in the main thread)."""
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._old_handlers[signum] = signal.getsignal(signum)
-            signal.signal(signum, self._on_signal)
-
-    def _restore_signal_handlers(self) -> None:
-        for signum, handler in self._old_handlers.items():
-            with contextlib.suppress(ValueError, TypeError):
-                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-        self._old_handlers = {}
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        if self._stop_signal is None:
-            self._stop_signal = signum
-            # a second signal acts as it would without vitpcm (SIGINT: KeyboardInterrupt)
-            with contextlib.suppress(ValueError, TypeError):
-                signal.signal(signum, self._old_handlers.get(signum) or signal.SIG_DFL)
-            if self.dist.main:
-                os.write(2, f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping"
-                            " (send it again to stop at once)\n".encode())  # fmt: skip
-
-    def _agree(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is true on any (always ``flag`` without DDP)."""
-        if not self.dist.enabled:
-            return bool(flag)
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        return bool(all_reduce_sum(t, self.dist).item() > 0)
-
-    def _stopped(self, epoch: int, batch: int, steps: int, saved: bool = True) -> TrainingStopped:
-        signum = self._stop_signal or signal.SIGTERM
-        name = signal.Signals(signum).name
-        at = f"epoch {epoch + 1}, batch {batch}/{steps}" if batch else f"the end of epoch {epoch}"
-        if saved and self.saved is not None:
-            what = f"saved {self.saved} at {at}"
-        elif self.saved is not None:
-            what = f"the last checkpoint is {self.saved}"
-        else:
-            what = "no checkpoint was written yet"
-        return TrainingStopped(
-            f"{name} received: {what}; continue with `vitpcm train --resume --out {self.run_dir}`", signum
-        )
-
-    # ----------------------------------------------------------------- one batch
-    def _diverged(self, what: str, epoch: int, where: str) -> VitpcmError:
-        if self.saved is not None:
-            last = (
-                f"the last good checkpoint is {self.saved} (continue from it with --resume and a lower learning rate)"
-            )
-        else:
-            last = "no checkpoint was written yet"
-        return VitpcmError(f"{what} at epoch {epoch + 1}{where}: {self.task.divergence_hint()}; {last}")
-
-    def _window_end(self, it: int, steps: int) -> bool:
-        return (it + 1) % self.accumulate == 0 or it + 1 == steps
-
-    def _backward_step(self, batch: Any, epoch: int, it: int, steps: int, global_step: int) -> Dict[str, float]:
-        """Forward (through the task), the divergence check, backward, and the optimizer step
-        at the end of each accumulation window. Returns the batch's float terms."""
-        window_end = self._window_end(it, steps)
-        if it % self.accumulate == 0:
-            self.optimizer.zero_grad(set_to_none=True)
-        # between accumulated batches DDP need not all-reduce gradients
-        sync = contextlib.nullcontext() if window_end or not self.dist.enabled else self.ddp.no_sync()
-        limit = float(self.settings.max_loss or 0.0)
-        with sync:
-            loss, terms = self.task.train_step(self.ddp, batch, self.ctx)
-            value = loss.detach().float().reshape(1)
-            bad = ~torch.isfinite(value)
-            if limit > 0:
-                bad = bad | (value.abs() > limit)
-            check = bad.float()
-            if self.dist.enabled:  # every rank stops together (a lone raise would hang the others)
-                check = all_reduce_sum(check.clone(), self.dist)
-            if bool(check.item() > 0):
-                mine = float(value.item())
-                if not math.isfinite(mine):
-                    what = f"the loss became {mine}"
-                elif limit > 0 and abs(mine) > limit:
-                    what = f"the loss reached {mine:.4g}, above the limit {limit:g} (train.max_loss)"
-                elif limit > 0:
-                    what = f"the loss became non-finite or above {limit:g} (train.max_loss) on another rank"
-                else:
-                    what = "the loss became non-finite on another rank"
-                raise self._diverged(what, epoch, f", batch {it + 1}/{steps} (step {global_step})")
-            scaled = loss / self.accumulate if self.accumulate > 1 else loss
-            if self.scaler is not None and self.scaler.is_enabled():
-                self.scaler.scale(scaled).backward()
-            else:
-                scaled.backward()
-        if window_end:
-            if self.scaler is not None and self.scaler.is_enabled():
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-        record = {k: float(v) for k, v in terms.items()}
-        record["loss"] = float(loss.detach())
-        return record
-
-    # ----------------------------------------------------------------- loop
+    # ----------------------------------------------------------------- the loop
     def fit(self) -> Dict[str, Any]:
         """Train from where the run stands to ``settings.epochs``. Returns ``{"run",
         "best_<metric>", "epochs", "history"}`` (history: the metrics.jsonl rows of the
         epochs run here). SIGTERM / SIGINT save ``last.pt`` after the current step and raise
         :class:`TrainingStopped`."""
-        self._install_signal_handlers()
+        epochs = int(self.settings.epochs)
+        history: List[Dict[str, Any]] = []
         try:
-            history = self._epochs()
+            with self.signals:
+                if self.dist.main:
+                    self.layout.truncate_metrics(self.start_epoch)
+                for epoch in range(self.start_epoch, epochs):
+                    history.append(self._run_epoch(epoch))
+                    if epoch + 1 < epochs and self._agree(self.signals.received is not None):
+                        raise self._stopped(epoch + 1, 0)
         except OSError as exc:  # full disk, read-only run folder: one line naming the folder
-            raise self._disk_error(exc) from None
+            raise self.folder.disk_error(exc) from None
         finally:  # also on a divergence stop: TensorBoard flushed, process group left, lock freed
-            self._restore_signal_handlers()
             if self.writer is not None:
                 self.writer.close()
             cleanup(self.dist)
@@ -572,7 +202,7 @@ class Trainer:
         return {
             "run": str(self.run_dir),
             f"best_{self.metric}": None if self.best == -math.inf else self.best,
-            "epochs": int(self.settings.epochs),
+            "epochs": epochs,
             "history": history,
         }
 
@@ -580,243 +210,189 @@ class Trainer:
         """Release the run folder (done by :meth:`fit`; call it for a Trainer never fitted)."""
         if self.settings.deterministic:
             torch.use_deterministic_algorithms(self._deterministic_before, warn_only=True)
-        if self._finalizer is not None:
-            self._finalizer()
+        self.folder.release()
 
-    def _epochs(self) -> List[Dict[str, Any]]:
-        from tqdm import tqdm
-
-        s = self.settings
-        epochs = int(s.epochs)
-        key = f"val_{self.metric}"
+    def _run_epoch(self, epoch: int) -> Dict[str, Any]:
+        """Epoch ``epoch`` (0-based): train, validate, save, log. Returns its metrics row."""
+        tally, last_batch = self._train_epoch(epoch)
+        train_time = tally.elapsed()
+        tally.all_reduce(self.dist, self.device)  # epoch means over every rank's batches
+        scores = self._validate(epoch)
+        value = None if scores is None else scores.get(self.metric)
+        row: Dict[str, Any] = {"epoch": epoch + 1, "phase": self.stepper.phase.name, "lr": self.stepper.lr}
+        row.update(tally.means())
+        row[f"val_{self.metric}"] = value
+        row.update({f"val_{k}": v for k, v in (scores or {}).items() if k != self.metric})
+        row["seconds"] = round(train_time, 2)
+        self._save_epoch_end(epoch, row, value, last_batch)
         if self.dist.main:
-            self.layout.truncate_metrics(self.start_epoch)
-        history: List[Dict[str, Any]] = []
-        for epoch in range(self.start_epoch, epochs):
-            self._enter_phase(epoch)
-            self.task.train_mode(self.model)
-            position, self._position = self._position, None
-            skip = int(position["batch"]) if position else 0
-            if position and not skip:
-                self._restore_rng(position)  # an epoch end: before the new epoch draws anything
-            steps = self._steps_per_epoch()
-            batches = iter(self._loader(epoch, skip))
-            if position and skip:
-                self._restore_rng(position)  # mid-epoch: after the loader drew its seed, as it had then
-            sums: Dict[str, float] = {}
-            n, seconds = 0, 0.0
-            if position and skip and position.get("progress"):
-                progress = position["progress"]
-                sums, n, seconds = dict(progress["sums"]), int(progress["n"]), float(progress["seconds"])
-            t0 = time.time()
-            bar = tqdm(total=steps, initial=skip, desc=f"epoch {epoch + 1}/{epochs} ({self.phase.name})",
-                       unit="batch", disable=not (self.progress and self.dist.main), leave=False)  # fmt: skip
-            batch = None
+            self.layout.append_metrics(row)
+            if self.writer is not None:
+                if value is not None:
+                    self.writer.add_scalar(f"val/{self.metric}", value, epoch + 1)
+                self.writer.add_scalar("train/epoch_loss", row["loss"], epoch + 1)
+                self.writer.flush()
+            shown = f", val {self.task.metric_label} {100 * value:.2f}" if value is not None else ""
+            log.info(
+                "epoch %d/%d: loss %.4f%s (%.1fs)", epoch + 1, int(self.settings.epochs), row["loss"], shown, train_time
+            )
+        barrier(self.dist)
+        return row
+
+    def _train_epoch(self, epoch: int) -> Tuple[EpochTally, Any]:
+        """The batches of epoch ``epoch`` from where it stands (a resumed run: from its position).
+        Returns the epoch's tally and its last batch. Saves mid-epoch (``checkpoint_every``, a
+        stop signal) at the ends of accumulation windows."""
+        s, steps = self.settings, self.steps_per_epoch
+        resumed, self._resumed = self._resumed, None
+        self.stepper.enter_phase(epoch, resumed.state if resumed else None)
+        self.task.train_mode(self.model)
+        skip = resumed.batch if resumed else 0
+        if resumed and not skip:
+            restore_rng(resumed.rng, self.dist)  # an epoch end: before the new epoch draws anything
+        batches = iter(self._loader(epoch, skip))
+        if resumed and skip:
+            restore_rng(resumed.rng, self.dist)  # mid-epoch: after the loader drew its seed, as it had then
+        tally = EpochTally.resumed(resumed.progress if resumed else None)
+        batch = None
+        with tqdm(total=steps, initial=skip, desc=f"epoch {epoch + 1}/{s.epochs} ({self.stepper.phase.name})",
+                  unit="batch", disable=not (self.progress and self.dist.main), leave=False) as bar:  # fmt: skip
             for it in range(skip, steps):
-                batch = self._next_batch(batches, epoch, it, steps, sums, n, seconds + time.time() - t0, batch)
-                self._set_lr(epoch + it / max(steps, 1))
-                self.global_step += 1
-                record = self._backward_step(batch, epoch, it, steps, self.global_step)
-                n += 1
-                for k, v in record.items():
-                    sums[k] = sums.get(k, 0.0) + v
+                batch = self._next_batch(batches, epoch, it, tally, batch)
+                tally.add(self._step(batch, epoch, it))
                 bar.update(1)
-                bar.set_postfix(loss=f"{sums['loss'] / n:.4f}")
-                if self.writer is not None and self.global_step % max(1, int(s.log_every)) == 0:
-                    for k, v in record.items():
-                        self.writer.add_scalar(f"train/{k}", v, self.global_step)
-                if it + 1 < steps and self._window_end(it, steps):
-                    stop = self._agree(self._stop_signal is not None)
+                bar.set_postfix(loss=f"{tally.sums['loss'] / tally.n:.4f}")
+                if it + 1 < steps and self.stepper.window_end(it, steps):
+                    stop = self._agree(self.signals.received is not None)
                     due = s.checkpoint_every > 0 and self.global_step - self._saved_step >= int(s.checkpoint_every)
                     if stop or due:
-                        self._save_position(epoch, it + 1, steps, sums, n, seconds + time.time() - t0, batch)
+                        self._save_position(epoch, it + 1, tally, batch)
                     if stop:
-                        bar.close()
-                        raise self._stopped(epoch, it + 1, steps)
-            bar.close()
-            train_time = seconds + (time.time() - t0)
-            del batches
-            if self.dist.enabled:  # epoch means over every rank's batches
-                keys = sorted(sums)
-                packed = all_reduce_sum(
-                    torch.tensor([sums[k] for k in keys] + [n], dtype=torch.float64, device=self.device), self.dist
-                )
-                sums = dict(zip(keys, packed[:-1].tolist()))
-                n = int(packed[-1].item())
-            scores: Optional[Dict[str, float]] = None
-            if s.val_every > 0 and ((epoch + 1) % s.val_every == 0 or epoch + 1 == epochs):
-                # deterministic: validation draws nothing from the training generators
-                guard = preserved_rng(self.device.type == "cuda") if s.deterministic else contextlib.nullcontext()
-                with guard:
-                    scores = self.task.validate(self.ctx)
-                self.task.train_mode(self.model)
-            value = None if scores is None else scores.get(self.metric)
-            row: Dict[str, Any] = {"epoch": epoch + 1, "phase": self.phase.name, "lr": self.lr}
-            row.update({k: v / max(n, 1) for k, v in sums.items()})
-            row[key] = value
-            row.update({f"val_{k}": v for k, v in (scores or {}).items() if k != self.metric})
-            row["seconds"] = round(train_time, 2)
-            history.append(row)
-            self._checkpoint(epoch, row, value, steps, batch)
-            if self.dist.main:
-                self.layout.append_metrics(row)
-                if self.writer is not None:
-                    if value is not None:
-                        self.writer.add_scalar(f"val/{self.metric}", value, epoch + 1)
-                    self.writer.add_scalar("train/epoch_loss", row["loss"], epoch + 1)
-                    self.writer.flush()
-                shown = f", val {self.task.metric_label} {100 * value:.2f}" if value is not None else ""
-                log.info("epoch %d/%d: loss %.4f%s (%.1fs)", epoch + 1, epochs, row["loss"], shown, train_time)
-            barrier(self.dist)
-            if epoch + 1 < epochs and self._agree(self._stop_signal is not None):
-                raise self._stopped(epoch + 1, 0, steps)
-        return history
+                        raise self._stopped(epoch, it + 1)
+        tally.stop_clock()
+        return tally, batch
 
-    def _next_batch(
-        self,
-        batches: Iterator[Any],
-        epoch: int,
-        it: int,
-        steps: int,
-        sums: Dict[str, float],
-        n: int,
-        seconds: float,
-        previous: Any,
-    ) -> Any:
+    def _step(self, batch: Any, epoch: int, it: int) -> Dict[str, float]:
+        """Batch ``it`` of epoch ``epoch``: the learning rate, one training step, TensorBoard."""
+        self.stepper.set_lr(epoch + it / max(self.steps_per_epoch, 1))
+        self.global_step += 1
+        record = self.stepper.training_step(batch, epoch, it, self.steps_per_epoch, self.global_step)
+        if self.writer is not None and self.global_step % max(1, int(self.settings.log_every)) == 0:
+            for k, v in record.items():
+                self.writer.add_scalar(f"train/{k}", v, self.global_step)
+        return record
+
+    def _validate(self, epoch: int) -> Optional[Dict[str, float]]:
+        """The task's scores when epoch ``epoch`` validates (``val_every``, the last epoch), else None."""
+        s = self.settings
+        if not (s.val_every > 0 and ((epoch + 1) % s.val_every == 0 or epoch + 1 == int(s.epochs))):
+            return None
+        # deterministic: validation draws nothing from the training generators
+        with preserved_rng(self.device.type == "cuda") if s.deterministic else contextlib.nullcontext():
+            scores = self.task.validate(self.ctx)
+        self.task.train_mode(self.model)
+        return scores
+
+    def _loader(self, epoch: int, skip: int = 0) -> DataLoader:
+        """The epoch's loader from batch ``skip`` on."""
+        s = self.settings
+        return epoch_loader(self.task.train_set, int(s.batch_size), int(s.seed), epoch, rank=self.dist.rank,
+                            world=self.dist.world, skip=skip, deterministic=bool(s.deterministic),
+                            num_workers=int(s.num_workers), collate_fn=self.task.collate_fn,
+                            pin_memory=self.device.type == "cuda")  # fmt: skip
+
+    def _next_batch(self, batches: Iterator[Any], epoch: int, it: int, tally: EpochTally, previous: Any) -> Any:
         """The next batch; when a stop signal also ended the loader's workers, save the
         position reached (at a window boundary) and stop."""
         try:
             return next(batches)
         except Exception:
-            if self._stop_signal is None:
+            if self.signals.received is None:
                 raise
-            saved = False
-            if it > 0 and it % self.accumulate == 0 and self.global_step > self._saved_step:
-                self._save_position(epoch, it, steps, sums, n, seconds, previous)
-                saved = True
-            raise self._stopped(epoch, it, steps, saved=saved) from None
+            saved = it > 0 and it % self.stepper.accumulate == 0 and self.global_step > self._saved_step
+            if saved:
+                self._save_position(epoch, it, tally, previous)
+            raise self._stopped(epoch, it, saved=saved) from None
 
-    def _restore_rng(self, position: Mapping[str, Any]) -> None:
-        states = position.get("rng")
-        if not states:
-            return
-        if len(states) != self.dist.world:
-            if self.dist.main:
-                log.warning("--resume: the checkpoint holds the random generators of %d process(es), this run has %d:"
-                            " the rest of the run draws other random numbers", len(states), self.dist.world)  # fmt: skip
-            return
-        set_rng_state(states[self.dist.rank])
+    # ----------------------------------------------------------------- resume, stop, save
+    def _shape(self) -> Dict[str, int]:
+        """What a position in an epoch depends on."""
+        return {"steps": self.steps_per_epoch, "batch_size": int(self.settings.batch_size), "world": self.dist.world,
+                "samples": len(self.task.train_set), "accumulate": self.stepper.accumulate}  # fmt: skip
 
-    # ----------------------------------------------------------------- checkpoints
-    def _check_before_save(self, last_batch: Any, epoch: int, where: str) -> None:
-        """With ``max_loss``: the weights about to be saved must still give a loss under it on
-        the last batch. The loss of a step is checked before its update, so without this an
-        exploding last update (finite weights, a loss of 1e11 on the next forward) would
-        become the "last good" checkpoint. One forward without gradient, in eval mode (no
-        dropout, no batch-norm statistics), the random generators left as they were."""
-        limit = float(self.settings.max_loss or 0.0)
-        if limit <= 0 or last_batch is None:
-            return
-        with torch.no_grad(), preserved_rng(self.device.type == "cuda"), eval_mode(self.model):
-            loss, _ = self.task.train_step(self.model, last_batch, self.ctx)
-        value = loss.detach().float().reshape(1)
-        bad = (~torch.isfinite(value) | (value.abs() > limit)).float()
-        if self.dist.enabled:
-            bad = all_reduce_sum(bad.clone(), self.dist)
-        if bool(bad.item() > 0):
-            mine = float(value.item())
-            what = (
-                f"the weights after step {self.global_step} give a loss of {mine:.4g} on its batch, above the limit"
-                f" {limit:g} (train.max_loss)"
-                if not (math.isfinite(mine) and abs(mine) <= limit)
-                else "the weights diverged on another rank"
-            )
-            raise self._diverged(what, epoch, where)
+    def _resume(self, changes: Mapping[str, Tuple[Any, Any]]) -> None:
+        """Weights, best score and position from ``last.pt`` (optimizer, generators and the
+        epoch's sums are applied when the first epoch reaches them)."""
+        r = read_resume(self.layout.checkpoint("last"), self.model, self.metric, self._shape())
+        self.start_epoch, self.global_step, self.best, self._saved_step = r.epoch, r.step, r.best, r.step
+        self._resumed = r
+        if self.stepper.scaler is not None and r.state.get("scaler"):
+            self.stepper.scaler.load_state_dict(r.state["scaler"])
+        self.task.load_state_dict(r.state.get("task_state") or {})
+        self.guard.last_good = r.path
+        where = (
+            f"epoch {r.epoch + 1}, batch {r.batch}/{self.steps_per_epoch}" if r.batch else f"the end of epoch {r.epoch}"
+        )
+        self.folder.record_resume(r.path, r.epoch, r.batch, r.step, changes, where)
 
-    def _gather_rng(self) -> Optional[List[Dict[str, Any]]]:
-        """Every rank's generator states, on rank 0 (None elsewhere)."""
-        mine = rng_state()
-        if not self.dist.enabled:
-            return [mine]
-        out: Optional[List[Any]] = [None] * self.dist.world if self.dist.main else None
-        torch.distributed.gather_object(mine, out, dst=0)
-        return out
+    def _agree(self, flag: bool) -> bool:
+        return any_rank(flag, self.dist, self.device)
 
-    def _state(self, epoch_done: int, position: Dict[str, Any]) -> Dict[str, Any]:
-        """The common part of a checkpoint (``{}`` off rank 0), checked for non-finite tensors
-        on every rank first: a diverged state is never saved."""
-        model_state = self.model.state_dict()
-        optimizer_state = self.optimizer.state_dict()
-        bad = non_finite_tensors({"model": model_state, "optimizer": optimizer_state})
-        if bad:
-            where = f", batch {position['batch']}/{position['steps']}" if position.get("batch") else ""
-            raise self._diverged(f"the weights became non-finite ({bad[0]}{' and more' if len(bad) > 1 else ''})",
-                                 position["epoch"] if position.get("batch") else epoch_done - 1,
-                                 f"{where} (not saved)")  # fmt: skip
-        rng = self._gather_rng()
+    def _stopped(self, epoch: int, batch: int, saved: bool = True) -> TrainingStopped:
+        return self.signals.stopped(self.run_dir, epoch, batch, self.steps_per_epoch, self.guard.last_good, saved)
+
+    def _state(self, epoch: int, batch: int, where: str) -> Dict[str, Any]:
+        """What ``last.pt`` holds at batch ``batch`` of epoch ``epoch`` (0-based; ``{}`` off rank 0),
+        checked for non-finite tensors on every rank first: a diverged state is never saved."""
+        model_state, optimizer_state = self.model.state_dict(), self.stepper.optimizer.state_dict()
+        self.guard.check_state(
+            {"model": model_state, "optimizer": optimizer_state}, epoch if batch else epoch - 1, where
+        )
+        rng = gather_rng(self.dist)
         if not self.dist.main:
             return {}
-        state = {
-            **self.task.checkpoint_extras(),
-            "model": model_state,
-            "optimizer": optimizer_state,
-            "phase": self.phase.name,
-            "epoch": epoch_done,
-            f"best_{self.metric}": self.best,
-            "position": position,
-            "rng": rng,
-            "deterministic": bool(self.settings.deterministic),
-        }
+        position = {"epoch": epoch, "batch": batch, "step": self.global_step, **self._shape()}
+        state = {**self.task.checkpoint_extras(), "model": model_state, "optimizer": optimizer_state,
+                 "phase": self.stepper.phase.name, "epoch": epoch, f"best_{self.metric}": self.best,
+                 "position": position, "rng": rng, "deterministic": bool(self.settings.deterministic)}  # fmt: skip
         task_state = self.task.state_dict()
         if task_state:
             state["task_state"] = task_state
-        if self.scaler is not None:
-            state["scaler"] = self.scaler.state_dict()
+        if self.stepper.scaler is not None:
+            state["scaler"] = self.stepper.scaler.state_dict()
         return state
 
-    def _write_pending_config(self) -> None:
-        if self._pending_config is not None:
-            write_text_atomic(self.layout.config, self._pending_config)
-            self._pending_config = None
-
-    def _position_record(self, epoch: int, batch: int, steps: int) -> Dict[str, Any]:
-        return {"epoch": epoch, "batch": batch, "step": self.global_step, "steps": steps,
-                "batch_size": int(self.settings.batch_size), "world": self.dist.world,
-                "samples": len(self.task.train_set), "accumulate": self.accumulate}  # fmt: skip
-
-    def _save_position(
-        self, epoch: int, batch: int, steps: int, sums: Dict[str, float], n: int, seconds: float, last_batch: Any
-    ) -> None:
+    def _save_position(self, epoch: int, batch: int, tally: EpochTally, last_batch: Any) -> None:
         """``last.pt`` in the middle of epoch ``epoch`` (0-based) after ``batch`` batches."""
-        self._check_before_save(last_batch, epoch, f", batch {batch}/{steps} (step {self.global_step}, not saved)")
-        state = self._state(epoch, self._position_record(epoch, batch, steps))
+        steps, step = self.steps_per_epoch, self.global_step
+        self.guard.check_weights(
+            self.model, last_batch, step, epoch, f", batch {batch}/{steps} (step {step}, not saved)"
+        )
+        state = self._state(epoch, batch, f", batch {batch}/{steps} (not saved)")
         last = self.layout.checkpoint("last")
         if self.dist.main:
-            state.update({f"val_{self.metric}": None, "metrics": None,
-                          "progress": {"sums": dict(sums), "n": int(n), "seconds": float(seconds)}})  # fmt: skip
+            state.update({f"val_{self.metric}": None, "metrics": None, "progress": tally.progress()})
             save_checkpoint(last, state, check_finite=False)  # checked in _state
-            self._write_pending_config()
-        self.saved = last
-        self._saved_step = self.global_step
+            self.folder.checkpoint_saved()
+        self.guard.last_good, self._saved_step = last, step
         barrier(self.dist)
 
-    def _checkpoint(self, epoch: int, row: Dict[str, Any], value: Optional[float], steps: int, last_batch: Any) -> None:
+    def _save_epoch_end(self, epoch: int, row: Dict[str, Any], value: Optional[float], last_batch: Any) -> None:
         """``last.pt`` at the end of epoch ``epoch``; ``best.pt`` (without the optimizer) when the
         metric improves or the task cannot validate. A state with non-finite tensors, or weights
         whose loss explodes, stop the run instead (checked on every rank, so all of them stop)."""
-        self._check_before_save(last_batch, epoch, " (not saved)")
-        state = self._state(epoch + 1, self._position_record(epoch + 1, 0, steps))
+        self.guard.check_weights(self.model, last_batch, self.global_step, epoch, " (not saved)")
+        state = self._state(epoch + 1, 0, " (not saved)")
         improved = value is not None and value > self.best
         if improved:
             self.best = float(value)
         last = self.layout.checkpoint("last")
-        self.saved = last  # rank 0 writes it; every rank names it in errors
-        self._saved_step = self.global_step
+        self.guard.last_good, self._saved_step = last, self.global_step  # rank 0 writes it; every rank names it
         if not self.dist.main:
             return
         state.update({f"best_{self.metric}": self.best, f"val_{self.metric}": value, "metrics": row})
         save_checkpoint(last, state, check_finite=False)  # checked in _state
-        self._write_pending_config()
+        self.folder.checkpoint_saved()
         if improved or not self.task.has_validation:
             for key in ("optimizer", "rng", "scaler", "progress"):
                 state.pop(key, None)

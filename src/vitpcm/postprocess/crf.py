@@ -31,6 +31,7 @@ Differences from the authors' path, each measured (``docs/benchmarks.md``, ``doc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from typing import Any, Optional, Sequence, Tuple
@@ -105,8 +106,36 @@ def dense_crf(
     crf.addPairwiseGaussian(sxy=params.gauss_sxy, compat=params.gauss_compat)
     crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb, rgbim=rgb,
                              compat=params.bilateral_compat)  # fmt: skip
-    q = crf.inference(int(params.iterations))
+    if not params.tolerance:
+        q = crf.inference(int(params.iterations))  # the authors' call
+        return np.asarray(q, dtype=np.float32).reshape(c, h, w)
+    q, energy, message = crf.startInference()
+    labels = _argmax0(np.asarray(q))
+    for _ in range(int(params.iterations)):
+        crf.stepInference(q, energy, message)
+        settled, labels = _labels_settled(np.asarray(q), labels, params.tolerance)
+        if settled:
+            break
     return np.asarray(q, dtype=np.float32).reshape(c, h, w)
+
+
+def _labels_settled(q: np.ndarray, labels: np.ndarray, tolerance: float) -> Tuple[bool, np.ndarray]:
+    """Whether mean field has settled (``crf.tolerance``): the labels of ``q`` ``[C, N]`` differ
+    from the previous step's ``labels`` ``[N]`` on at most ``tolerance * N`` pixels; and the new labels."""
+    new = _argmax0(q)
+    return int(np.count_nonzero(new != labels)) <= tolerance * new.size, new
+
+
+def _argmax0(q: np.ndarray) -> np.ndarray:
+    """``q.argmax(0)`` of ``[C, ...]`` (the first of equal maxima), one pass per channel:
+    numpy's argmax over the leading axis of a C-contiguous array strides (5.1 vs 3.2 ms
+    for 3 x 187,500)."""
+    best, labels = q[0].copy(), np.zeros(q.shape[1:], dtype=np.int64)
+    for c in range(1, q.shape[0]):
+        higher = q[c] > best
+        labels[higher] = c
+        np.maximum(best, q[c], out=best)
+    return labels
 
 
 def _dense_crf_torch(
@@ -136,7 +165,9 @@ def _mean_field_exact_smoothness(crf: Any, unary: np.ndarray, rgb: np.ndarray, p
     ``K_g``, ``exp(-|p_i - p_j|^2 / (2 gauss_sxy^2))`` on pixel positions, is a separable
     Gaussian filter here: what the lattice approximates, at a fraction of its cost (its
     lattice has about a vertex per pixel at sxy 1). Masks agree with the lattice on
-    99.99 % of the pixels (docs/reproduce.md).
+    99.99 % of the pixels (docs/reproduce.md). The filter runs on C - 1 channels: Q sums to
+    1 over the labels, so the last channel's message is that of the constant 1 (computed
+    once) minus the others'. ``params.tolerance`` > 0 stops early (:func:`_labels_settled`).
     """
     from pydensecrf import eigen
     from scipy.ndimage import gaussian_filter1d
@@ -150,14 +181,36 @@ def _mean_field_exact_smoothness(crf: Any, unary: np.ndarray, rgb: np.ndarray, p
     def smooth(x: np.ndarray) -> np.ndarray:  # [..., H, W], zero outside the image
         return gaussian_filter1d(gaussian_filter1d(x, sigma, axis=-2, mode="constant"), sigma, axis=-1, mode="constant")
 
-    norm = (1.0 / np.sqrt(smooth(np.ones((h, w), np.float32)) + np.float32(1e-20))).astype(np.float32)
+    norm, of_one = _smoothness_normalisation(h, w, sigma)
     energy, message = eigen.matrixXf(np.zeros_like(unary)), eigen.matrixXf(np.zeros_like(unary))
     q = _softmax(-unary)
+    labels = _argmax0(q) if params.tolerance else None
+    gauss = np.empty((c, n), dtype=np.float32)
     for _ in range(int(params.iterations)):
         crf.stepInference(eigen.matrixXf(q), energy, message)  # message = -w_b K_b q
-        gauss = (norm * smooth(q.reshape(c, h, w) * norm)).reshape(c, n)
+        gauss[:-1] = (norm * smooth(q[:-1].reshape(c - 1, h, w) * norm)).reshape(c - 1, n)
+        np.subtract(of_one, gauss[:-1].sum(0), out=gauss[-1])
         q = _softmax(params.gauss_compat * gauss - unary - np.asarray(message))
+        if labels is not None:
+            settled, labels = _labels_settled(q, labels, params.tolerance)
+            if settled:
+                break
     return q
+
+
+@functools.lru_cache(maxsize=8)
+def _smoothness_normalisation(h: int, w: int, sigma: float) -> Tuple[np.ndarray, np.ndarray]:
+    """The exact smoothness kernel's ``n^-1/2`` ``[H, W]`` (``n = K 1``) and its message of
+    ``Q = 1`` ``[H * W]`` (read-only; cached: a dataset has few image sizes)."""
+    from scipy.ndimage import gaussian_filter1d
+
+    def smooth(x: np.ndarray) -> np.ndarray:
+        return gaussian_filter1d(gaussian_filter1d(x, sigma, axis=-2, mode="constant"), sigma, axis=-1, mode="constant")
+
+    norm = (1.0 / np.sqrt(smooth(np.ones((h, w), np.float32)) + np.float32(1e-20))).astype(np.float32)
+    of_one = (norm * smooth(norm)).reshape(h * w)
+    norm.flags.writeable = of_one.flags.writeable = False
+    return norm, of_one
 
 
 def _softmax(energy: np.ndarray) -> np.ndarray:
@@ -187,7 +240,7 @@ def crf_labels(
     if len(classes) == 1:
         return np.full(probs.shape[1:], classes[0], dtype=np.uint8)
     q = dense_crf(image, probs, params, device)
-    return classes[q.argmax(0)].astype(np.uint8)
+    return classes[_argmax0(q)].astype(np.uint8)
 
 
 def crf_labels_bounded(

@@ -2,9 +2,10 @@
 
 What it computes is what :func:`vitpcm.postprocess.crf.dense_crf` computes with pydensecrf2
 (Krähenbühl & Koltun's ``densecrf``, v2): ``Q <- softmax(-unary + w_g K_g Q + w_b K_b Q)``
-for ``iterations`` steps from ``Q = softmax(-unary)``, ``unary = -log(max(p, clip))``, Potts
-messages, each kernel normalised symmetrically (``NORMALIZE_SYMMETRIC``, pydensecrf's
-default: ``n^-1/2 K (n^-1/2 Q)`` with ``n = K 1``), the self-term kept.
+for ``iterations`` steps (an image stops sooner under ``crf.tolerance``) from
+``Q = softmax(-unary)``, ``unary = -log(max(p, clip))``, Potts messages, each kernel
+normalised symmetrically (``NORMALIZE_SYMMETRIC``, pydensecrf's default:
+``n^-1/2 K (n^-1/2 Q)`` with ``n = K 1``), the self-term kept.
 
 * The appearance (bilateral) kernel, on the 5-D features ``(x / sxy, y / sxy, r / srgb,
   g / srgb, b / srgb)``, is filtered on a permutohedral lattice (:class:`PermutohedralLattice`)
@@ -320,13 +321,26 @@ def dense_crf_tensor(
         return full.view(b, h, w, c).permute(0, 3, 1, 2)
 
     q = torch.softmax(-unary, 1)
+    # crf.tolerance: an image whose step changed at most that share of its labels keeps its Q
+    labels = q.argmax(1) if params.tolerance else None  # [B, H, W]
+    settled = torch.zeros(b, dtype=torch.bool, device=device)
+    allowed = params.tolerance * valid.sum((1, 2))  # [B] pixels each image may change
     for _ in range(int(params.iterations)):
         if params.gaussian == "lattice":
             smooth = planes(norm_g * smooth_lattice.filter(norm_g * pixels(q)))
         else:
             smooth = norm_g * smooth_exact(q * norm_g, params.gauss_sxy)
         appearance = planes(norm_b * bilateral.filter(norm_b * pixels(q)))
-        q = torch.softmax(params.gauss_compat * smooth + params.bilateral_compat * appearance - unary, 1)
+        step = torch.softmax(params.gauss_compat * smooth + params.bilateral_compat * appearance - unary, 1)
+        if labels is None:
+            q = step
+            continue
+        q = torch.where(settled[:, None, None, None], q, step)
+        new = q.argmax(1)
+        settled |= ((new != labels) & valid).sum((1, 2)) <= allowed
+        labels = new
+        if bool(settled.all()):
+            break
     q = q * valid[:, None]
     if classes_valid is not None:
         q = q * classes_valid[:, :, None, None]

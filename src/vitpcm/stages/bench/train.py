@@ -1,13 +1,14 @@
 """The ``train`` section: the engine's own training step against the bare backbone doing the
 same tensor work.
 
-* ``step``: one step of :class:`vitpcm.engine.trainer.Trainer`, the very method
-  ``vitpcm train`` runs per batch (:func:`engine_step`), on a trainer built as ``vitpcm
-  train`` builds it (settings, seeding, :class:`vitpcm.tasks.pcm.PcmTask` set-up, AMP
-  scaler) and put in its last phase (the one with unfrozen blocks): zero the gradients,
-  ``PcmTask.train_step`` (the eval-mode ET target forward, the forward of view 1 + the tiled
-  ET views, L_MCE + L_ET + L_REG), the divergence check (a device sync), backward, the Adam
-  step, the loss terms read back as floats. Each measured step is a whole optimizer step
+* ``step``: one step of :class:`vitpcm.engine.trainer.Trainer` (its
+  :class:`~vitpcm.engine.step.Stepper`), the very method ``vitpcm train`` runs per batch
+  (:func:`engine_step`), on a trainer built as ``vitpcm train`` builds it (settings,
+  seeding, :class:`vitpcm.tasks.pcm.PcmTask` set-up, AMP scaler) and put in its last phase
+  (the one with unfrozen blocks): zero the gradients, ``PcmTask.train_step`` (the eval-mode
+  ET target forward, the forward of view 1 + the tiled ET views, L_MCE + L_ET + L_REG), the
+  divergence check (a device sync), backward, the Adam step, the loss terms read back as
+  floats. Each measured step is a whole optimizer step
   on one batch (with ``train.global_batch`` the engine would accumulate several batches
   before the Adam step; here every batch ends its window).
 * ``floor``: what such a step cannot do without, written here since the engine has no such
@@ -47,8 +48,8 @@ from vitpcm.tasks.pcm import PcmTask, train_settings
 def enter_last_phase(trainer: Trainer) -> Phase:
     """Put ``trainer`` in its last phase as its loop does at that phase's first epoch
     (trainable parameters, a fresh optimizer) and the model in training mode."""
-    phase = trainer.phases[-1]
-    trainer._enter_phase(phase.start_epoch)
+    phase = trainer.stepper.phases[-1]
+    trainer.stepper.enter_phase(phase.start_epoch)
     trainer.task.train_mode(trainer.model)
     return phase
 
@@ -57,7 +58,7 @@ def engine_step(trainer: Trainer, batch: Any, step: int) -> Dict[str, float]:
     """One training step on ``batch``, the trainer's own method, as one whole accumulation
     window (batch 0 of 1: zero_grad, forward, divergence check, backward, optimizer step).
     ``step``: the global step named in a divergence error. Returns the float loss terms."""
-    return trainer._backward_step(batch, trainer.phase.start_epoch, 0, 1, step)
+    return trainer.stepper.training_step(batch, trainer.stepper.phase.start_epoch, 0, 1, step)
 
 
 @contextlib.contextmanager
@@ -94,8 +95,9 @@ def _measure(trainer: Trainer, steps: int, warmup: int) -> Dict[str, Any]:
     model = trainer.model  # with train.compile=true its blocks are compiled (PcmTask.setup)
     backbone = model.backbone
     floor_params = [p for p in backbone.parameters() if p.requires_grad]
-    opt_floor = task.make_optimizer(trainer.phase, [{"params": floor_params, "lr": trainer.lr}])  # the same Adam
-    scaler = trainer.scaler
+    phase, lr = trainer.stepper.phase, trainer.stepper.lr
+    opt_floor = task.make_optimizer(phase, [{"params": floor_params, "lr": lr}])  # the same Adam
+    scaler = trainer.stepper.scaler
 
     bs = int(trainer.settings.batch_size)  # the engine's batch per process (train.global_batch split)
     workers = int(cfg.data.num_workers)
@@ -187,8 +189,8 @@ def _measure(trainer: Trainer, steps: int, warmup: int) -> Dict[str, Any]:
         "warmup_steps": warmup,
         "loader_workers": workers,
         "transforms_on_device": bool(task.train_transform.defer),
-        "amp": trainer.use_amp,
-        "accumulation_steps_of_a_run": trainer.accumulate,  # here every measured step is a whole window
+        "amp": trainer.ctx.amp,
+        "accumulation_steps_of_a_run": trainer.stepper.accumulate,  # here every measured step is a whole window
         "compile": bool(cfg.train.get("compile", False)),
         "step_seconds": rounded(full),
         "floor_seconds": rounded(floor),
