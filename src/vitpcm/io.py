@@ -178,19 +178,3 @@ def format_names(names: Sequence[str], limit: int = 5) -> str:
     """``a, b, c (+N more)`` for error messages."""
     shown = ", ".join(names[:limit])
     return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
-
-
-# moved: re-exported until every importer is updated
-from vitpcm.atomic import (  # noqa: E402, F401
-    DiskError,
-    atomic_fd,
-    disk_error,
-    remove_open_temporaries,
-    remove_temporaries,
-    save_npz_atomic,
-    write_json_atomic,
-    write_text_atomic,
-)
-from vitpcm.classes import BUILTIN_CLASS_LISTS, VOC_CLASSES, class_list, read_classes  # noqa: E402, F401
-from vitpcm.locks import FolderLock  # noqa: E402, F401
-from vitpcm.utils.system import pid_alive  # noqa: E402, F401

@@ -26,13 +26,14 @@ from tests.conftest import TINY
 from tests.engine.noisy_toy import NoisyToy, toy_settings
 from torch.utils.data import DistributedSampler, RandomSampler
 
+from vitpcm.atomic import DiskError
 from vitpcm.cli import main
 from vitpcm.config import RESUME_KEYS, load_config, run_config
 from vitpcm.engine.checkpoint import checkpoint_config, non_finite_tensors, read_checkpoint, save_checkpoint
 from vitpcm.engine.sampling import EpochSampler
 from vitpcm.engine.trainer import Trainer, TrainingStopped, TrainSettings
 from vitpcm.errors import VitpcmError
-from vitpcm.io import DiskError, FolderLock
+from vitpcm.locks import FolderLock
 from vitpcm.runs import RunLayout
 from vitpcm.stages.config import resolve_config
 from vitpcm.stages.train import train

@@ -11,9 +11,10 @@ import pydensecrf.utils as dutils
 import pytest
 from PIL import Image
 
+from vitpcm.atomic import save_npz_atomic
 from vitpcm.cli import main
 from vitpcm.errors import VitpcmError
-from vitpcm.io import read_mask_png, save_npz_atomic
+from vitpcm.io import read_mask_png
 from vitpcm.postprocess.crf import CRFParams, crf_labels, dense_crf
 from vitpcm.postprocess.crf_runner import run_crf
 

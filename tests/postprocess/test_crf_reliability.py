@@ -18,9 +18,10 @@ import pytest
 from PIL import Image
 from tests.postprocess.test_crf import _scene, _write_folder
 
+from vitpcm.atomic import atomic_path, save_npz_atomic
 from vitpcm.cli import main
 from vitpcm.errors import VitpcmError
-from vitpcm.io import atomic_path, read_mask_png, save_npz_atomic
+from vitpcm.io import read_mask_png
 from vitpcm.postprocess.crf import crf_labels, crf_labels_bounded
 from vitpcm.postprocess.crf_runner import run_crf
 from vitpcm.utils.pools import budget_workers, memory_budget, parse_size, process_pool

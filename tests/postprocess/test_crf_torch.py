@@ -7,8 +7,9 @@ import pytest
 import torch
 from tests.postprocess.test_crf import _direct, _scene, _write_folder
 
+from vitpcm.atomic import save_npz_atomic
 from vitpcm.errors import VitpcmError
-from vitpcm.io import read_mask_png, save_npz_atomic
+from vitpcm.io import read_mask_png
 from vitpcm.postprocess.crf import CRFParams, dense_crf
 from vitpcm.postprocess.crf_runner import run_crf, settings_key
 from vitpcm.postprocess.crf_torch import PermutohedralLattice, dense_crf_batch, dense_crf_tensor, smooth_exact

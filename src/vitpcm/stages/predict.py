@@ -43,13 +43,15 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from vitpcm.atomic import write_json_atomic, write_text_atomic
+from vitpcm.classes import read_classes
 from vitpcm.data import EvalTransform, collate
 from vitpcm.data.loose import LooseImages, collect_images, parse_tag_list, tags_from_file
 from vitpcm.data.transforms import MultiScaleTransform, transforms_on_device
 from vitpcm.engine.checkpoint import find_run_checkpoint
 from vitpcm.engine.distributed import Dist, barrier, gather_objects, stage_group
 from vitpcm.errors import VitpcmError
-from vitpcm.io import read_classes, read_mask_png, write_json_atomic, write_text_atomic
+from vitpcm.io import read_mask_png
 from vitpcm.models.backbone import resolve_normalisation
 from vitpcm.models.predict import image_outputs, predict_tta, tags_from_scores, tta_sizes
 from vitpcm.models.vitpcm import merge_class_labels
