@@ -4,7 +4,7 @@ Usage::
 
     PYTHONPATH=src python benchmarks/crf_iterations.py [--n 20] [--out benchmarks/results/crf_iterations.json]
 
-On the CRF bench's VOC-sized inputs (:func:`vitpcm.stages.bench_crf.make_crf_inputs`, seed 0),
+On the CRF bench's VOC-sized inputs (:func:`vitpcm.stages.bench.crf.make_crf_inputs`, seed 0),
 pydensecrf2 with the authors' kernels (``crf.gaussian=lattice``) over the present classes,
 run for k = 1..10 iterations: the share of pixels whose label equals the 10-iteration label,
 and what stopping at the first k whose labels equal those of k - 1 would give (issue 19,

@@ -5,7 +5,7 @@ Usage::
     PYTHONPATH=src python benchmarks/crf_torch_agreement.py [--voc 50] [--coco 20]
         [--out benchmarks/results/crf_torch_agreement.json]
 
-On the CRF bench's inputs (:func:`vitpcm.stages.bench_crf.make_crf_inputs`, seed 0: ``--voc``
+On the CRF bench's inputs (:func:`vitpcm.stages.bench.crf.make_crf_inputs`, seed 0: ``--voc``
 VOC-sized 500 x 375 / 375 x 500 images with 21 classes, ``--coco`` COCO-like 640 x 480 with
 81), each image's present-class probabilities go through ``dense_crf`` with
 ``crf.backend=pydensecrf`` and with ``crf.backend=torch`` (on the CPU), under

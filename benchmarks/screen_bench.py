@@ -10,7 +10,7 @@ What it measures (the cache lives in a fresh temporary folder, ``VITPCM_CACHE_DI
 
 * ``screen``: for each N in ``--counts`` (the first N names of the train split, written as
   split ``screenN``): listing the split (``VOCDataset(...)``: one ``stat`` per image and
-  mask), then :func:`screen_for_training`: ``first`` (empty cache: every image and mask
+  mask), then :func:`check_before_training`: ``first`` (empty cache: every image and mask
   decoded), ``second`` (unchanged: nothing decoded; three runs, median), ``touched`` (1 % of
   the images given a new mtime: those re-read). Reads are counted by wrapping the decoder.
 * ``starts`` (``--starts``): the whole start of training before the first step, as fresh
@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import vitpcm.data.base as base  # noqa: E402
 from vitpcm.atomic import write_text_atomic  # noqa: E402
-from vitpcm.data.check import screen_for_training  # noqa: E402
+from vitpcm.data.check import check_before_training  # noqa: E402
 from vitpcm.data.voc import VOCDataset  # noqa: E402
 from vitpcm.io import read_names  # noqa: E402
 from vitpcm.utils.system import cpu_count  # noqa: E402
@@ -91,7 +91,7 @@ def screen_counts(root: Path, counts: List[int], workers: int) -> List[Dict[str,
             t1 = time.perf_counter()
             reads["images"] = 0
             with tempfile.TemporaryDirectory() as run:
-                screen_for_training([ds], Path(run), skip_bad=False, progress=False, workers=workers)
+                check_before_training([ds], Path(run), skip_bad=False, progress=False, workers=workers)
             t2 = time.perf_counter()
             rec = {"listing_seconds": round(t1 - t0, 3), "screen_seconds": round(t2 - t1, 3),
                    "images_decoded": reads["images"]}  # fmt: skip

@@ -52,10 +52,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
+from vitpcm.config import run_config
 from vitpcm.data import EvalTransform, build_dataset, collate
 from vitpcm.data.transforms import MultiScaleTransform, TagRule, transforms_on_device
-from vitpcm.engine.checkpoint import find_run_checkpoint
+from vitpcm.engine.checkpoint import checkpoint_config, find_run_checkpoint
 from vitpcm.engine.distributed import Dist, gather_objects, stage_group
 from vitpcm.errors import VitpcmError
 from vitpcm.io import labels_from_mask
@@ -67,6 +69,7 @@ from vitpcm.runs import PseudoLayout, RunLayout, run_of_checkpoint
 from vitpcm.stages.crf_pass import DeviceCRF
 from vitpcm.stages.load import load_model
 from vitpcm.stages.mask_writer import Loader, MaskOutput, MaskPass, finish_pseudo, write_masks
+from vitpcm.stages.tag_quality import record_tag_quality
 from vitpcm.utils.shard import Shard
 from vitpcm.utils.stamps import digest, finished, stamp
 from vitpcm.utils.system import cpu_count
@@ -114,8 +117,6 @@ def infer(
     Returns the summary dict (also written to ``OUT/summary.json`` by rank 0); it holds
     ``miou`` (and with ``crf`` ``crf_miou``) when the split has masks.
     """
-    from vitpcm.config import run_config
-    from vitpcm.engine.checkpoint import checkpoint_config
 
     shard = Shard.from_env()  # a wrong RANK / WORLD_SIZE fails here, before any work
     ckpt_path = find_run_checkpoint(run, "best")
@@ -145,7 +146,6 @@ run_inference = infer  # the name of this stage before vitpcm.stages existed (RE
 def _settings(cfg: Any, ckpt_path: Path, scale: int, sizes: Sequence[int], tta: bool, flip: bool,
               mean: Any, std: Any) -> Dict[str, Any]:  # fmt: skip
     """Everything besides the image that decides its mask and probabilities (the stamp)."""
-    from omegaconf import OmegaConf
 
     st = ckpt_path.stat()
     data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "num_workers"}
@@ -345,7 +345,6 @@ def _tag_quality(layout: RunLayout, split: str, ckpt_path: Path, dataset: Any,
                  main: bool) -> Optional[Dict[str, Any]]:  # fmt: skip
     """Every rank's pooled scores and known tags together; rank 0 writes ``RUN/eval/SPLIT/tags.json``.
     Returns its headline numbers (None when the split's tags are unknown)."""
-    from vitpcm.stages.tag_quality import record_tag_quality
 
     parts = gather_objects(tag_scores, dist_info)
     merged = {name: v for part in parts for name, v in part.items()}

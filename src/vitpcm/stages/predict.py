@@ -42,15 +42,19 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
 
 from vitpcm.atomic import write_json_atomic, write_text_atomic
 from vitpcm.classes import read_classes
+from vitpcm.config import run_config
 from vitpcm.data import EvalTransform, collate
 from vitpcm.data.loose import LooseImages, collect_images, parse_tag_list, tags_from_file
 from vitpcm.data.transforms import MultiScaleTransform, transforms_on_device
-from vitpcm.engine.checkpoint import find_run_checkpoint
+from vitpcm.engine.checkpoint import checkpoint_config, find_run_checkpoint
 from vitpcm.engine.distributed import Dist, barrier, gather_objects, stage_group
 from vitpcm.errors import VitpcmError
+from vitpcm.images import load_rgb
 from vitpcm.io import read_mask_png
 from vitpcm.models.backbone import resolve_normalisation
 from vitpcm.models.predict import image_outputs, predict_tta, tags_from_scores, tta_sizes
@@ -63,6 +67,7 @@ from vitpcm.stages.mask_writer import Loader, MaskOutput, MaskPass, write_masks
 from vitpcm.stages.tag_quality import default_threshold
 from vitpcm.utils.shard import Shard
 from vitpcm.utils.stamps import digest, finished, read_stamp, stamp
+from vitpcm.viz.overlay import save_overlay
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +157,6 @@ def predict_images(
     progress: bool = True,
 ) -> Dict[str, Any]:
     """:func:`predict`, returning the summary (``OUT/summary.json``) with ``records`` added."""
-    from vitpcm.config import run_config
-    from vitpcm.engine.checkpoint import checkpoint_config
 
     # 1. everything the user gave, checked before anything is read at length or written
     if threshold is not None:
@@ -213,7 +216,6 @@ def _image_key(cfg: Any, ckpt_path: Path, scale: int, sizes: Sequence[int], tta:
                tags: Optional[np.ndarray], image: Path) -> str:  # fmt: skip
     """Everything that decides one image's outputs (its stamp): the run's settings, its
     tags (or the threshold that predicts them) and its file's size and time."""
-    from omegaconf import OmegaConf
 
     st = ckpt_path.stat()
     image_stat = image.stat()
@@ -392,10 +394,6 @@ def _write_overlays(dataset: LooseImages, names: Sequence[str], masks: Path, ove
                     progress: bool) -> None:  # fmt: skip
     """``overlays/NAME.jpg`` of each image from its mask in ``masks``; one newer than its
     mask is kept (unless ``overwrite``)."""
-    from tqdm import tqdm
-
-    from vitpcm.images import load_rgb
-    from vitpcm.viz.overlay import save_overlay
 
     for name in tqdm(names, desc="overlays", unit="img", disable=not progress or not names):
         mask_path, jpg = masks / f"{name}.png", overlays / f"{name}.jpg"

@@ -34,13 +34,32 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from omegaconf import DictConfig
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
 
-from vitpcm.config import to_yaml
+from vitpcm.config import load_config, load_saved_config, to_yaml
+from vitpcm.data import build_dataset
+from vitpcm.data.base import MISSING_MASK
+from vitpcm.data.pseudo import (
+    PseudoMaskDataset,
+    SegmentEvalTransform,
+    check_pseudo_masks,
+    list_pseudo_masks,
+    segment_collate,
+)
+from vitpcm.engine.checkpoint import find_run_checkpoint
+from vitpcm.engine.distributed import stage_group
+from vitpcm.engine.task import autocast
+from vitpcm.engine.trainer import Trainer, seed_everything
 from vitpcm.errors import VitpcmError
 from vitpcm.io import format_names
-from vitpcm.runs import PseudoLayout, RunLayout
+from vitpcm.models.deeplab import DeepLab, predict_probs
+from vitpcm.runs import PseudoLayout, RunLayout, run_of_checkpoint
 from vitpcm.stages.crf_pass import DeviceCRF
+from vitpcm.stages.load import load_model
+from vitpcm.stages.mask_writer import Loader, MaskOutput, MaskPass, finish_pseudo, write_masks
+from vitpcm.tasks.segment import SegmentTask, build_deeplab, iterations_to_epochs, segment_settings
 from vitpcm.utils.shard import Shard
 from vitpcm.utils.stamps import digest, finished, stamp
 
@@ -53,14 +72,12 @@ STAMP_STAGE = "segment"  # the stage named in the stamp of its mask PNGs (`vitpc
 
 def _train_dataset(cfg: DictConfig):
     """The train split's dataset for its names and images (its own masks are not needed)."""
-    from vitpcm.data import build_dataset
 
     return build_dataset(cfg.data, cfg.data.train_split, require_masks=False, strict=False)
 
 
 def _val_dataset(cfg: DictConfig):
     """The val split with ground truth for ``segment.val_every``, or None."""
-    from vitpcm.data import build_dataset
 
     if int(cfg.segment.val_every) <= 0 or not cfg.data.val_split:
         return None
@@ -101,10 +118,6 @@ def segment_train(
     Raises :class:`VitpcmError` (nothing written) for an empty mask folder, a folder of
     probabilities, a mask of the wrong size or with values beyond the class list.
     """
-    from vitpcm.data.base import MISSING_MASK
-    from vitpcm.data.pseudo import PseudoMaskDataset, list_pseudo_masks, screen_pseudo_masks
-    from vitpcm.engine.trainer import Trainer, seed_everything
-    from vitpcm.tasks.segment import SegmentTask, build_deeplab, iterations_to_epochs, segment_settings
 
     if pseudo is not None:
         cfg.segment.pseudo = str(Path(pseudo).resolve())
@@ -117,7 +130,7 @@ def segment_train(
         raise VitpcmError(
             broken[0].line(str(cfg.data.train_split)) + (f" ({len(broken) - 1} more)" if len(broken) > 1 else "")
         )
-    screen_pseudo_masks(listing, base.image_path, base.num_classes, workers=0, progress=progress)
+    check_pseudo_masks(listing, base.image_path, base.num_classes, workers=0, progress=progress)
     if listing.missing:
         log.info("%d of %d images of split '%s' have no mask in %s and are left out: %s", len(listing.missing),
                  len(base.names), base.split, listing.folder, format_names(listing.missing))  # fmt: skip
@@ -158,7 +171,6 @@ def segment_train_demo(
     pseudo-masks of its train split (``DIR/run/pseudo/train/crf``, made by ``vitpcm demo``),
     the ``synthetic_segment`` preset (or ``config``); the run goes to ``run`` (default
     ``DIR/segment``)."""
-    from vitpcm.config import load_config
 
     demo = Path(demo_run)
     crf = PseudoLayout(RunLayout(demo / "run").pseudo("train")).crf
@@ -173,7 +185,6 @@ def segment_train_demo(
 
 def _keep_classes(probs: Any, mask: Any, threshold: float) -> Any:
     """Channels to save: every class that wins a pixel or reaches ``threshold`` somewhere."""
-    import torch
 
     keep = probs.flatten(1).amax(1) >= float(threshold)
     keep[mask.unique()] = True
@@ -184,7 +195,6 @@ def _settings(
     cfg: DictConfig, ckpt: Path, scales: Sequence[float], flip: bool, model: Any, amp: bool
 ) -> Dict[str, Any]:
     """Everything besides the image that decides its mask and probabilities (the stamp)."""
-    from omegaconf import OmegaConf
 
     st = ckpt.stat()
     mean, std = model.normalisation
@@ -231,12 +241,6 @@ def segment_infer(
     Returns the summary (also ``OUT/summary.json``, written by rank 0), with ``computed`` /
     ``resumed`` image counts and ``miou`` (and ``crf_miou``) when the split has ground truth.
     """
-    from vitpcm.config import load_config, load_saved_config
-    from vitpcm.data import build_dataset
-    from vitpcm.engine.checkpoint import find_run_checkpoint
-    from vitpcm.models.deeplab import DeepLab
-    from vitpcm.runs import run_of_checkpoint
-    from vitpcm.stages.load import load_model
 
     shard = Shard.from_env()  # a wrong RANK / WORLD_SIZE fails here, before any work
     ckpt = find_run_checkpoint(run, "best")
@@ -251,7 +255,6 @@ def segment_infer(
     if any(s <= 0 for s in scales):
         raise VitpcmError(f"--scales must be positive factors, got {scales}")
     flip = bool(cfg.segment.test_flip) if flip is None else bool(flip)
-    from vitpcm.engine.distributed import stage_group
 
     with stage_group(device) as (dist_info, dev):
         return _segment_infer(cfg, layout, ckpt, state, dataset, model, split, scales, flip, dev, shard, dist_info,
@@ -283,8 +286,6 @@ def _segment_infer(
     progress: bool,
     overwrite: bool,
 ) -> Dict[str, Any]:
-    from vitpcm.data.pseudo import SegmentEvalTransform, segment_collate
-    from vitpcm.stages.mask_writer import Loader, MaskPass, finish_pseudo, write_masks
 
     model.to(dev).eval()
     amp = bool(cfg.train.amp) and dev.type == "cuda"  # autocast is a no-op elsewhere
@@ -349,12 +350,6 @@ class DeepLabMasks:
         """Nothing beyond the score."""
 
     def predict(self, batch: Dict[str, Any]) -> List[Any]:
-        import numpy as np
-        import torch
-
-        from vitpcm.engine.task import autocast
-        from vitpcm.models.deeplab import predict_probs
-        from vitpcm.stages.mask_writer import MaskOutput
 
         out = []
         for i, name in enumerate(batch["name"]):

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from vitpcm.config import batch_plan, resolved_normalisation
 from vitpcm.data import EvalTransform, TrainTransform, build_dataset, collate
-from vitpcm.data.check import screen_for_training
+from vitpcm.data.check import check_before_training
 from vitpcm.data.transforms import TagRule, map_to_et_grid, tile_views, transforms_on_device, untile_grid
 from vitpcm.engine.checkpoint import init_from
 from vitpcm.engine.distributed import all_reduce_sum, gather_objects
@@ -135,7 +135,7 @@ class PcmTask(Task):
         probe = build_dataset(cfg.data, cfg.data.train_split, strict=False)
         self.classes: List[str] = probe.classes
         self.val_set = self._build_val_set(ctx)
-        screen_for_training([probe, self.val_set], ctx.run.root, self.skip_bad, progress=ctx.show_progress,
+        check_before_training([probe, self.val_set], ctx.run.root, self.skip_bad, progress=ctx.show_progress,
                             write=ctx.dist.main)  # fmt: skip
         model = build_model(cfg, len(self.classes))
         if cfg.model.get("init_from"):
