@@ -17,6 +17,7 @@ from vitpcm.errors import VitpcmError
 from vitpcm.io import read_mask_png
 from vitpcm.postprocess.crf import CRFParams, crf_labels, dense_crf
 from vitpcm.postprocess.crf_runner import run_crf
+from vitpcm.utils.stamps import digest
 
 
 def _scene(seed: int, h: int = 36, w: int = 48, classes=(0, 3, 7)):
@@ -270,4 +271,7 @@ def test_the_settings_key_tells_early_stopped_masks_apart():
     from vitpcm.postprocess.crf_runner import settings_key
 
     assert settings_key(CRFParams(tolerance=0.001), 100) != settings_key(CRFParams(), 100)
+    # tolerance 0 (the default) keeps the key masks were stamped with before it existed
+    before = {k: v for k, v in CRFParams().as_dict().items() if k not in ("backend", "tolerance")}
+    assert settings_key(CRFParams(), 100) == digest({"params": before, "max_pixels": 100})
     assert CRFParams.from_config({"tolerance": "0.001"}).tolerance == 0.001

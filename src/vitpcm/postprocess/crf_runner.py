@@ -89,9 +89,12 @@ def settings_key(params: CRFParams, max_pixels: int, backend: str = "pydensecrf"
 
     ``backend``: the resolved one. The torch backend's masks differ from pydensecrf's on a
     few pixels in 10^4, so it is part of the key; pydensecrf's key is the one it had before
-    ``crf.backend`` existed (its finished masks stay finished)."""
+    ``crf.backend`` existed (its finished masks stay finished). ``tolerance`` enters the key only
+    when set (0, the authors' 10 steps, makes the masks it made before the key existed)."""
     values = params.as_dict()
     values.pop("backend")
+    if not values.get("tolerance"):
+        values.pop("tolerance", None)
     if backend != "pydensecrf":
         values["backend"] = backend
     return digest({"params": values, "max_pixels": int(max_pixels)})
