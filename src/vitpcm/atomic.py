@@ -14,7 +14,6 @@ from typing import Any, Dict, Iterator, List, Optional, Union
 import numpy as np
 
 from vitpcm.errors import VitpcmError
-from vitpcm.utils.system import pid_alive
 
 PathLike = Union[str, os.PathLike]
 
@@ -241,6 +240,22 @@ def remove_temporaries(folder: PathLike, only_dead: bool = True) -> List[Path]:
         except FileNotFoundError:
             pass
     return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (a zombie counts as gone): tells a dead
+    writer's leftover temporary (or lock) from a live one's."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    try:  # a zombie (killed, not yet reaped) holds no lock and writes nothing
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def _pid_of_temporary(name: str) -> Optional[int]:

@@ -10,9 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from vitpcm.atomic import NEW_FILE_MODE, PathLike, disk_error
+from vitpcm.atomic import NEW_FILE_MODE, PathLike, disk_error, pid_alive
 from vitpcm.errors import VitpcmError
-from vitpcm.utils.system import pid_alive
 
 try:
     import fcntl

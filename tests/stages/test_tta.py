@@ -10,7 +10,8 @@ from vitpcm.cli import main
 from vitpcm.engine.checkpoint import find_run_checkpoint
 from vitpcm.errors import VitpcmError
 from vitpcm.io import read_mask_png
-from vitpcm.stages.infer import predict_tta, run_inference, tta_sizes
+from vitpcm.models.predict import predict_tta
+from vitpcm.stages.infer import run_inference, tta_sizes
 from vitpcm.stages.load import load_model
 
 

@@ -157,6 +157,28 @@ def tta_sizes(scale: int, factors: Sequence[float], patch_size: int) -> List[int
 
 
 @torch.inference_mode()
+def predict_batch(
+    model: ViTPCM,
+    batch: Dict[str, torch.Tensor],
+    device: torch.device,
+    sizes: Sequence[int] = (),
+    flip: bool = False,
+    amp: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Patch distributions and pooled scores of a loader batch, as float32: plain inference on
+    ``batch["image"]`` ``[B, 3, n, n]``, or, with ``sizes``, :func:`predict_tta` over the views
+    ``batch["image_{side}"]``. ``amp``: bf16 autocast. Returns ``(probs [B, C, h, w], pooled [B, C])``.
+    """
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        if sizes:
+            views = [batch[f"image_{n}"].to(device, non_blocking=True) for n in sizes]
+            grid, pooled = predict_tta(model, views, flip)
+        else:
+            outputs = model(batch["image"].to(device, non_blocking=True))
+            grid, pooled = outputs["probs"], outputs["pooled"]
+    return grid.float(), pooled.float()
+
+
 def predict_tta(model: ViTPCM, views: Sequence[torch.Tensor], flip: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Average patch distributions over input sides (and horizontal flips).
 

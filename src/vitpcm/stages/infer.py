@@ -62,7 +62,7 @@ from vitpcm.engine.distributed import Dist, gather_objects, stage_group
 from vitpcm.errors import VitpcmError
 from vitpcm.io import labels_from_mask
 from vitpcm.models.backbone import resolve_normalisation
-from vitpcm.models.predict import image_outputs, predict_tta, tta_sizes
+from vitpcm.models.predict import image_outputs, predict_batch, tta_sizes
 from vitpcm.models.vitpcm import ViTPCM, merge_class_labels
 from vitpcm.postprocess.probs_file import read_pooled
 from vitpcm.runs import PseudoLayout, RunLayout, run_of_checkpoint
@@ -295,14 +295,7 @@ class PseudoMasks:
     def predict(self, batch: Dict[str, Any]) -> List[MaskOutput]:
         dev = self.device
         labels = batch.get("labels")
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
-            if self.sizes:
-                views = [batch[f"image_{n}"].to(dev, non_blocking=True) for n in self.sizes]
-                grid, pooled = predict_tta(self.model, views, self.flip)
-            else:
-                outputs = self.model(batch["image"].to(dev, non_blocking=True))
-                grid, pooled = outputs["probs"], outputs["pooled"]
-        grid, pooled = grid.float(), pooled.float()
+        grid, pooled = predict_batch(self.model, batch, dev, self.sizes, self.flip, self.amp)
         merged = self.merge and labels is not None
         if merged:
             grid = merge_class_labels(grid, labels.to(dev))

@@ -57,7 +57,7 @@ from vitpcm.errors import VitpcmError
 from vitpcm.images import load_rgb
 from vitpcm.io import read_mask_png
 from vitpcm.models.backbone import resolve_normalisation
-from vitpcm.models.predict import image_outputs, predict_tta, tags_from_scores, tta_sizes
+from vitpcm.models.predict import image_outputs, predict_batch, tags_from_scores, tta_sizes
 from vitpcm.models.vitpcm import merge_class_labels
 from vitpcm.runs import PredictLayout, RunLayout, run_of_checkpoint
 from vitpcm.stages.crf import crf_folders
@@ -347,14 +347,7 @@ class NewImageMasks:
     def predict(self, batch: Dict[str, Any]) -> List[MaskOutput]:
         t0 = time.time()
         dev = self.device
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
-            if self.tta:
-                views = [batch[f"image_{n}"].to(dev, non_blocking=True) for n in self.sizes]
-                grid, pooled = predict_tta(self.model, views, self.flip)
-            else:
-                outputs = self.model(batch["image"].to(dev, non_blocking=True))
-                grid, pooled = outputs["probs"], outputs["pooled"]
-        grid, pooled = grid.float(), pooled.float()
+        grid, pooled = predict_batch(self.model, batch, dev, self.sizes if self.tta else (), self.flip, self.amp)
         tagged = torch.tensor(batch["tagged"], dtype=torch.bool, device=dev)
         tags = torch.where(tagged[:, None], batch["labels"].to(dev), tags_from_scores(pooled, self.threshold))
         grid = merge_class_labels(grid, tags)

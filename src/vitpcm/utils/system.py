@@ -18,18 +18,3 @@ def cpu_count() -> int:
 def resolve_workers(workers: int) -> int:
     """``workers`` when positive, else one per usable CPU (the CLI's ``0 = auto``)."""
     return int(workers) if workers and int(workers) > 0 else cpu_count()
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this machine (a zombie counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    try:  # a zombie (killed, not yet reaped) holds no lock and writes nothing
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return True
