@@ -114,9 +114,11 @@ def process_pool(
         pool.shutdown(wait=True)
 
 
-def terminate_pool(pool: ProcessPoolExecutor, grace: float = 2.0) -> None:
+def terminate_pool(pool: ProcessPoolExecutor, grace: float = 2.0, settle: float = 30.0) -> None:
     """Cancel what has not started, stop the workers (SIGTERM, then SIGKILL after ``grace``
-    seconds), reap them and let the executor settle the futures they were running."""
+    seconds), reap them and let the executor settle the futures they were running (its
+    manager thread, waited for up to ``settle`` seconds: it exits as soon as it has seen the
+    dead workers, but on a loaded machine that can take longer than ``grace``)."""
     processes = list((getattr(pool, "_processes", None) or {}).values())
     pool.shutdown(wait=False, cancel_futures=True)
     for p in processes:
@@ -133,7 +135,7 @@ def terminate_pool(pool: ProcessPoolExecutor, grace: float = 2.0) -> None:
     # their workers gone: wait for it (bounded), so the caller finds every future settled
     manager = getattr(pool, "_executor_manager_thread", None)
     if manager is not None:
-        manager.join(grace)
+        manager.join(settle)
 
 
 # ----------------------------------------------------------------------------- writer threads
