@@ -19,7 +19,6 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
-from vitpcm.config import load_config
 from vitpcm.crf_params import CRFParams
 from vitpcm.errors import VitpcmError
 from vitpcm.evaluation import evaluate_folders, names_from_split_file
@@ -35,6 +34,8 @@ def crf_params_from_overrides(overrides: Sequence[str] = ()) -> Tuple[CRFParams,
 
     Any other key is an error: ``vitpcm crf`` has no dataset, model or run.
     """
+    from vitpcm.config import load_config  # lazy: omegaconf + yaml (~80 ms) only when a config is read
+
     wrong = [o for o in overrides if not o.startswith("crf.")]
     if wrong:
         raise VitpcmError(f"vitpcm crf takes crf.* overrides only (e.g. crf.iterations=5), got {' '.join(wrong)}")
@@ -45,6 +46,8 @@ def crf_params_from_overrides(overrides: Sequence[str] = ()) -> Tuple[CRFParams,
 def crf_section_from_overrides(overrides: Sequence[str] = ()) -> Any:
     """``crf.key=value`` overrides -> the config's whole ``crf`` section (parameters,
     ``workers``, ``max_pixels``, ``memory_budget``), validated. Other keys are an error."""
+    from vitpcm.config import load_config  # lazy, as above
+
     crf_params_from_overrides(overrides)  # the same check and message
     return load_config(None, overrides).crf
 
@@ -154,6 +157,8 @@ def crf(
 ) -> Dict[str, Any]:
     """The CRF of ``RUN/pseudo/SPLIT`` with the run's config (``overrides``: e.g. ``crf.iterations=5``,
     ``data.root=...``); finished masks are kept unless ``overwrite``. See :func:`crf_split`."""
+    from vitpcm.config import load_config  # lazy, as above
+
     layout = RunLayout(run).require()
     cfg = load_config(layout.config, overrides)
     return crf_split(cfg, layout.root, split, progress=progress, overwrite=overwrite)
