@@ -47,3 +47,28 @@ crf_folders(root / "probs", root / "images", root / "crf", workers=1, progress=F
 assert len(list((root / "crf").glob("*.png"))) == 2
 """
     assert _loaded_after(code) == []
+
+
+def test_refining_folders_without_overrides_reads_no_config_and_draws_no_bar(tmp_path):
+    """`vitpcm crf -q` with no crf.* overrides starts as fast as it can: no omegaconf / yaml
+    (the config is read only when there is one to read) and no tqdm (no bar is drawn)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    for i in range(2):
+        probs = rng.dirichlet([1, 1], size=(8, 10)).transpose(2, 0, 1).astype(np.float32)
+        save_npz_atomic(tmp_path / "probs" / f"im{i}.npz", probs=probs, classes=np.array([0, 1]))
+        Image.fromarray(rng.integers(0, 255, (8, 10, 3), dtype=np.uint8)).save(tmp_path / "images" / f"im{i}.png")
+    code = f"""
+from pathlib import Path
+from vitpcm.stages.crf import crf_folders
+root = Path({str(tmp_path)!r})
+crf_folders(root / "probs", root / "images", root / "crf", workers=1, progress=False)
+assert len(list((root / "crf").glob("*.png"))) == 2
+"""
+    probe = (
+        code + "\nimport json, sys\nprint(json.dumps([m for m in ('omegaconf', 'yaml', 'tqdm') if m in sys.modules]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == []
