@@ -8,8 +8,6 @@ import errno
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import pytest
 from PIL import Image
 
 import vitpcm.stages.mask_writer as mask_writer_mod
+from torchrun_pair import one_and_two_ranks
 from vitpcm.cli import main
 from vitpcm.errors import VitpcmError
 from vitpcm.io import read_mask_png
@@ -201,17 +200,8 @@ def test_big_images_keep_small_probabilities_and_full_size_masks(run, tmp_path):
 
 # ----------------------------------------------------------------------------- torchrun
 def test_torchrun_two_cpu_ranks_write_the_files_of_one_process(run, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "MASTER_PORT"):
-        env.pop(key, None)
     tail = ["infer", str(run), "--crf", "crf.workers=1", "-q"]
-    one = subprocess.run([sys.executable, "-m", "vitpcm", *tail, "--out", str(tmp_path / "one")], env=env,
-                         capture_output=True, text=True, timeout=240)  # fmt: skip
-    assert one.returncode == 0, one.stderr[-2000:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "vitpcm", *tail, "--out", str(tmp_path / "two")]  # fmt: skip
-    two = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert two.returncode == 0, two.stderr[-2000:]
+    _, two = one_and_two_ranks(tail, tmp_path)
     assert two.stdout.count("wrote 6 masks") == 1  # rank 0 speaks
     a, b = tmp_path / "one", tmp_path / "two"
     for sub in ("masks", "crf"):

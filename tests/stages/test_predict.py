@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from datafix import jpeg_bytes, noise_image, save_jpg
+from torchrun_pair import one_and_two_ranks
 from vitpcm.cli import main
 from vitpcm.data.transforms import EvalTransform
 from vitpcm.errors import VitpcmError
@@ -225,20 +226,8 @@ def test_cli_prints_where_the_outputs_are(run, photos, tmp_path, capsys):
 
 
 def test_torchrun_two_cpu_ranks_write_what_one_process_writes(run, photos, tmp_path):
-    import subprocess
-    import sys
-
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "MASTER_PORT"):
-        env.pop(key, None)
     tail = ["predict", str(run), str(photos), "--threshold", "0.18", "--crf", "--overlay", "crf.workers=1", "-q"]
-    one = subprocess.run([sys.executable, "-m", "vitpcm", *tail, "--out", str(tmp_path / "one")], env=env,
-                         capture_output=True, text=True, timeout=240)  # fmt: skip
-    assert one.returncode == 0, one.stderr[-2000:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "vitpcm", *tail, "--out", str(tmp_path / "two")]  # fmt: skip
-    two = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert two.returncode == 0, two.stderr[-2000:]
+    _, two = one_and_two_ranks(tail, tmp_path)
     assert two.stdout.count("wrote 4 masks") == 1  # rank 0 speaks
     a, b = tmp_path / "one", tmp_path / "two"
     names = ["a", "b", "trip/c", "trip/d"]

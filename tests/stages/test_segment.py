@@ -12,6 +12,7 @@ import pytest
 import torch
 from tests.conftest import TINY_SEGMENT
 
+from torchrun_pair import one_and_two_ranks
 from vitpcm.atomic import save_npz_atomic
 from vitpcm.cli import main
 from vitpcm.config import load_config
@@ -413,21 +414,9 @@ def test_infer_killed_between_npz_and_png_resumes_to_the_same_files(seg_copy, mi
 
 
 def test_infer_under_torchrun_two_cpu_ranks_write_the_files_of_one_process(seg_copy, mini_root, tmp_path):
-    import subprocess
-    import sys
-
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "MASTER_PORT"):
-        env.pop(key, None)
     over = [f"data.root={mini_root}", "crf.workers=1"]
     tail = ["segment", "infer", str(seg_copy), "--split", "mini", "--scales", "0.5", "--flip", "--crf", "-q", *over]
-    one = subprocess.run([sys.executable, "-m", "vitpcm", *tail, "--out", str(tmp_path / "one")], env=env,
-                         capture_output=True, text=True, timeout=240)  # fmt: skip
-    assert one.returncode == 0, one.stderr[-2000:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "vitpcm", *tail, "--out", str(tmp_path / "two")]  # fmt: skip
-    two = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert two.returncode == 0, two.stderr[-2000:]
+    _, two = one_and_two_ranks(tail, tmp_path)
     assert two.stdout.count("wrote 3 DeepLab masks") == 1  # rank 0 speaks
     a, b = tmp_path / "one", tmp_path / "two"
     for sub, suffix in (("masks", ".png"), ("probs", ".npz"), ("crf", ".png")):
