@@ -4,11 +4,7 @@ Run on the CPU: the code is the CUDA path's (crf.backend=auto picks it on a GPU)
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import numpy as np
-import pytest
 import torch
 from tests.postprocess.test_crf import _scene
 
@@ -20,13 +16,6 @@ from vitpcm.stages.crf import crf_folders
 from vitpcm.stages.crf_pass import DeviceCRF
 from vitpcm.stages.infer import infer
 from vitpcm.utils.stamps import read_stamp
-
-
-@pytest.fixture()
-def run(tmp_path, tiny_run) -> Path:
-    dst = tmp_path / "run"
-    shutil.copytree(tiny_run, dst, ignore=shutil.ignore_patterns("pseudo", "eval", "figures", "report.html"))
-    return dst
 
 
 def test_the_pass_writes_the_crf_stages_masks(run, tmp_path, synth_root):

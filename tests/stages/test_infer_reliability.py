@@ -26,14 +26,6 @@ from vitpcm.stages.infer import infer
 VAL = [f"val_{i:05d}" for i in range(6)]
 
 
-@pytest.fixture()
-def run(tmp_path, tiny_run) -> Path:
-    """A copy of the tiny trained run without its outputs (this test may touch its checkpoint)."""
-    dst = tmp_path / "run"
-    shutil.copytree(tiny_run, dst, ignore=shutil.ignore_patterns("pseudo", "eval", "figures", "report.html"))
-    return dst
-
-
 def _names(folder: Path, suffix: str) -> list:
     return sorted(p.name[: -len(suffix)] for p in folder.glob(f"*{suffix}"))
 

@@ -29,14 +29,6 @@ CLASSES = ["background", "sun", "leaf", "brick", "star", "ring"]  # the syntheti
 
 
 @pytest.fixture()
-def run(tmp_path, tiny_run) -> Path:
-    """A copy of the tiny trained run without its outputs (tests may touch its checkpoint)."""
-    dst = tmp_path / "run"
-    shutil.copytree(tiny_run, dst, ignore=shutil.ignore_patterns("pseudo", "eval", "figures", "report.html"))
-    return dst
-
-
-@pytest.fixture()
 def photos(tmp_path, synth_root) -> Path:
     """Four val images in a folder with a sub-folder: x/a.jpg, x/b.jpg, x/trip/c.jpg, x/trip/d.jpg."""
     folder = tmp_path / "photos"

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
-from pathlib import Path
 
 import numpy as np
-import pytest
 
 from vitpcm.evaluation.tags import tag_quality
 from vitpcm.io import labels_from_mask, read_mask_png
@@ -18,13 +15,6 @@ from vitpcm.stages.infer import infer
 from vitpcm.stages.predict import predict_images
 
 VAL = [f"val_{i:05d}" for i in range(6)]
-
-
-@pytest.fixture()
-def run(tmp_path, tiny_run) -> Path:
-    dst = tmp_path / "run"
-    shutil.copytree(tiny_run, dst, ignore=shutil.ignore_patterns("pseudo", "eval", "figures", "report.html"))
-    return dst
 
 
 def test_infer_records_tag_quality_and_predict_takes_its_threshold(run, synth_root, tmp_path):
